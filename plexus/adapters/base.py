@@ -1,0 +1,275 @@
+"""The adapter (source) contract.
+
+An adapter turns what it hears into points and hands them to the pipeline
+through its context's ``emit``. The gateway builds one adapter per entry of
+the rig file's ``adapters:`` list from the adapter class and its options
+dataclass, calls :meth:`Adapter.start` once, and :meth:`Adapter.stop` at
+shutdown. One adapter failing never stops the others: exceptions raised by
+an adapter are counted in its health and logged, at a limited rate.
+
+Most adapters subclass :class:`ThreadedAdapter`, which runs a reader loop in
+its own thread and reconnects with backoff whenever the loop raises.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, ClassVar, Protocol
+
+from plexus.errors import AdapterError, PlexusError
+
+log = logging.getLogger(__name__)
+
+
+class AdapterContext(Protocol):
+    """What the pipeline offers an adapter."""
+
+    def emit(
+        self,
+        metric: str,
+        value: Any,
+        timestamp: float | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        """Validate and buffer one point; raises ValidationError for a bad one."""
+
+    def begin_session(self, session_id: str, tags: dict[str, str] | None = None) -> None:
+        """Tag every point of the pipeline with ``session_id`` until ended."""
+
+    def end_session(self, session_id: str) -> None:
+        """End the session begun with ``session_id``."""
+
+
+@dataclass
+class AdapterHealth:
+    """A snapshot of an adapter's state for status output."""
+
+    name: str
+    type: str
+    state: str  # "starting" | "connected" | "reconnecting" | "stopped" | "failed"
+    points: int
+    errors: int
+    last_point_time: float | None
+    last_error: str | None
+    extra: dict[str, Any]
+
+    @property
+    def connected(self) -> bool:
+        return self.state == "connected"
+
+
+class RateLimitedLog:
+    """Log at most one line per ``interval`` seconds, counting what it skipped.
+
+    Garbage on a bus can arrive thousands of times a second; the log must stay
+    readable and cheap.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._next = 0.0
+        self._skipped = 0
+
+    def __call__(self, level: int, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._skipped += 1
+            return
+        if self._skipped:
+            message += f" ({self._skipped} similar messages suppressed)"
+            self._skipped = 0
+        self._next = now + self._interval
+        self._logger.log(level, message, *args)
+
+
+def require(module: str, extra: str) -> ModuleType:
+    """Import a driver library, or raise AdapterError naming the pip extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise AdapterError(
+            f"{module!r} is not installed: pip install 'plexus-gateway[{extra}]' ({exc})"
+        ) from exc
+
+
+class Backoff:
+    """Exponential reconnect delays with +-25% jitter: 0.5, 1, 2, ... capped."""
+
+    def __init__(self, initial: float = 0.5, maximum: float = 30.0) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self._next = initial
+
+    def reset(self) -> None:
+        self._next = self.initial
+
+    def next_delay(self) -> float:
+        delay = min(self._next, self.maximum)
+        self._next = min(self._next * 2, self.maximum)
+        return delay * random.uniform(0.75, 1.25)
+
+
+class Adapter:
+    """Base class of every source.
+
+    Subclasses set ``type_name`` (the ``type:`` used in YAML) and ``Options``
+    (a dataclass whose fields are the adapter's options, each with its
+    default; the config loader validates against it), and implement
+    :meth:`start` and :meth:`stop`.
+
+    Parameters:
+        options: an instance of ``Options``.
+        name: the adapter's name in logs and status (defaults to its type).
+    """
+
+    type_name: ClassVar[str] = ""
+    Options: ClassVar[type] = object
+    #: pip extra that brings the driver library, named in errors.
+    extra: ClassVar[str | None] = None
+
+    def __init__(self, options: Any, name: str | None = None) -> None:
+        self.options = options
+        self.name = name or self.type_name
+        self.state = "starting"
+        self.points = 0
+        self.errors = 0
+        self.last_point_time: float | None = None
+        self.last_error: str | None = None
+        self._ctx: AdapterContext | None = None
+        self._log = logging.getLogger(f"plexus.adapters.{self.name}")
+        self._bad_input_log = RateLimitedLog(self._log)
+
+    # Lifecycle -----------------------------------------------------------
+    def start(self, ctx: AdapterContext) -> None:
+        """Begin producing points into ``ctx.emit``; must not block.
+
+        Raises AdapterError when the adapter cannot start at all (a missing
+        driver, a file that does not exist); a link that is merely down is
+        retried in the background instead.
+        """
+        self._ctx = ctx
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop producing points, within ``timeout`` seconds."""
+        self.state = "stopped"
+
+    # Helpers for subclasses ----------------------------------------------
+    def emit(
+        self,
+        metric: str,
+        value: Any,
+        timestamp: float | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> bool:
+        """Hand one reading to the pipeline; a rejected point is counted, never raised."""
+        assert self._ctx is not None, "emit() before start()"
+        try:
+            self._ctx.emit(metric, value, timestamp, tags)
+        except PlexusError as exc:
+            self.bad_input(f"point {metric!r} rejected: {exc}")
+            return False
+        self.points += 1
+        self.last_point_time = time.time()
+        return True
+
+    def bad_input(self, reason: str) -> None:
+        """Count a frame/payload/line that could not be used, and log it (rate-limited)."""
+        self.errors += 1
+        self.last_error = reason
+        self._bad_input_log(logging.WARNING, "%s: %s", self.name, reason)
+
+    def record_error(self, exc: BaseException) -> None:
+        """Count an error of the adapter itself (link lost, driver raised)."""
+        self.errors += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self._bad_input_log(logging.WARNING, "%s: %s", self.name, self.last_error)
+
+    def health_extra(self) -> dict[str, Any]:
+        """Adapter-specific counters for status output (override)."""
+        return {}
+
+    def health(self) -> AdapterHealth:
+        return AdapterHealth(
+            name=self.name,
+            type=self.type_name,
+            state=self.state,
+            points=self.points,
+            errors=self.errors,
+            last_point_time=self.last_point_time,
+            last_error=self.last_error,
+            extra=self.health_extra(),
+        )
+
+
+class ThreadedAdapter(Adapter):
+    """An adapter that reads in its own thread and reconnects with backoff.
+
+    Subclasses implement :meth:`connect` (open the link; raise if it cannot),
+    :meth:`run_connected` (read until :attr:`stopping` is set; raise or return
+    when the link is lost) and optionally :meth:`disconnect`.
+    """
+
+    reconnect_initial: ClassVar[float] = 0.5
+    reconnect_max: ClassVar[float] = 30.0
+
+    def __init__(self, options: Any, name: str | None = None) -> None:
+        super().__init__(options, name)
+        self.stopping = threading.Event()
+        self.reconnects = 0
+        self._thread: threading.Thread | None = None
+
+    def connect(self) -> None:
+        raise NotImplementedError
+
+    def run_connected(self) -> None:
+        raise NotImplementedError
+
+    def disconnect(self) -> None:
+        """Close the link; must not raise and may be called when not connected."""
+
+    def start(self, ctx: AdapterContext) -> None:
+        super().start(ctx)
+        self._thread = threading.Thread(
+            target=self._main, name=f"plexus-adapter:{self.name}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stopping.set()
+        try:
+            self.disconnect()
+        except Exception as exc:  # a driver failing on close must not block shutdown
+            self._log.debug("%s: disconnect failed: %s", self.name, exc)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self.state = "stopped"
+
+    def _main(self) -> None:
+        backoff = Backoff(self.reconnect_initial, self.reconnect_max)
+        while not self.stopping.is_set():
+            try:
+                self.connect()
+                self.state = "connected"
+                backoff.reset()
+                self.run_connected()
+            except Exception as exc:
+                if not self.stopping.is_set():
+                    self.record_error(exc)
+            finally:
+                try:
+                    self.disconnect()
+                except Exception as exc:
+                    self._log.debug("%s: disconnect failed: %s", self.name, exc)
+            if self.stopping.is_set():
+                break
+            self.state = "reconnecting"
+            self.reconnects += 1
+            self.stopping.wait(backoff.next_delay())
+        self.state = "stopped"

@@ -1,0 +1,80 @@
+"""The exceptions plexus raises.
+
+Every exception derives from :class:`PlexusError`, so ``except PlexusError``
+catches anything this package raises on purpose. Validation errors are also
+``ValueError`` (or ``TypeError`` for a value of the wrong type) so code that
+already handles those built-ins keeps working::
+
+    PlexusError
+    ├── ConfigError            (also ValueError) bad rig file or constructor option
+    ├── ValidationError        (also ValueError) a point the platform would reject
+    │   └── PointTypeError     (also TypeError)  a value/tag/timestamp of the wrong type
+    ├── AuthenticationError    missing API key, or the platform answered 401/403
+    ├── DeliveryError          the network or the platform failed after retries
+    ├── BufferingError         a point could not be buffered
+    │   └── ClientClosedError  send() after close()
+    ├── PluginError            a plugin failed to load or registered a bad name
+    ├── AdapterError           a source failed (missing driver, bad option...)
+    └── SinkError              a sink failed to send a batch
+        └── RetryableSinkError the failure is temporary: retry the same batch
+
+No exception message ever contains the API key.
+"""
+
+from __future__ import annotations
+
+
+class PlexusError(Exception):
+    """Root of every error raised by plexus."""
+
+
+class ConfigError(PlexusError, ValueError):
+    """A configuration value is wrong; the message names where and what was expected."""
+
+
+class ValidationError(PlexusError, ValueError):
+    """A point breaks a rule of the ingest protocol; nothing was buffered."""
+
+
+class PointTypeError(ValidationError, TypeError):
+    """A point's value, tag or timestamp has a type the protocol cannot carry."""
+
+
+class AuthenticationError(PlexusError):
+    """No API key was found, or the platform rejected it (HTTP 401/403)."""
+
+
+class DeliveryError(PlexusError):
+    """Delivery failed after every retry; the data is still buffered."""
+
+
+class BufferingError(PlexusError):
+    """A point could not be put in the buffer."""
+
+
+class ClientClosedError(BufferingError):
+    """The client or pipeline was closed; it accepts no more points."""
+
+
+class PluginError(PlexusError):
+    """A plugin could not be loaded or registered something invalid."""
+
+
+class AdapterError(PlexusError):
+    """An adapter (source) could not be built or started."""
+
+
+class SinkError(PlexusError):
+    """A sink could not deliver a batch."""
+
+
+class RetryableSinkError(SinkError):
+    """A temporary failure: the same batch should be sent again later.
+
+    ``retry_after`` (seconds), when set, overrides the exponential backoff;
+    the HTTP sink uses it for the platform's per-source rate ceiling.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

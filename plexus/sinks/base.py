@@ -1,0 +1,64 @@
+"""The sink contract.
+
+A sink delivers batches of points somewhere (the Plexus platform, a file,
+stdout). Each sink has its own buffer and uploader thread (see
+``plexus.pipeline``), so a slow or failing sink never stalls another one and
+never makes it lose data: fan-out copies every point into every sink's buffer.
+
+``send`` is called from that sink's uploader thread only, one batch at a time.
+It returns a :class:`SendResult` when the batch is done with (delivered, or
+some points permanently rejected), raises :class:`RetryableSinkError` when the
+same batch should be sent again later, and :class:`AuthenticationError` when
+credentials are missing or refused. Any other exception is treated as
+retryable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from plexus.point import Point
+
+
+@dataclass
+class SendResult:
+    """Outcome of one batch.
+
+    ``delivered`` points were stored by the receiver; ``rejected`` lists
+    ``(index in the batch, reason)`` for points the receiver will never accept
+    (they are dropped and counted, never retried).
+    """
+
+    delivered: int
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+
+
+class Sink:
+    """Base class of every sink.
+
+    Subclasses set ``type_name`` (the ``type:`` used in YAML) and ``Options``
+    (a dataclass of the sink's options with defaults), and implement
+    :meth:`send`.
+
+    Parameters:
+        options: an instance of ``Options``.
+        name: the sink's name in logs and status (defaults to its type).
+    """
+
+    type_name: ClassVar[str] = ""
+    Options: ClassVar[type] = object
+
+    def __init__(self, options: Any, name: str | None = None) -> None:
+        self.options = options
+        self.name = name or self.type_name
+
+    def open(self, source_id: str) -> None:
+        """Prepare to send points of ``source_id`` (called once, before ``send``)."""
+
+    def send(self, points: list[Point], key: str) -> SendResult:
+        """Deliver ``points``; ``key`` is stable when the same batch is retried."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release resources (called once, after the last ``send``)."""

@@ -1,0 +1,63 @@
+"""Helpers shared by the tests (import as tests.support)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from plexus.point import Point, make_point
+
+
+class CollectingContext:
+    """An AdapterContext that validates points like the pipeline and keeps them."""
+
+    def __init__(self) -> None:
+        self.points: list[Point] = []
+        self.sessions: list[tuple[str, str, dict[str, str] | None]] = []  # (begin|end, id, tags)
+        self.session_tags: dict[str, str] | None = None
+        self._lock = threading.Lock()
+
+    def emit(self, metric: str, value: Any, timestamp: float | None = None,
+             tags: dict[str, str] | None = None) -> None:
+        point = make_point(metric, value, timestamp, tags, self.session_tags)
+        with self._lock:
+            self.points.append(point)
+
+    def begin_session(self, session_id: str, tags: dict[str, str] | None = None) -> None:
+        self.sessions.append(("begin", session_id, tags))
+        self.session_tags = {"session_id": session_id, **(tags or {})}
+
+    def end_session(self, session_id: str) -> None:
+        self.sessions.append(("end", session_id, None))
+        self.session_tags = None
+
+    def metrics(self) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {}
+        with self._lock:
+            for metric, value, _ts, _tags in self.points:
+                out.setdefault(metric, []).append(value)
+        return out
+
+    def wait_for(self, predicate, timeout: float = 10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self):
+                return True
+            time.sleep(0.02)
+        return predicate(self)
+
+
+def require_binary(name: str) -> str:
+    """Path of a binary the test needs: skipped locally, a failure in CI."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (.ci/run installs it with apt-get)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
