@@ -81,6 +81,8 @@ class Buffer:
             )
 
     def _end_overflow_episode(self) -> None:
+        # Called once the buffer has drained to half, so a sustained overload
+        # is one episode (two log lines), not a line per batch.
         if self._overflowing:
             log.warning(
                 "%s overflow ended: %d oldest points were dropped (%d in total since start)",
@@ -166,7 +168,7 @@ class MemoryBuffer(Buffer):
     def ack(self, batch: Batch) -> None:
         with self._lock:
             self._in_flight -= len(batch.points)
-            if len(self._queue) + self._in_flight < self.max_points:
+            if len(self._queue) + self._in_flight <= self.max_points // 2:
                 self._end_overflow_episode()
 
     def release(self, batch: Batch) -> None:
@@ -366,7 +368,7 @@ class SqliteBuffer(Buffer):
             )
             self._count -= cur.rowcount
             self._in_flight = None
-            if self._count < self.max_points:
+            if self._count <= self.max_points // 2:
                 self._end_overflow_episode()
 
     def release(self, batch: Batch) -> None:

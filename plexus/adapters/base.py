@@ -133,6 +133,8 @@ class Adapter:
     Options: ClassVar[type] = object
     #: pip extra that brings the driver library, named in errors.
     extra: ClassVar[str | None] = None
+    #: driver modules the adapter imports when it starts (checked by ``--check``).
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Any, name: str | None = None) -> None:
         self.options = options

@@ -1,0 +1,360 @@
+"""Plexus: the embedded client, a source you call by hand plus the pipeline it owns.
+
+Settings are resolved, highest priority first:
+
+- API key: ``api_key=``, ``PLEXUS_API_KEY``, ``~/.plexus/config.json`` ``api_key``.
+- source id: ``source_id=``, ``PLEXUS_SOURCE_ID``, config file ``source_id``,
+  else a generated ``source-xxxxxxxx`` saved to the config file.
+- gateway URL: ``gateway_url=``, ``PLEXUS_GATEWAY_URL``, config file
+  ``gateway_url``, else ``https://gateway.plexus.company``.
+
+The config file's location can be moved with ``PLEXUS_CONFIG``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import secrets
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from plexus.adapters.callable import CallableAdapter, CallableOptions
+from plexus.buffer import (
+    DEFAULT_MAX_POINTS,
+    DEFAULT_SQLITE_MAX_POINTS,
+    Buffer,
+    MemoryBuffer,
+    SqliteBuffer,
+)
+from plexus.errors import AuthenticationError, ConfigError, PlexusError
+from plexus.pipeline import Pipeline, SourceContext
+from plexus.point import validate_source_id
+from plexus.secret import Secret
+from plexus.sinks.http import DEFAULT_GATEWAY_URL, HttpSink, HttpSinkOptions
+from plexus.uploader import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+_live_clients: weakref.WeakSet[Plexus] = weakref.WeakSet()
+
+
+def config_path() -> Path:
+    """Where the user's settings live: ``$PLEXUS_CONFIG`` or ``~/.plexus/config.json``."""
+    return Path(os.environ.get("PLEXUS_CONFIG") or Path.home() / ".plexus" / "config.json")
+
+
+def read_user_config(path: Path | None = None) -> dict[str, Any]:
+    """Read the user's config file; missing → ``{}``; unreadable → warning and ``{}``."""
+    path = path or config_path()
+    try:
+        data = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, orjson.JSONDecodeError) as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return {}
+    if not isinstance(data, dict):
+        log.warning("ignoring %s: expected a JSON object", path)
+        return {}
+    if data.get("api_key"):
+        warn_if_shared(path)
+    return data
+
+
+def warn_if_shared(path: Path) -> None:
+    """Warn when a file holding the API key can be read by other users."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        log.warning("%s holds an API key and is readable by other users; run: chmod 600 %s",
+                    path, path)
+
+
+def _save_user_config(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    os.replace(tmp, path)
+
+
+def resolve_source_id(source_id: str | None, file_config: dict[str, Any], path: Path) -> str:
+    chosen = source_id or os.environ.get("PLEXUS_SOURCE_ID") or file_config.get("source_id")
+    if chosen:
+        try:
+            return validate_source_id(chosen)
+        except PlexusError as exc:
+            raise ConfigError(str(exc)) from None
+    generated = f"source-{secrets.token_hex(4)}"
+    try:
+        _save_user_config(path, {**read_user_config(path), "source_id": generated})
+        log.info("generated source_id %s and saved it to %s", generated, path)
+    except OSError as exc:
+        log.warning("could not save the generated source_id to %s: %s", path, exc)
+    return generated
+
+
+class Plexus:
+    """Send readings to the Plexus platform.
+
+    ``send()`` validates the point, buffers it and returns ``True`` at once; a
+    background thread uploads batches. Use it as a context manager, or call
+    :meth:`close`, so buffered points are delivered before the program ends.
+
+    Parameters:
+        api_key: the platform API key (see the module docstring for fallbacks).
+        source_id: the id of this device/source.
+        gateway_url: base URL of the platform.
+        tags: tags added to every point.
+        persistent_buffer: keep points in SQLite until delivered (survives
+            crashes and restarts) instead of in memory.
+        buffer_path: the SQLite file; default ``~/.plexus/buffer/<source_id>.db``.
+        max_buffer_points: buffer cap, oldest dropped beyond it (default 10,000
+            in memory, 1,000,000 on disk).
+        batch_size: this many waiting points start an upload at once.
+        flush_interval: otherwise upload every this many seconds.
+        retry: the backoff policy (default 3 retries, 1 s, 2 s, 4 s, +-25%).
+        timeout: seconds per HTTP request.
+        close_timeout: how long :meth:`close` may take to deliver what is buffered.
+        verify_tls: verify the server certificate (a warning is logged when off).
+        sync_interval: persistent buffer only: seconds between fsyncs, i.e.
+            the most a power cut can lose.
+        transport: an ``httpx`` transport, for tests.
+        sleep: the retry clock, for tests.
+
+    Raises:
+        ConfigError: an invalid ``source_id``, ``gateway_url`` or option.
+    """
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        source_id: str | None = None,
+        gateway_url: str | None = None,
+        *,
+        tags: dict[str, str] | None = None,
+        persistent_buffer: bool = False,
+        buffer_path: str | os.PathLike[str] | None = None,
+        max_buffer_points: int | None = None,
+        batch_size: int = 1000,
+        flush_interval: float = 1.0,
+        retry: RetryPolicy | None = None,
+        timeout: float = 10.0,
+        close_timeout: float = 5.0,
+        verify_tls: bool = True,
+        sync_interval: float = 1.0,
+        transport: Any = None,
+        sleep: Callable[[float], object] | None = None,
+    ) -> None:
+        path = config_path()
+        file_config = read_user_config(path)
+        key = api_key or os.environ.get("PLEXUS_API_KEY") or file_config.get("api_key")
+        self._api_key = Secret(key) if key else None
+        self.source_id = resolve_source_id(source_id, file_config, path)
+        self.gateway_url = (
+            gateway_url or os.environ.get("PLEXUS_GATEWAY_URL")
+            or file_config.get("gateway_url") or DEFAULT_GATEWAY_URL
+        )
+        self.close_timeout = close_timeout
+        self._closed = False
+        self._pollers: list[CallableAdapter] = []
+        self._close_lock = threading.Lock()
+
+        buffer: Buffer
+        if persistent_buffer:
+            path_ = Path(buffer_path) if buffer_path else (
+                Path.home() / ".plexus" / "buffer" / f"{self.source_id}.db"
+            )
+            buffer = SqliteBuffer(path_, max_buffer_points or DEFAULT_SQLITE_MAX_POINTS,
+                                  sync_interval=sync_interval)
+        else:
+            buffer = MemoryBuffer(max_buffer_points or DEFAULT_MAX_POINTS)
+
+        try:
+            self._pipeline = Pipeline(self.source_id, tags)
+            self._sink = HttpSink(
+                HttpSinkOptions(timeout=timeout, verify_tls=verify_tls),
+                name="plexus",
+                api_key=self._api_key,
+                gateway_url=self.gateway_url,
+                transport=transport,
+            )
+            lane = self._pipeline.add_lane(
+                self._sink, buffer, batch_size=batch_size, interval=flush_interval,
+                retry=retry, sleep=sleep,
+            )
+        except BaseException:
+            buffer.close()
+            raise
+        self._uploader = lane.uploader
+        self._buffer = buffer
+        self._pipeline.start()
+        if persistent_buffer and len(buffer):
+            log.info("%d points from an earlier run wait in %s", len(buffer), buffer_path or
+                     getattr(buffer, "path", ""))
+        _live_clients.add(self)
+
+    def __repr__(self) -> str:
+        return (f"Plexus(source_id={self.source_id!r}, gateway_url={self.gateway_url!r}, "
+                f"api_key={self._api_key!r}, buffered={self.buffer_size()})")
+
+    # Sending -------------------------------------------------------------
+    def send(
+        self,
+        metric: str,
+        value: Any,
+        timestamp: float | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> bool:
+        """Buffer one reading for upload; never waits on the network.
+
+        Parameters:
+            metric: the name, 1..256 characters.
+            value: a finite number, str (≤ 256 bytes), bool, or dict/list (≤ 4 KB of JSON).
+            timestamp: Unix seconds; default now.
+            tags: str → str, at most 16 with the client's and session's tags.
+
+        Returns:
+            True once the point is buffered.
+
+        Raises:
+            ValidationError (a ValueError) / PointTypeError (a TypeError):
+                the platform would reject this point; nothing was buffered.
+            AuthenticationError: no API key, or the platform refused it; the
+                point is buffered and will be sent once a key is accepted.
+            ClientClosedError: after :meth:`close`.
+        """
+        self._pipeline.emit(metric, value, timestamp, tags)
+        if self._uploader.auth_error is not None or self._api_key is None:
+            self._raise_auth_error()
+        return True
+
+    def send_batch(
+        self,
+        points: Sequence[tuple[str, Any]],
+        timestamp: float | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> bool:
+        """Buffer several ``(metric, value)`` readings sharing a timestamp and tags.
+
+        They are validated first and buffered together (all or none), so they
+        go out in one request unless the protocol's limits force a split.
+        Raises as :meth:`send`; a ValidationError names the bad entry as ``points[i]``.
+        """
+        self._pipeline.emit_many(points, timestamp, tags)
+        if self._uploader.auth_error is not None or self._api_key is None:
+            self._raise_auth_error()
+        return True
+
+    def _raise_auth_error(self) -> None:
+        if self._api_key is None:
+            raise AuthenticationError(
+                "no API key: pass Plexus(api_key=...), set PLEXUS_API_KEY, or put "
+                '{"api_key": ...} in ~/.plexus/config.json; the data stays buffered'
+            )
+        raise AuthenticationError(f"{self._uploader.auth_error}; the data stays buffered")
+
+    def session(self, session_id: str, tags: dict[str, str] | None = None) -> Any:
+        """Tag everything sent inside ``with px.session(...)`` (from any thread).
+
+        Points carry ``session_id=<id>`` plus ``tags``. Nested sessions: the
+        inner id replaces the outer one while it is open, tags merge (inner
+        wins), and leaving it restores the outer session.
+        """
+        return self._pipeline.session(session_id, tags)
+
+    def poll(
+        self,
+        func: Callable[..., Any],
+        interval: float = 1.0,
+        metric: str | None = None,
+        tags: dict[str, str] | None = None,
+        name: str | None = None,
+    ) -> CallableAdapter:
+        """Call ``func`` every ``interval`` seconds in a background thread and send its result.
+
+        ``func`` may return a number/str/bool (sent as ``metric``), a dict
+        ``{metric: value}``, a list of ``(metric, value)`` tuples, or None; a
+        generator function is drained instead, sending each item as it comes.
+        Exceptions are counted in the returned adapter's ``health()`` and
+        logged; polling goes on until :meth:`close` or ``adapter.stop()``.
+        """
+        adapter = CallableAdapter(
+            CallableOptions(function=getattr(func, "__qualname__", "function"),
+                            interval=interval, metric=metric),
+            name=name or getattr(func, "__name__", "callable"),
+            func=func,
+        )
+        adapter.start(SourceContext(self._pipeline, tags))
+        self._pollers.append(adapter)
+        return adapter
+
+    # Buffer --------------------------------------------------------------
+    def buffer_size(self) -> int:
+        """Points not yet acknowledged by the platform (in-flight batches included)."""
+        return len(self._pipeline)
+
+    @property
+    def dropped(self) -> int:
+        """Points dropped because the buffer was full (oldest first)."""
+        return self._pipeline.dropped
+
+    @property
+    def stats(self) -> Any:
+        """Delivery counters: delivered, rejected, failures, last_error..."""
+        return self._uploader.stats
+
+    def flush_buffer(self, timeout: float | None = None) -> bool:
+        """Send everything buffered now and wait until it is delivered.
+
+        Returns:
+            True when the buffer is empty.
+
+        Raises:
+            AuthenticationError: no key, or the platform refused it.
+            DeliveryError (a PlexusError): delivery failed after retries, or
+                ``timeout`` passed. The data stays buffered in every case.
+        """
+        if self._closed:
+            return len(self._pipeline) == 0
+        return self._pipeline.flush(timeout)
+
+    # Lifecycle -----------------------------------------------------------
+    def close(self, timeout: float | None = None) -> None:
+        """Stop accepting points and deliver what is buffered for up to ``timeout``
+        seconds (default ``close_timeout``). What is left stays on disk with the
+        persistent buffer. Idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        for poller in self._pollers:
+            poller.stop()
+        self._pipeline.close(self.close_timeout if timeout is None else timeout)
+        _live_clients.discard(self)
+
+    def __enter__(self) -> Plexus:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@atexit.register
+def _close_live_clients() -> None:
+    # A script that forgets close() still gets its buffered points delivered.
+    for client in list(_live_clients):
+        try:
+            client.close()
+        except Exception as exc:  # never raise at interpreter exit
+            log.warning("closing %r at exit failed: %s", client, exc)

@@ -1,0 +1,234 @@
+"""The gateway: builds sources and sinks from a rig file, runs them, shuts down cleanly.
+
+    sources ──emit──▶ Pipeline ──▶ one buffer + uploader per sink ──▶ sinks
+
+Every configured adapter feeds the one pipeline; every configured sink gets
+every point through its own buffer (see ``plexus.pipeline``). With no
+``sinks:`` the Plexus HTTP sink is used. Shutdown (a signal, ``--duration``):
+adapters stop first, then each sink gets up to ``grace_period`` seconds to
+deliver what is buffered; what is left stays in the persistent buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from plexus.adapters.base import Adapter, require
+from plexus.buffer import DEFAULT_MAX_POINTS, DEFAULT_SQLITE_MAX_POINTS, Buffer, MemoryBuffer, SqliteBuffer
+from plexus.client import config_path, read_user_config, resolve_source_id
+from plexus.config import RigConfig
+from plexus.errors import AdapterError, ConfigError, PlexusError
+from plexus.pipeline import Pipeline, SourceContext
+from plexus.plugins import Registry
+from plexus.secret import Secret
+from plexus.sinks.base import Sink
+from plexus.sinks.http import HttpSink
+from plexus.sinks.stdout import StdoutSink
+from plexus.uploader import RetryPolicy
+
+log = logging.getLogger(__name__)
+
+
+def resolve_paths(options: Any, base_dir: Path) -> Any:
+    """Make the options marked ``metadata={"path": True}`` relative to the rig file's folder."""
+    if not dataclasses.is_dataclass(options):
+        return options
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(options):
+        if not f.metadata.get("path"):
+            continue
+        value = getattr(options, f.name)
+        if isinstance(value, str) and value:
+            changes[f.name] = _under(value, base_dir)
+        elif isinstance(value, list):
+            changes[f.name] = [_under(v, base_dir) if isinstance(v, str) else v for v in value]
+    return dataclasses.replace(options, **changes) if changes else options  # type: ignore[type-var]
+
+
+def _under(value: str, base_dir: Path) -> str:
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() or "://" in value else base_dir / path)
+
+
+class Gateway:
+    """Everything a rig file describes, built and ready to start.
+
+    Parameters:
+        config: a loaded :class:`~plexus.config.RigConfig`.
+        registry: the plugin registry the config was validated against.
+        dry_run: replace every sink with ``stdout``.
+
+    Raises:
+        ConfigError / AdapterError: something in the config cannot be built
+            (an invalid source id, a function that cannot be imported...).
+    """
+
+    def __init__(self, config: RigConfig, registry: Registry, *, dry_run: bool = False) -> None:
+        self.config = config
+        self.registry = registry
+        self.base_dir = Path(config.path).resolve().parent if config.path else Path.cwd()
+        user = read_user_config()
+        key = config.api_key or os.environ.get("PLEXUS_API_KEY") or user.get("api_key")
+        self._api_key = Secret(key) if key else None
+        self.gateway_url = (config.gateway_url or os.environ.get("PLEXUS_GATEWAY_URL")
+                            or user.get("gateway_url"))
+        self.source_id = resolve_source_id(config.source_id, user, config_path())
+        self.receiver: Any = None
+        self._start_local_receiver()
+        try:
+            self.pipeline = Pipeline(self.source_id, config.tags or None)
+        except PlexusError as exc:
+            raise ConfigError(f"{config.path}: tags: {exc}") from None
+        self._build_lanes(dry_run)
+        self.adapters: list[tuple[Adapter, dict[str, str] | None]] = []
+        for component in config.adapters:
+            options = resolve_paths(component.options, self.base_dir)
+            kwargs: dict[str, Any] = {}
+            if component.type == "callable":
+                kwargs["base_dir"] = self.base_dir
+            adapter = component.cls(options, name=component.name, **kwargs)
+            self.adapters.append((adapter, component.tags or None))
+        self._stop = threading.Event()
+        self.started_at: float | None = None
+
+    # Building ------------------------------------------------------------
+    def _start_local_receiver(self) -> None:
+        local = getattr(self.config, "local_receiver", None)
+        if local is None or not local.enabled:
+            return
+        from plexus.testing import Receiver
+
+        self.receiver = Receiver(port=local.port, api_keys=None).start()
+        self.gateway_url = self.receiver.url
+        if self._api_key is None:
+            self._api_key = Secret("plx_local")
+        log.info("local receiver listening on %s", self.receiver.url)
+
+    def _sink_components(self, dry_run: bool) -> list[tuple[type[Sink], Any, str]]:
+        if dry_run:
+            return [(StdoutSink, StdoutSink.Options(), "stdout")]
+        if not self.config.sinks:
+            return [(HttpSink, HttpSink.Options(), "plexus")]
+        return [(c.cls, resolve_paths(c.options, self.base_dir), c.name) for c in self.config.sinks]
+
+    def _build_lanes(self, dry_run: bool) -> None:
+        cfg = self.config
+        retry = RetryPolicy(retries=cfg.retry.retries, base=cfg.retry.base,
+                            max_delay=cfg.retry.max_delay)
+        for index, (cls, options, name) in enumerate(self._sink_components(dry_run)):
+            sink: Sink
+            if issubclass(cls, HttpSink):
+                options = dataclasses.replace(
+                    options,
+                    verify_tls=options.verify_tls and cfg.verify_tls,
+                    timeout=cfg.timeout if options.timeout == HttpSink.Options().timeout
+                    else options.timeout,
+                )
+                sink = cls(options, name=name, api_key=self._api_key,
+                           gateway_url=self.gateway_url)
+            else:
+                sink = cls(options, name=name)
+            self.pipeline.add_lane(
+                sink, self._make_buffer(index, name),
+                batch_size=cfg.batch.size, interval=cfg.batch.interval,
+                max_batch=cfg.batch.max_points, retry=retry,
+            )
+
+    def _make_buffer(self, index: int, sink_name: str) -> Buffer:
+        opts = self.config.buffer
+        if opts.type == "memory":
+            return MemoryBuffer(opts.max_points or DEFAULT_MAX_POINTS)
+        path = Path(opts.path).expanduser() if opts.path else (
+            Path.home() / ".plexus" / "buffer" / f"{self.source_id}.db"
+        )
+        if not path.is_absolute():
+            path = self.base_dir / path
+        if index > 0:  # each sink keeps its own cursor: its own file beside the first
+            path = path.with_name(f"{path.stem}.{sink_name}{path.suffix}")
+        return SqliteBuffer(path, opts.max_points or DEFAULT_SQLITE_MAX_POINTS,
+                            sync_interval=opts.sync_interval)
+
+    # Running -------------------------------------------------------------
+    def start(self) -> None:
+        """Open the sinks, start the uploaders, then every adapter."""
+        self.pipeline.start()
+        self.started_at = time.time()
+        if self.config.session:
+            self.pipeline.begin_session(self.config.session, self.config.session_tags or None)
+        for adapter, tags in self.adapters:
+            try:
+                adapter.start(SourceContext(self.pipeline, tags))
+            except Exception as exc:  # one adapter failing never stops the others
+                adapter.state = "failed"
+                adapter.record_error(exc)
+                log.error("adapter %s failed to start: %s", adapter.name, exc)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def wait(self, duration: float | None = None, on_tick: Any = None,
+             tick: float = 1.0) -> None:
+        """Block until :meth:`request_stop` or ``duration`` seconds; call ``on_tick`` each tick."""
+        deadline = None if duration is None else time.monotonic() + duration
+        while not self._stop.is_set():
+            timeout = tick if deadline is None else min(tick, deadline - time.monotonic())
+            if timeout <= 0:
+                break
+            self._stop.wait(timeout)
+            if on_tick is not None:
+                on_tick()
+
+    def shutdown(self, grace_period: float | None = None) -> None:
+        """Stop adapters, deliver for up to ``grace_period`` seconds, close everything."""
+        grace = self.config.grace_period if grace_period is None else grace_period
+        stoppers = [threading.Thread(target=a.stop, args=(2.0,)) for a, _ in self.adapters]
+        for thread in stoppers:
+            thread.start()
+        for thread in stoppers:
+            thread.join()
+        self.pipeline.close(grace)
+        if self.receiver is not None:
+            self.receiver.stop()
+
+    # Status --------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        adapters = []
+        for adapter, _ in self.adapters:
+            h = adapter.health()
+            adapters.append({
+                "name": h.name, "type": h.type, "state": h.state, "points": h.points,
+                "errors": h.errors, "last_point_age": None if h.last_point_time is None
+                else round(now - h.last_point_time, 1), "last_error": h.last_error, **h.extra,
+            })
+        sinks = []
+        for lane in self.pipeline.lanes:
+            st = lane.uploader.stats
+            sinks.append({
+                "name": lane.sink.name, "buffered": len(lane.buffer), "delivered": st.delivered,
+                "dropped": lane.buffer.dropped, "rejected": st.rejected,
+                "since_last_upload": None if st.last_success is None
+                else round(now - st.last_success, 1),
+                "last_error": st.last_error,
+            })
+        return {"source_id": self.source_id, "session": self.pipeline.current_session,
+                "uptime": round(now - (self.started_at or now), 1),
+                "adapters": adapters, "sinks": sinks}
+
+
+def missing_drivers(gateway: Gateway) -> list[str]:
+    """For ``--check``: import each adapter's driver libraries without starting anything."""
+    problems = []
+    for adapter, _ in gateway.adapters:
+        for module in type(adapter).requires:
+            try:
+                require(module, type(adapter).extra or type(adapter).type_name)
+            except AdapterError as exc:
+                problems.append(f"adapter {adapter.name}: {exc}")
+    return problems

@@ -1,0 +1,260 @@
+"""The Plexus HTTP sink: speaks PROTOCOL.md's ``POST {gateway_url}/ingest``.
+
+Status handling (PROTOCOL.md, "Responses"):
+
+- 200 with ``count`` equal to the points sent: delivered.
+- 200 with a lower ``count``: the platform's per-source rate ceiling dropped
+  the request; it was not stored. Raised as retryable with a short jittered
+  ``retry_after``; never counted as delivered.
+- 400: the message names ``points[i]``; that point is rejected (dropped,
+  reported) and the rest resent. Without an index the batch is bisected until
+  the bad point is alone.
+- 401/403: :class:`AuthenticationError`; the uploader keeps the data.
+- 413: the batch is split in halves until each part fits.
+- 5xx, timeouts, connection errors: retryable.
+
+Every request carries ``Idempotency-Key``: the batch key, with a suffix per
+part when a batch is split, so a retried batch repeats the same keys.
+"""
+
+from __future__ import annotations
+
+import gzip
+import ipaddress
+import logging
+import random
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from plexus.errors import AuthenticationError, ConfigError, RetryableSinkError
+from plexus.point import MAX_BODY_BYTES, MAX_POINTS_PER_REQUEST, Point
+from plexus.secret import Secret
+from plexus.sinks.base import SendResult, Sink
+
+if TYPE_CHECKING:
+    import httpx
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GATEWAY_URL = "https://gateway.plexus.company"
+_POINT_INDEX = re.compile(r"points\[(\d+)\]")
+USER_AGENT = "plexus-gateway/0.1"
+
+
+@dataclass
+class HttpSinkOptions:
+    """Options of the ``plexus`` sink (the HTTP uploader)."""
+
+    gateway_url: str | None = field(
+        default=None,
+        metadata={"help": "base URL; requests go to {gateway_url}/ingest. Default: the "
+                          "top-level gateway_url, else https://gateway.plexus.company"},
+    )
+    api_key: str | None = field(
+        default=None, metadata={"help": "API key; default: the top-level api_key"}
+    )
+    timeout: float = field(default=10.0, metadata={"help": "seconds per request"})
+    verify_tls: bool = field(
+        default=True, metadata={"help": "verify the server's TLS certificate (warns when off)"}
+    )
+    gzip_min_bytes: int = field(
+        default=1024, metadata={"help": "gzip request bodies larger than this many bytes"}
+    )
+    gzip_level: int = field(default=1, metadata={"help": "gzip level 1 (fast) .. 9 (small)"})
+
+
+class HttpSink(Sink):
+    """Deliver batches to the Plexus platform (or a compatible receiver).
+
+    Parameters:
+        options: :class:`HttpSinkOptions`; ``gateway_url``/``api_key`` there
+            override the ones passed here.
+        api_key: the key sent in ``x-api-key``; ``None`` makes every send raise
+            AuthenticationError (the data stays buffered).
+        gateway_url: base URL of the platform.
+        transport: an ``httpx`` transport, for tests (e.g. ``httpx.MockTransport``).
+    """
+
+    type_name = "plexus"
+    Options = HttpSinkOptions
+
+    def __init__(
+        self,
+        options: HttpSinkOptions | None = None,
+        name: str | None = None,
+        *,
+        api_key: str | Secret | None = None,
+        gateway_url: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        options = options or HttpSinkOptions()
+        super().__init__(options, name)
+        key = options.api_key if options.api_key is not None else api_key
+        self._api_key = key if isinstance(key, Secret) or key is None else Secret(key)
+        base = (options.gateway_url or gateway_url or DEFAULT_GATEWAY_URL).rstrip("/")
+        parts = urlsplit(base)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"gateway_url must be an http:// or https:// URL, got {base!r}")
+        self.url = f"{base}/ingest"
+        self._host = parts.hostname
+        self._scheme = parts.scheme
+        self._transport = transport
+        self._client: httpx.Client | None = None
+        self._http_error: type[Exception] = Exception
+        self.source_id = ""
+        self.requests = 0
+
+    def __repr__(self) -> str:
+        return f"HttpSink(name={self.name!r}, url={self.url!r}, api_key={self._api_key!r})"
+
+    def open(self, source_id: str) -> None:
+        self.source_id = source_id
+        opts: HttpSinkOptions = self.options
+        if not opts.verify_tls:
+            log.warning("TLS certificate verification is OFF for %s", self.url)
+        if self._scheme == "http" and not _is_loopback(self._host) and self._api_key:
+            log.warning(
+                "sending the API key over plain http:// to %s; use https:// outside a lab",
+                self._host,
+            )
+        import httpx  # imported here: it costs ~90 ms, and `import plexus` must stay fast
+
+        self._client = httpx.Client(
+            timeout=opts.timeout,
+            verify=opts.verify_tls,
+            transport=self._transport,
+            headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"},
+        )
+        self._http_error = httpx.HTTPError
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # Sending -------------------------------------------------------------
+    def send(self, points: list[Point], key: str) -> SendResult:
+        if self._api_key is None:
+            raise AuthenticationError(
+                "no API key: pass Plexus(api_key=...), set PLEXUS_API_KEY, or put "
+                '{"api_key": ...} in ~/.plexus/config.json'
+            )
+        rejected: list[tuple[int, str]] = []
+        delivered = 0
+        indices = list(range(len(points)))
+        for start in range(0, len(points), MAX_POINTS_PER_REQUEST):
+            part = slice(start, start + MAX_POINTS_PER_REQUEST)
+            suffix = "" if len(points) <= MAX_POINTS_PER_REQUEST else f".{start}"
+            delivered += self._send_part(points[part], indices[part], key + suffix, rejected)
+        return SendResult(delivered, rejected)
+
+    def _send_part(
+        self,
+        points: list[Point],
+        indices: list[int],
+        key: str,
+        rejected: list[tuple[int, str]],
+    ) -> int:
+        """Send ``points`` (their batch positions in ``indices``); return how many were stored."""
+        if not points:
+            return 0
+        body = self.encode(points)
+        if len(body) > MAX_BODY_BYTES and len(points) > 1:
+            return self._send_halves(points, indices, key, rejected)
+        status, error, count = self._post(body, key)
+        if status == 200:
+            if count == len(points) or count < 0:  # no count: a receiver that stores all
+                return len(points)
+            # The rate ceiling answered 200 but stored nothing: send again soon.
+            raise RetryableSinkError(
+                f"gateway stored {count} of {len(points)} points (per-source rate ceiling)",
+                retry_after=random.uniform(0.05, 0.15),
+            )
+        if status in (401, 403):
+            raise AuthenticationError(f"the gateway refused the API key ({status}: {error})")
+        if status == 413:
+            if len(points) == 1:
+                rejected.append((indices[0], f"413 {error}"))
+                return 0
+            return self._send_halves(points, indices, key, rejected)
+        if status == 400:
+            return self._isolate_bad_points(points, indices, key, rejected, error)
+        raise RetryableSinkError(f"gateway answered {status}: {error}")
+
+    def _send_halves(
+        self, points: list[Point], indices: list[int], key: str, rejected: list[tuple[int, str]]
+    ) -> int:
+        mid = len(points) // 2
+        return self._send_part(points[:mid], indices[:mid], f"{key}.a", rejected) + \
+            self._send_part(points[mid:], indices[mid:], f"{key}.b", rejected)
+
+    def _isolate_bad_points(
+        self,
+        points: list[Point],
+        indices: list[int],
+        key: str,
+        rejected: list[tuple[int, str]],
+        error: str,
+    ) -> int:
+        match = _POINT_INDEX.search(error)
+        bad = int(match.group(1)) if match else None
+        if bad is not None and 0 <= bad < len(points):
+            rejected.append((indices[bad], error))
+            rest = points[:bad] + points[bad + 1:]
+            rest_indices = indices[:bad] + indices[bad + 1:]
+            return self._send_part(rest, rest_indices, f"{key}.x{bad}", rejected)
+        if len(points) == 1:
+            rejected.append((indices[0], error))
+            return 0
+        # The message names no point: bisect until the bad one is alone.
+        return self._send_halves(points, indices, key, rejected)
+
+    def encode(self, points: list[Point]) -> bytes:
+        """The JSON body for ``points`` (not compressed)."""
+        rows: list[dict[str, Any]] = []
+        append = rows.append
+        for metric, value, ts, tags in points:
+            if tags:
+                append({"metric": metric, "value": value, "timestamp": ts, "tags": tags})
+            else:
+                append({"metric": metric, "value": value, "timestamp": ts})
+        return orjson.dumps({"source_id": self.source_id, "points": rows})
+
+    def _post(self, body: bytes, key: str) -> tuple[int, str, int]:
+        assert self._client is not None and self._api_key is not None, "open() first"
+        headers = {"x-api-key": self._api_key.reveal(), "Idempotency-Key": key}
+        opts: HttpSinkOptions = self.options
+        if len(body) > opts.gzip_min_bytes:
+            body = gzip.compress(body, compresslevel=opts.gzip_level, mtime=0)
+            headers["Content-Encoding"] = "gzip"
+        self.requests += 1
+        try:
+            response = self._client.post(self.url, content=body, headers=headers)
+        except self._http_error as exc:
+            raise RetryableSinkError(f"{type(exc).__name__}: {exc}") from exc
+        return response.status_code, *_parse_response(response)
+
+
+def _parse_response(response: httpx.Response) -> tuple[str, int]:
+    try:
+        payload = orjson.loads(response.content) if response.content else {}
+    except orjson.JSONDecodeError:
+        payload = {}
+    if not isinstance(payload, dict):
+        payload = {}
+    error = str(payload.get("error") or response.reason_phrase or "")[:500]
+    count = payload.get("count")
+    return error, count if isinstance(count, int) else -1
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
