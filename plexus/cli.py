@@ -297,7 +297,7 @@ def cmd_buffer(argv: list[str]) -> int:
     parser.add_argument("--timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
     _setup_logging("warning")
-    from plexus.buffer import buffer_stats
+    from plexus.sqlite_buffer import buffer_stats
 
     if not os.path.exists(args.path):
         print(f"plexus-gateway buffer: no such file: {args.path}", file=sys.stderr)

@@ -26,13 +26,7 @@ from typing import Any
 import orjson
 
 from plexus.adapters.callable import CallableAdapter, CallableOptions
-from plexus.buffer import (
-    DEFAULT_MAX_POINTS,
-    DEFAULT_SQLITE_MAX_POINTS,
-    Buffer,
-    MemoryBuffer,
-    SqliteBuffer,
-)
+from plexus.buffer import DEFAULT_MAX_POINTS, Buffer, MemoryBuffer
 from plexus.errors import AuthenticationError, ConfigError, PlexusError
 from plexus.pipeline import Pipeline, SourceContext
 from plexus.point import validate_source_id
@@ -172,6 +166,8 @@ class Plexus:
 
         buffer: Buffer
         if persistent_buffer:
+            from plexus.sqlite_buffer import DEFAULT_SQLITE_MAX_POINTS, SqliteBuffer
+
             path_ = Path(buffer_path) if buffer_path else (
                 Path.home() / ".plexus" / "buffer" / f"{self.source_id}.db"
             )

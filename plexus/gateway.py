@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from plexus.adapters.base import Adapter, require
-from plexus.buffer import DEFAULT_MAX_POINTS, DEFAULT_SQLITE_MAX_POINTS, Buffer, MemoryBuffer, SqliteBuffer
+from plexus.buffer import DEFAULT_MAX_POINTS, Buffer, MemoryBuffer
 from plexus.client import config_path, read_user_config, resolve_source_id
 from plexus.config import RigConfig
 from plexus.errors import AdapterError, ConfigError, PlexusError
@@ -30,6 +30,7 @@ from plexus.secret import Secret
 from plexus.sinks.base import Sink
 from plexus.sinks.http import HttpSink
 from plexus.sinks.stdout import StdoutSink
+from plexus.sqlite_buffer import DEFAULT_SQLITE_MAX_POINTS, SqliteBuffer
 from plexus.uploader import RetryPolicy
 
 log = logging.getLogger(__name__)

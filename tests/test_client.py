@@ -160,7 +160,7 @@ def test_missing_key_raises_authentication_error_and_keeps_data(plexus_receiver)
 
 
 def test_rejected_key_raises_from_flush_then_send_and_keeps_data(plexus_receiver):
-    px = make_client(plexus_receiver, api_key="plx_wrong")
+    px = make_client(plexus_receiver, api_key="plx_wrong", flush_interval=60)
     try:
         px.send("t", 1.0)
         with pytest.raises(AuthenticationError, match="401"):
@@ -177,7 +177,7 @@ def test_rejected_key_raises_from_flush_then_send_and_keeps_data(plexus_receiver
 
 def test_forbidden_key_is_an_authentication_error(plexus_receiver_factory):
     receiver = plexus_receiver_factory(api_keys=["plx_test"], forbidden_keys=["plx_ro"])
-    px = make_client(receiver, api_key="plx_ro")
+    px = make_client(receiver, api_key="plx_ro", flush_interval=60)
     try:
         px.send("t", 1.0)
         with pytest.raises(AuthenticationError, match="403"):
@@ -351,7 +351,7 @@ def test_no_delay_above_the_cap():
 
 def test_retries_exhausted_raise_from_flush_and_keep_data(plexus_receiver):
     plexus_receiver.fail_next(4, status=500)
-    px = make_client(plexus_receiver)
+    px = make_client(plexus_receiver, flush_interval=60)
     try:
         px.send("t", 1.0)
         with pytest.raises(DeliveryError, match="500"):
