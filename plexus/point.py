@@ -47,7 +47,7 @@ def validate_source_id(source_id: object) -> str:
     """Return ``source_id`` if the platform accepts it, else raise ValidationError."""
     if not isinstance(source_id, str):
         raise PointTypeError(f"source_id must be a string, got {type(source_id).__name__}")
-    if not source_id or len(source_id) > MAX_SOURCE_ID_CHARS:
+    if not source_id or utf8_len(source_id) > MAX_SOURCE_ID_CHARS:
         raise ValidationError(
             f"source_id must be 1..{MAX_SOURCE_ID_CHARS} characters, got {len(source_id)}"
         )
@@ -59,14 +59,21 @@ def validate_source_id(source_id: object) -> str:
     return source_id
 
 
+def utf8_len(text: str) -> int:
+    """Length in UTF-8 bytes, which is what the platform's Go gateway counts."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
 def check_metric(metric: object) -> None:
     if type(metric) is not str:
         if not isinstance(metric, str):
             raise PointTypeError(f"metric must be a string, got {type(metric).__name__}")
-    if not 0 < len(metric) <= MAX_METRIC_CHARS:
+    if not 0 < len(metric) <= MAX_METRIC_CHARS or (
+        len(metric) * 4 > MAX_METRIC_CHARS and utf8_len(metric) > MAX_METRIC_CHARS
+    ):
         raise ValidationError(
-            f"metric must be 1..{MAX_METRIC_CHARS} characters, got {len(metric)}"
-            + (f" ({metric[:40]!r}...)" if metric else "")
+            f"metric must be 1..{MAX_METRIC_CHARS} characters (UTF-8 bytes), got "
+            f"{utf8_len(metric)}" + (f" ({metric[:40]!r}...)" if metric else "")
         )
 
 
@@ -149,9 +156,16 @@ def _check_nested(metric: str, value: Any, path: str) -> Any:
     )
 
 
+def go_json_size(encoded: bytes) -> int:
+    """Size of this JSON as Go's encoding/json writes it: <, >, & become \\u003c (+5 bytes
+    each) and U+2028/U+2029 become \\u2028 (+3 bytes each)."""
+    return (len(encoded) + 5 * (encoded.count(b"<") + encoded.count(b">") + encoded.count(b"&"))
+            + 3 * (encoded.count("\u2028".encode()) + encoded.count("\u2029".encode())))
+
+
 def _normalize_json_value(metric: str, value: Any) -> Any:
     clean = _check_nested(metric, value, "value")
-    size = len(orjson.dumps(clean))
+    size = go_json_size(orjson.dumps(clean))
     if size > MAX_JSON_VALUE_BYTES:
         raise ValidationError(
             f"value of {metric!r}: an object or list value may be at most "
@@ -202,10 +216,13 @@ def check_tags(tags: Any) -> dict[str, str]:
                 raise PointTypeError(
                     f"tag {what} must be a string, got {type(bad).__name__} ({bad!r})"
                 )
-        if not 0 < len(key) <= MAX_TAG_CHARS or len(val) > MAX_TAG_CHARS:
+        if (not 0 < len(key) <= MAX_TAG_CHARS or len(val) > MAX_TAG_CHARS or (
+            (len(key) > MAX_TAG_CHARS // 4 or len(val) > MAX_TAG_CHARS // 4)
+            and (utf8_len(key) > MAX_TAG_CHARS or utf8_len(val) > MAX_TAG_CHARS)
+        )):
             raise ValidationError(
-                f"tag {key[:40]!r}: keys must be 1..{MAX_TAG_CHARS} characters and "
-                f"values at most {MAX_TAG_CHARS}"
+                f"tag {key[:40]!r}: keys must be 1..{MAX_TAG_CHARS} characters (UTF-8 bytes) "
+                f"and values at most {MAX_TAG_CHARS}"
             )
     return tags
 

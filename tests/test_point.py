@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from plexus.errors import PlexusError, PointTypeError, ValidationError
-from plexus.point import make_point, validate_source_id
+from plexus.point import go_json_size, make_point, validate_source_id
 
 NOW = time.time()
 
@@ -137,7 +137,7 @@ def test_any_finite_json_value_is_accepted_or_rejected_for_size_only(value):
         with pytest.raises(ValidationError):
             make_point("m", value, 1.0)
         return
-    if isinstance(value, (dict, list)) and len(orjson.dumps(value)) > 4096:
+    if isinstance(value, (dict, list)) and go_json_size(orjson.dumps(value)) > 4096:
         with pytest.raises(ValidationError, match="4096"):
             make_point("m", value, 1.0)
         return
@@ -155,3 +155,19 @@ def test_floats_valid_exactly_when_finite(value):
     else:
         with pytest.raises(ValidationError, match="finite"):
             make_point("m", value, 1.0)
+
+
+def test_lengths_are_counted_in_utf8_bytes_like_the_platform():
+    # The platform's Go gateway measures strings with len(), i.e. in UTF-8 bytes.
+    assert make_point("é" * 128, 1.0, 1.0)[0] == "é" * 128
+    with pytest.raises(ValidationError, match="metric"):
+        make_point("é" * 129, 1.0, 1.0)
+    with pytest.raises(ValidationError, match="tag"):
+        make_point("m", 1.0, 1.0, {"k": "é" * 129})
+
+
+def test_object_size_counts_go_html_escaping():
+    # Go writes '<' as \u003c (6 bytes): 700 of them are 4,200 bytes on the platform's side.
+    with pytest.raises(ValidationError, match="4096"):
+        make_point("m", {"k": "<" * 700}, 1.0)
+    assert make_point("m", {"k": "a" * 700}, 1.0)

@@ -52,7 +52,7 @@ class AdapterHealth:
 
     name: str
     type: str
-    state: str  # "starting" | "connected" | "reconnecting" | "stopped" | "failed"
+    state: str  # "starting" | "connected" | "reconnecting" | "link_lost" | "finished" | "stopped" | "failed"
     points: int
     errors: int
     last_point_time: float | None
@@ -220,6 +220,8 @@ class ThreadedAdapter(Adapter):
 
     reconnect_initial: ClassVar[float] = 0.5
     reconnect_max: ClassVar[float] = 30.0
+    #: seconds a link must stay up before the reconnect backoff starts over.
+    stable_after: ClassVar[float] = 10.0
 
     def __init__(self, options: Any, name: str | None = None) -> None:
         super().__init__(options, name)
@@ -256,10 +258,11 @@ class ThreadedAdapter(Adapter):
     def _main(self) -> None:
         backoff = Backoff(self.reconnect_initial, self.reconnect_max)
         while not self.stopping.is_set():
+            connected_at = None
             try:
                 self.connect()
                 self.state = "connected"
-                backoff.reset()
+                connected_at = time.monotonic()
                 self.run_connected()
             except Exception as exc:
                 if not self.stopping.is_set():
@@ -271,6 +274,10 @@ class ThreadedAdapter(Adapter):
                     self._log.debug("%s: disconnect failed: %s", self.name, exc)
             if self.stopping.is_set():
                 break
+            # A link that opens and dies at once keeps backing off; one that
+            # stayed up a while starts again from the shortest delay.
+            if connected_at is not None and time.monotonic() - connected_at > self.stable_after:
+                backoff.reset()
             self.state = "reconnecting"
             self.reconnects += 1
             self.stopping.wait(backoff.next_delay())
