@@ -44,6 +44,9 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if level.lower() != "debug":
+        # httpx logs every request at INFO: one line per batch drowns the status.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _load(path: str) -> tuple[Any, Any]:
