@@ -2,6 +2,7 @@
 
     plexus-gateway --config rig.yaml [--check] [--dry-run] [--duration S] [--log-level L]
     plexus-gateway plugins
+    plexus-gateway options [TYPE ...] [--markdown]
     plexus-gateway send METRIC VALUE [--tag k=v ...] [--timestamp T] [--config rig.yaml]
     plexus-gateway buffer --path FILE [--flush] [--config rig.yaml]
     plexus-gateway receiver [--port 8080] [--api-key KEY ...]
@@ -27,7 +28,7 @@ from plexus.errors import PlexusError
 
 log = logging.getLogger("plexus.cli")
 
-SUBCOMMANDS = ("plugins", "send", "buffer", "receiver")
+SUBCOMMANDS = ("plugins", "options", "send", "buffer", "receiver")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -192,12 +193,15 @@ class StatusView:
         receiver = self.gateway.receiver
         if receiver is not None:
             metrics = receiver.metrics()
+            groups: dict[str, list[str]] = {}
+            for name in metrics:
+                groups.setdefault(name.rsplit(".", 1)[0] if "." in name else name, []).append(name)
             print(f"\nlocal receiver stored {receiver.count} points in {len(metrics)} metrics:")
-            for name in sorted(metrics)[:25]:
-                values = metrics[name]
-                print(f"  {name:<48} {len(values):>6} points, last {values[-1]!r}")
-            if len(metrics) > 25:
-                print(f"  ... and {len(metrics) - 25} more metrics")
+            for group, names in sorted(groups.items()):
+                points = sum(len(metrics[n]) for n in names)
+                sample = sorted(names)[0]
+                print(f"  {group + '.*':<32} {points:>7} points in {len(names):>3} metrics, "
+                      f"e.g. {sample} = {metrics[sample][-1]!r}")
 
 
 # --- plugins --------------------------------------------------------------------------
@@ -219,6 +223,51 @@ def cmd_plugins(argv: list[str]) -> int:
     for error in registry.errors:
         print(f"error: {error}", file=sys.stderr)
     return 1 if registry.errors else 0
+
+
+# --- options ------------------------------------------------------------------------
+
+
+def options_markdown(registry: Any, types: list[str] | None = None) -> str:
+    """Every rig-file key and every adapter/sink option, with type, default and help."""
+    from plexus.config import RigConfig, describe_options
+
+    def table(rows: list[tuple[str, str, str, str]]) -> list[str]:
+        out = ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for name, kind, default, help_text in rows:
+            out.append(f"| `{name}` | {kind} | `{default}` | {help_text} |".replace("\n", " "))
+        return out
+
+    lines: list[str] = []
+    if not types:
+        top = [r for r in describe_options(RigConfig) if r[0] not in ("adapters", "sinks")]
+        lines += ["## Top-level keys", "", *table(top), ""]
+    for kind, found in (("adapter", registry.adapters), ("sink", registry.sinks)):
+        for name in sorted(found):
+            if types and name not in types:
+                continue
+            cls = found[name]
+            provider = registry.providers[(kind, name)]
+            lines += [f"## {kind} `{name}` ({provider.package})", ""]
+            doc = (cls.__doc__ or "").strip().splitlines()
+            if doc:
+                lines += [doc[0], ""]
+            lines += ["Every entry also takes `type`, `name` and `tags`.", ""]
+            lines += [*table(describe_options(cls.Options)), ""]
+    return "\n".join(lines)
+
+
+def cmd_options(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="plexus-gateway options",
+        description="Document the rig file: top-level keys and each type's options.")
+    parser.add_argument("types", nargs="*", help="only these adapter/sink types")
+    args = parser.parse_args(argv)
+    _setup_logging("warning")
+    from plexus.plugins import load_plugins
+
+    print(options_markdown(load_plugins(), args.types))
+    return 0
 
 
 # --- send -----------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def _collect(
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
         provider = registry.plugins[impl.plugin_name]
 
-        def register(cls: type, provider: Provider = provider) -> None:
+        def register(cls: Any, provider: Provider = provider) -> None:
             problem = _check_type(cls, base, kind)
             if problem is None and cls.type_name in into:
                 other = registry.providers[(kind, cls.type_name)]
@@ -165,7 +165,7 @@ def _check_type(cls: Any, base: type, kind: str) -> str | None:
     if not isinstance(name, str) or not _TYPE_NAME.match(name):
         return (f"{cls.__name__}.type_name {name!r} must be snake_case "
                 "(lower-case letters, digits, '_')")
-    if not dataclasses.is_dataclass(cls.Options):
+    if not dataclasses.is_dataclass(getattr(cls, "Options", None)):
         return f"{cls.__name__}.Options must be a dataclass of its {kind}'s options"
     return None
 

@@ -338,7 +338,7 @@ def test_retry_delays_are_1_2_4_seconds_with_jitter(plexus_receiver):
         px.send("t", 1.0)
         px.flush_buffer()
     assert len(delays) == 3
-    for delay, nominal in zip(delays, (1.0, 2.0, 4.0)):
+    for delay, nominal in zip(delays, (1.0, 2.0, 4.0), strict=True):
         assert nominal * 0.75 <= delay <= nominal * 1.25
     assert plexus_receiver.count == 1
     assert [r.status for r in plexus_receiver.requests] == [503, 503, 503, 200]

@@ -23,7 +23,8 @@ from plexus.sinks.base import SendResult, Sink
 class FileSinkOptions:
     """Options of the ``file`` sink."""
 
-    path: str = field(metadata={"help": "the JSON Lines file (relative to the rig file)"})
+    path: str = field(metadata={"help": "the JSON Lines file (relative to the rig file)",
+                                "path": True})
     max_bytes: int = field(default=10_000_000,
                            metadata={"help": "rotate when the file would exceed this size"})
     backups: int = field(default=5, metadata={"help": "rotated files kept (path.1 .. path.N)"})

@@ -101,7 +101,7 @@ class HostMetricsAdapter(ThreadedAdapter):
             self._last_cpu = (busy, total)
 
             load = (self._proc / "loadavg").read_text().split()
-            for label, value in zip(("1m", "5m", "15m"), load[:3]):
+            for label, value in zip(("1m", "5m", "15m"), load[:3], strict=True):
                 self.emit(f"{p}.load.{label}", float(value))
 
             mem = read_meminfo(self._proc)

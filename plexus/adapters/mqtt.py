@@ -1,0 +1,597 @@
+"""MQTT source: subscribe to topics on a broker and turn messages into points.
+
+Topic to metric
+    By default the topic's ``/`` become ``.`` (``sensors/engine/rpm`` becomes
+    ``sensors.engine.rpm``; empty levels are dropped). ``metric_template``
+    builds the name from the topic's levels instead, numbered from 0 with
+    :meth:`str.format` fields (``"{1}.{3}"``; ``{topic}`` is the whole dotted
+    topic). ``tag_segments`` turns levels into tags (``{vehicle: 1}``; negative
+    indices count from the end). ``prefix`` is put in front of every metric.
+
+Payload to value(s)
+    ``auto`` (the default) reads JSON when the payload is JSON (numbers,
+    ``true``/``false``, objects, arrays, quoted strings), otherwise a plain
+    number, ``true``/``false`` in any case, or else a plain string. A payload
+    that starts like a JSON object or array but does not parse, bytes that are
+    not UTF-8, a ``nan``/``inf`` and a JSON ``null`` are bad payloads: counted,
+    logged at a limited rate, and dropped. Empty payloads (a retained message
+    being deleted) are ignored.
+
+    JSON objects are flattened to ``metric.key.subkey``; null members are
+    skipped. Arrays are flattened by index (``metric.0``, ``metric.1``) with
+    ``arrays: index``, or kept whole as one event value with ``arrays: value``.
+
+    ``value_path`` (dotted, list indices as numbers: ``data.temps.0``) picks
+    the part of a JSON document to use; ``timestamp_path`` picks the reading's
+    time: Unix seconds, milliseconds, microseconds or nanoseconds (told apart
+    by magnitude: below 1e11 is seconds, below 1e14 milliseconds, below 1e17
+    microseconds, above that nanoseconds), a numeric string, or an ISO 8601
+    string (UTC when it has no offset). The timestamp leaf itself is not
+    emitted as a metric. A missing or unreadable timestamp is counted in
+    ``bad_timestamps`` and the reading keeps its receive time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, ClassVar, Literal
+
+import orjson
+
+from plexus.adapters.base import Adapter, AdapterContext, require
+from plexus.errors import AdapterError, ConfigError
+
+__all__ = ["MqttAdapter", "MqttOptions", "TopicOption"]
+
+log = logging.getLogger(__name__)
+
+# Topic -> (metric, tags) is computed once per distinct topic; the cache is
+# cleared when full so a broker with endless unique topics cannot grow it forever.
+_ROUTE_CACHE_SIZE = 4096
+
+
+@dataclass
+class TopicOption:
+    """One subscription: an MQTT topic filter and the QoS to subscribe with."""
+
+    topic: str = field(metadata={"help": "topic filter; '+' matches one level, '#' the rest"})
+    qos: int = field(default=0, metadata={"help": "subscription QoS: 0, 1 or 2"})
+
+
+@dataclass
+class MqttOptions:
+    """Options of the ``mqtt`` adapter (see the module docstring for the mapping rules)."""
+
+    topics: list[TopicOption | str] = field(
+        metadata={"help": "topic filters to subscribe to: 'a/b/#' (QoS 0) or {topic, qos}"}
+    )
+    host: str = field(default="localhost", metadata={"help": "broker host name or address"})
+    port: int = field(default=1883, metadata={"help": "broker port (8883 is usual for TLS)"})
+    tls: bool = field(default=False, metadata={"help": "connect with TLS"})
+    ca_certs: str | None = field(
+        default=None, metadata={"help": "CA bundle (PEM) to verify the broker; None: system CAs"}
+    )
+    certfile: str | None = field(default=None, metadata={"help": "client certificate (PEM)"})
+    keyfile: str | None = field(default=None, metadata={"help": "client private key (PEM)"})
+    tls_insecure: bool = field(
+        default=False,
+        metadata={"help": "skip the broker host name check (logs a warning; testing only)"},
+    )
+    username: str | None = field(default=None, metadata={"help": "broker user name"})
+    password: str | None = field(
+        default=None, repr=False, metadata={"help": "broker password; never logged"}
+    )
+    client_id: str | None = field(
+        default=None,
+        metadata={"help": "MQTT client id; None: plexus-<random hex>, new each start"},
+    )
+    protocol: Literal["5", "3.1.1"] = field(
+        default="3.1.1", metadata={"help": "MQTT version: '3.1.1' (any broker) or '5'"}
+    )
+    keepalive: int = field(default=60, metadata={"help": "keepalive interval, seconds"})
+    clean_start: bool = field(
+        default=True,
+        metadata={"help": "start a fresh session on every connect; false keeps the "
+                  "broker-side session (needs a fixed client_id)"},
+    )
+    metric_template: str | None = field(
+        default=None,
+        metadata={"help": "metric from topic levels, 0-based: '{1}.{3}'; {topic} is the whole "
+                  "topic with '.'; None: the topic with '/' replaced by '.'"},
+    )
+    tag_segments: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "tag name -> topic level index (negative counts from the end)"},
+    )
+    prefix: str | None = field(
+        default=None, metadata={"help": "prepended to every metric with a '.'"}
+    )
+    payload_format: Literal["auto", "json", "number", "string"] = field(
+        default="auto", metadata={"help": "how payloads are read: auto, json, number, string"}
+    )
+    value_path: str | None = field(
+        default=None, metadata={"help": "dotted path of the value inside a JSON payload"}
+    )
+    timestamp_path: str | None = field(
+        default=None,
+        metadata={"help": "dotted path of a Unix timestamp (s/ms/us/ns by magnitude) or "
+                  "ISO 8601 string inside a JSON payload; None: receive time"},
+    )
+    arrays: Literal["index", "value"] = field(
+        default="index",
+        metadata={"help": "JSON arrays: 'index' emits metric.0, metric.1...; "
+                  "'value' emits the whole list as one event value"},
+    )
+    max_payload_bytes: int = field(
+        default=65536, metadata={"help": "larger payloads are counted as bad and dropped"}
+    )
+
+    def __post_init__(self) -> None:
+        self.topics = [_topic_option(i, item) for i, item in enumerate(self.topics)]
+        if not self.topics:
+            raise ConfigError("mqtt: topics must name at least one topic filter")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"mqtt: port must be 1..65535, got {self.port}")
+        if self.keepalive < 1:
+            raise ConfigError(f"mqtt: keepalive must be at least 1 second, got {self.keepalive}")
+        if self.max_payload_bytes < 1:
+            raise ConfigError(f"mqtt: max_payload_bytes must be positive, got {self.max_payload_bytes}")
+        if self.protocol not in ("5", "3.1.1"):
+            raise ConfigError(f"mqtt: protocol must be '5' or '3.1.1', got {self.protocol!r}")
+        if self.payload_format not in ("auto", "json", "number", "string"):
+            raise ConfigError(
+                f"mqtt: payload_format must be auto, json, number or string, got {self.payload_format!r}"
+            )
+        if self.arrays not in ("index", "value"):
+            raise ConfigError(f"mqtt: arrays must be 'index' or 'value', got {self.arrays!r}")
+        if not self.tls and (self.ca_certs or self.certfile or self.keyfile):
+            # Refuse rather than silently sending in plain text what the user meant to encrypt.
+            raise ConfigError("mqtt: ca_certs/certfile/keyfile are set but tls is false")
+        if self.password is not None and self.username is None:
+            raise ConfigError("mqtt: password is set but username is not")
+        if self.metric_template is not None:
+            try:
+                self.metric_template.format(*(["x"] * 64), topic="x")
+            except (ValueError, KeyError, IndexError, AttributeError) as exc:
+                raise ConfigError(
+                    f"mqtt: metric_template {self.metric_template!r} is invalid: use 0-based "
+                    f"level fields like '{{1}}.{{3}}' or {{topic}} ({exc!r})"
+                ) from exc
+        for tag, index in self.tag_segments.items():
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise ConfigError(f"mqtt: tag_segments.{tag} must be an integer level index")
+        if self.payload_format in ("number", "string") and (self.value_path or self.timestamp_path):
+            raise ConfigError("mqtt: value_path/timestamp_path need payload_format auto or json")
+
+
+def _topic_option(index: int, item: Any) -> TopicOption:
+    if isinstance(item, str):
+        item = TopicOption(item)
+    elif isinstance(item, dict):
+        try:
+            item = TopicOption(**item)
+        except TypeError as exc:
+            raise ConfigError(f"mqtt: topics[{index}] must be {{topic, qos}}: {exc}") from exc
+    if not isinstance(item, TopicOption):
+        raise ConfigError(f"mqtt: topics[{index}] must be a string or {{topic, qos}}")
+    where = f"mqtt: topics[{index}] {item.topic!r}"
+    if not isinstance(item.topic, str) or not item.topic:
+        raise ConfigError(f"{where}: the topic filter must be a non-empty string")
+    if item.qos not in (0, 1, 2) or isinstance(item.qos, bool):
+        raise ConfigError(f"{where}: qos must be 0, 1 or 2, got {item.qos!r}")
+    levels = item.topic.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            raise ConfigError(f"{where}: '#' must be a whole level and the last one")
+        if "+" in level and level != "+":
+            raise ConfigError(f"{where}: '+' must be a whole level")
+    return item
+
+
+class _Bad(Exception):
+    """A payload that cannot be used; the message says why."""
+
+
+_MISSING = object()
+
+
+def _split_path(path: str | None) -> tuple[str, ...] | None:
+    return tuple(path.split(".")) if path else None
+
+
+def _lookup(doc: Any, path: tuple[str, ...]) -> Any:
+    for part in path:
+        if type(doc) is dict:
+            doc = doc.get(part, _MISSING)
+        elif type(doc) is list and part.isdigit() and int(part) < len(doc):
+            doc = doc[int(part)]
+        else:
+            return _MISSING
+        if doc is _MISSING:
+            return _MISSING
+    return doc
+
+
+def _timestamp_seconds(raw: Any) -> float:
+    """Unix seconds from a number in s/ms/us/ns, a numeric string or ISO 8601."""
+    if isinstance(raw, str):
+        try:
+            raw = float(raw)
+        except ValueError:
+            try:
+                parsed = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+            except ValueError as exc:
+                raise _Bad(f"timestamp {raw[:40]!r} is neither a number nor ISO 8601") from exc
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=timezone.utc)
+            return parsed.timestamp()
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+        raise _Bad(f"timestamp {raw!r} is not a finite number")
+    magnitude = abs(raw)
+    if magnitude < 1e11:  # 1e11 s is the year 5138; 1e11 ms is 1973
+        return float(raw)
+    if magnitude < 1e14:
+        return raw / 1e3
+    if magnitude < 1e17:
+        return raw / 1e6
+    return raw / 1e9
+
+
+class MqttAdapter(Adapter):
+    """Subscribe to MQTT topics and emit one point per value in each message.
+
+    paho-mqtt runs its own network thread (``loop_start``), reconnects with
+    backoff (1 s doubling to 30 s) after a lost link or a refused connection,
+    and the adapter subscribes again on every connection. ``start()`` never
+    blocks on the network: a broker that is down at start is retried in the
+    background.
+
+    Health counters (``health().extra``): ``messages`` received, ``bad_payloads``
+    dropped, ``bad_timestamps`` (reading kept with its receive time),
+    ``reconnects`` (links re-established after the first), ``connect_failures``,
+    ``subscriptions`` (topic filters granted on the current connection).
+
+    Parameters:
+        options: an :class:`MqttOptions`.
+        name: the adapter's name in logs and status.
+
+    Raises:
+        AdapterError: from :meth:`start` when paho-mqtt is missing or the TLS
+            files cannot be loaded.
+    """
+
+    type_name: ClassVar[str] = "mqtt"
+    extra: ClassVar[str | None] = "mqtt"
+    Options: ClassVar[type] = MqttOptions
+
+    def __init__(self, options: MqttOptions, name: str | None = None) -> None:
+        super().__init__(options, name)
+        self.options: MqttOptions = options
+        self.client_id = options.client_id or f"plexus-{secrets.token_hex(6)}"
+        self.messages = 0
+        self.bad_payloads = 0
+        self.bad_timestamps = 0
+        self.reconnects = 0
+        self.connect_failures = 0
+        self.subscriptions = 0
+        self._connections = 0
+        self._stopping = False
+        self._client: Any = None
+        self._routes: dict[str, tuple[str, dict[str, str] | None] | str] = {}
+        self._value_path = _split_path(options.value_path)
+        self._timestamp_path = _split_path(options.timestamp_path)
+        # The timestamp leaf, relative to the flattened part, is left out of the metrics.
+        self._skip_path: tuple[str, ...] | None = None
+        if self._timestamp_path is not None:
+            vp = self._value_path or ()
+            if self._timestamp_path[: len(vp)] == vp and len(self._timestamp_path) > len(vp):
+                self._skip_path = self._timestamp_path[len(vp):]
+        self._index_arrays = options.arrays == "index"
+        self._topics = [(t.topic, t.qos) for t in options.topics if isinstance(t, TopicOption)]
+
+    def __repr__(self) -> str:
+        o = self.options
+        return f"MqttAdapter(name={self.name!r}, broker={o.host}:{o.port}, state={self.state!r})"
+
+    # Lifecycle -----------------------------------------------------------
+    def start(self, ctx: AdapterContext) -> None:
+        super().start(ctx)
+        mqtt = require("paho.mqtt.client", "mqtt")
+        o = self.options
+        self._stopping = False
+        v5 = o.protocol == "5"
+        client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            # MQTT 5 takes clean_start at connect; 3.1.1 takes clean_session here.
+            clean_session=None if v5 else o.clean_start,
+            reconnect_on_failure=True,
+        )
+        if o.username is not None:
+            client.username_pw_set(o.username, o.password)
+        if o.tls:
+            try:
+                client.tls_set(ca_certs=o.ca_certs, certfile=o.certfile, keyfile=o.keyfile)
+            except (OSError, ValueError) as exc:
+                raise AdapterError(f"{self.name}: cannot load the TLS files: {exc}") from exc
+            if o.tls_insecure:
+                self._log.warning(
+                    "%s: tls_insecure is set: the broker's host name is not checked, "
+                    "so a man in the middle can read this link", self.name)
+                client.tls_insecure_set(True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        connect_kwargs: dict[str, Any] = {"keepalive": o.keepalive}
+        if v5:
+            connect_kwargs["clean_start"] = o.clean_start
+        # connect_async only records the target: the first attempt happens in
+        # paho's thread, which retries it, so a broker that is down never fails start().
+        client.connect_async(o.host, o.port, **connect_kwargs)
+        self._client = client
+        self.state = "reconnecting"
+        client.loop_start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.disconnect()
+            except Exception as exc:  # closing a broken link must not block shutdown
+                self._log.debug("%s: disconnect failed: %s", self.name, exc)
+            # loop_stop() joins paho's thread without a timeout; joining it from a
+            # helper thread keeps stop() within ``timeout`` if a connect attempt hangs.
+            stopper = threading.Thread(
+                target=client.loop_stop, name=f"plexus-stop:{self.name}", daemon=True
+            )
+            stopper.start()
+            stopper.join(timeout)
+            if stopper.is_alive():
+                self._log.warning("%s: MQTT thread did not stop within %.1fs", self.name, timeout)
+        self.subscriptions = 0
+        self.state = "stopped"
+
+    def health_extra(self) -> dict[str, Any]:
+        return {
+            "broker": f"{self.options.host}:{self.options.port}",
+            "client_id": self.client_id,
+            "messages": self.messages,
+            "bad_payloads": self.bad_payloads,
+            "bad_timestamps": self.bad_timestamps,
+            "reconnects": self.reconnects,
+            "connect_failures": self.connect_failures,
+            "subscriptions": self.subscriptions,
+        }
+
+    # paho callbacks (all run in paho's network thread) --------------------
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any,
+                    properties: Any) -> None:
+        if reason_code.is_failure:
+            # A refusal (bad credentials, not authorised): paho retries with backoff.
+            self.connect_failures += 1
+            self.state = "reconnecting"
+            self.record_error(AdapterError(f"broker refused the connection: {reason_code}"))
+            return
+        if self._stopping:
+            return
+        self._connections += 1
+        if self._connections > 1:
+            self.reconnects += 1
+        self.state = "connected"
+        self.subscriptions = 0
+        self._log.info("%s: connected to %s:%s as %s", self.name, self.options.host,
+                       self.options.port, self.client_id)
+        # Subscribing here, once per connection, restores subscriptions after a
+        # broker restart. With a kept session the broker already has them; a
+        # SUBSCRIBE with the same filter replaces the old one, so none doubles.
+        result, _mid = client.subscribe(self._topics)
+        if result != 0:
+            self.record_error(AdapterError(f"subscribe failed with code {result}"))
+
+    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
+        self.connect_failures += 1
+        if not self._stopping:
+            self.state = "reconnecting"
+            self.record_error(AdapterError(
+                f"cannot connect to {self.options.host}:{self.options.port}; retrying"))
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any,
+                       properties: Any) -> None:
+        self.subscriptions = 0
+        if self._stopping:
+            return
+        # After a refused CONNACK paho reports a disconnect too; the refusal
+        # was already recorded, and is the more useful last_error.
+        was_connected = self.state == "connected"
+        self.state = "reconnecting"
+        if was_connected and reason_code.is_failure:
+            self.record_error(AdapterError(f"connection lost: {reason_code}; reconnecting"))
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: list[Any],
+                      properties: Any) -> None:
+        for (topic, _qos), code in zip(self._topics, reason_codes, strict=False):
+            if code.is_failure:
+                self.record_error(AdapterError(f"broker refused subscription {topic!r}: {code}"))
+            else:
+                self.subscriptions += 1
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        # An exception escaping a paho callback would end paho's thread (and
+        # with it every reconnect), so nothing may leave this method.
+        try:
+            self.messages += 1
+            payload: bytes = message.payload
+            if not payload:
+                return  # deleting a retained message publishes an empty payload
+            topic: str = message.topic
+            if len(payload) > self.options.max_payload_bytes:
+                self._bad(f"{topic}: payload of {len(payload)} bytes is larger than "
+                          f"max_payload_bytes ({self.options.max_payload_bytes})")
+                return
+            route = self._routes.get(topic)
+            if route is None:
+                route = self._route(topic)
+            if isinstance(route, str):
+                self._bad(route)
+                return
+            self._handle(topic, route[0], route[1], payload)
+        except Exception as exc:
+            self.record_error(exc)
+
+    # Parsing ---------------------------------------------------------------
+    def _bad(self, reason: str) -> None:
+        self.bad_payloads += 1
+        self.bad_input(reason)
+
+    def _route(self, topic: str) -> tuple[str, dict[str, str] | None] | str:
+        o = self.options
+        levels = topic.split("/")
+        route: tuple[str, dict[str, str] | None] | str
+        if o.metric_template is not None:
+            try:
+                metric = o.metric_template.format(
+                    *levels, topic=".".join(level for level in levels if level))
+            except (IndexError, KeyError):
+                metric = ""
+        else:
+            metric = ".".join(level for level in levels if level)
+        if not metric:
+            route = (f"{topic}: metric_template {o.metric_template!r} needs a level the topic "
+                     "does not have" if o.metric_template is not None
+                     else f"{topic}: the topic gives an empty metric name")
+        else:
+            if o.prefix:
+                metric = f"{o.prefix}.{metric}"
+            tags: dict[str, str] = {}
+            n = len(levels)
+            for tag, index in o.tag_segments.items():
+                # A level the topic does not have leaves the tag out: wildcard
+                # subscriptions can match topics of different depths.
+                if -n <= index < n and levels[index]:
+                    tags[tag] = levels[index]
+            route = (metric, tags or None)
+        if len(self._routes) >= _ROUTE_CACHE_SIZE:
+            self._routes.clear()
+        self._routes[topic] = route
+        return route
+
+    def _handle(self, topic: str, metric: str, tags: dict[str, str] | None,
+                payload: bytes) -> None:
+        fmt = self.options.payload_format
+        try:
+            if fmt == "auto":
+                value = self._parse_auto(payload)
+            elif fmt == "json":
+                try:
+                    value = orjson.loads(payload)
+                except orjson.JSONDecodeError as exc:
+                    raise _Bad(f"not JSON: {exc}") from exc
+            elif fmt == "number":
+                value = self._parse_number(self._text(payload))
+            else:
+                value = self._text(payload)
+        except _Bad as exc:
+            self._bad(f"{topic}: {exc}: {payload[:60]!r}")
+            return
+
+        timestamp: float | None = None
+        if self._timestamp_path is not None:
+            raw = _lookup(value, self._timestamp_path)
+            try:
+                if raw is _MISSING or raw is None:
+                    raise _Bad(f"no timestamp at {self.options.timestamp_path!r}")
+                timestamp = _timestamp_seconds(raw)
+            except _Bad as exc:
+                self.bad_timestamps += 1
+                self.bad_input(f"{topic}: {exc}; using the receive time")
+        if self._value_path is not None:
+            value = _lookup(value, self._value_path)
+            if value is _MISSING:
+                self._bad(f"{topic}: no value at {self.options.value_path!r}")
+                return
+        if value is None:
+            self._bad(f"{topic}: the value is null")
+            return
+        kind = type(value)
+        if kind is dict or (kind is list and self._index_arrays):
+            if self._flatten(metric, value, timestamp, tags, self._skip_path) == 0:
+                self._bad(f"{topic}: the JSON has no values")
+        else:
+            self.emit(metric, value, timestamp, tags)
+
+    def _flatten(self, metric: str, value: Any, timestamp: float | None,
+                 tags: dict[str, str] | None, skip: tuple[str, ...] | None) -> int:
+        """Emit each leaf of a JSON object/array; returns how many leaves there were."""
+        items = value.items() if type(value) is dict else enumerate(value)
+        count = 0
+        for key, item in items:
+            key = str(key)
+            child_skip = None
+            if skip is not None and skip[0] == key:
+                if len(skip) == 1:
+                    continue  # the timestamp itself
+                child_skip = skip[1:]
+            if item is None:
+                continue
+            kind = type(item)
+            name = f"{metric}.{key}"
+            if kind is dict or (kind is list and self._index_arrays):
+                count += self._flatten(name, item, timestamp, tags, child_skip)
+            else:
+                self.emit(name, item, timestamp, tags)
+                count += 1
+        return count
+
+    @staticmethod
+    def _text(payload: bytes) -> str:
+        try:
+            text = payload.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise _Bad("not UTF-8 text") from exc
+        if not text:
+            raise _Bad("only white space")
+        return text
+
+    @staticmethod
+    def _parse_number(text: str) -> int | float:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            number = float(text)
+        except ValueError as exc:
+            raise _Bad("not a number") from exc
+        if not math.isfinite(number):
+            raise _Bad("not a finite number")
+        return number
+
+    def _parse_auto(self, payload: bytes) -> Any:
+        try:
+            return orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            pass
+        text = self._text(payload)
+        if text[:1] in ("{", "["):
+            raise _Bad("looks like JSON but does not parse")
+        lowered = text.lower()
+        if lowered == "true":
+            return True
+        if lowered == "false":
+            return False
+        try:
+            return self._parse_number(text)
+        except _Bad:
+            if lowered in ("nan", "inf", "+inf", "-inf", "infinity", "-infinity", "+infinity"):
+                raise
+        return text

@@ -1,0 +1,66 @@
+"""The example plugin, pip-installed like a user would, discovered and run through the gateway."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PLUGIN = REPO / "plugins" / "plexus-hostmetrics"
+
+
+@pytest.fixture(scope="module")
+def installed_plugin():
+    # --no-build-isolation: build with the setuptools already in this environment,
+    # so the test needs no network.
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--no-build-isolation", str(PLUGIN)], check=True)
+    yield
+    subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y",
+                    "plexus-hostmetrics"], check=True)
+
+
+def gateway_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "plexus.cli", *args], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_installed_plugin_is_listed_with_its_package_and_version(installed_plugin):
+    result = gateway_cli("plugins")
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if " hostmetrics " in line)
+    assert row.split() == ["adapter", "hostmetrics", "plexus-hostmetrics", "0.1.0"]
+
+
+def test_plugin_points_reach_the_receiver_through_the_gateway(installed_plugin, plexus_receiver,
+                                                               tmp_path):
+    rig = tmp_path / "rig.yaml"
+    rig.write_text(f"source_id: host-1\napi_key: plx_test\ngateway_url: {plexus_receiver.url}\n"
+                   "batch:\n  interval: 0.1\nadapters:\n  - type: hostmetrics\n    interval: 0.2\n")
+    result = gateway_cli("--config", str(rig), "--duration", "1.5", "--no-status")
+    assert result.returncode == 0, result.stderr
+    metrics = plexus_receiver.metrics()
+    assert {"host.cpu.percent", "host.memory.used_percent", "host.disk.free_bytes"} <= set(metrics)
+
+
+def test_disabled_plugin_is_not_loaded(installed_plugin, tmp_path):
+    result = gateway_cli("plugins", env={"PLEXUS_DISABLE_PLUGINS": "hostmetrics"})
+    assert " hostmetrics " not in result.stdout
+    assert "disabled plugin: hostmetrics" in result.stdout
+    rig = tmp_path / "rig.yaml"
+    rig.write_text("source_id: host-1\nadapters:\n  - type: hostmetrics\n")
+    result = gateway_cli("--config", str(rig), "--check",
+                         env={"PLEXUS_DISABLE_PLUGINS": "hostmetrics"})
+    assert result.returncode == 2
+    assert "unknown adapter type 'hostmetrics'" in result.stderr
+
+
+def test_the_plugins_own_tests_pass(installed_plugin):
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             str(PLUGIN / "tests")], capture_output=True, text=True, timeout=120,
+                            cwd=PLUGIN)
+    assert result.returncode == 0, result.stdout + result.stderr
