@@ -86,7 +86,7 @@ def cmd_run(argv: list[str]) -> int:
         config, registry = _load(args.config)
         if args.log_level is None:
             logging.getLogger().setLevel(config.log_level.upper())
-        gateway = Gateway(config, registry, dry_run=args.dry_run)
+        gateway = Gateway(config, registry, dry_run=args.dry_run, check_only=args.check)
     except PlexusError as exc:
         print(f"plexus-gateway: {exc}", file=sys.stderr)
         return 2
@@ -228,7 +228,8 @@ def cmd_plugins(argv: list[str]) -> int:
 # --- options ------------------------------------------------------------------------
 
 
-def options_markdown(registry: Any, types: list[str] | None = None) -> str:
+def options_markdown(registry: Any, types: list[str] | None = None,
+                     top_level: bool | None = None) -> str:
     """Every rig-file key and every adapter/sink option, with type, default and help."""
     from plexus.config import RigConfig, describe_options
 
@@ -239,7 +240,7 @@ def options_markdown(registry: Any, types: list[str] | None = None) -> str:
         return out
 
     lines: list[str] = []
-    if not types:
+    if top_level or (top_level is None and not types):
         top = [r for r in describe_options(RigConfig) if r[0] not in ("adapters", "sinks")]
         lines += ["## Top-level keys", "", *table(top), ""]
     for kind, found in (("adapter", registry.adapters), ("sink", registry.sinks)):

@@ -64,14 +64,17 @@ class Gateway:
         config: a loaded :class:`~plexus.config.RigConfig`.
         registry: the plugin registry the config was validated against.
         dry_run: replace every sink with ``stdout``.
+        check_only: for ``--check``: memory buffers, no local receiver.
 
     Raises:
         ConfigError / AdapterError: something in the config cannot be built
             (an invalid source id, a function that cannot be imported...).
     """
 
-    def __init__(self, config: RigConfig, registry: Registry, *, dry_run: bool = False) -> None:
+    def __init__(self, config: RigConfig, registry: Registry, *, dry_run: bool = False,
+                 check_only: bool = False) -> None:
         self.config = config
+        self.check_only = check_only  # build everything, but touch no buffer file
         self.registry = registry
         self.base_dir = Path(config.path).resolve().parent if config.path else Path.cwd()
         user = read_user_config()
@@ -100,8 +103,8 @@ class Gateway:
 
     # Building ------------------------------------------------------------
     def _start_local_receiver(self) -> None:
-        local = getattr(self.config, "local_receiver", None)
-        if local is None or not local.enabled:
+        local = self.config.local_receiver
+        if not local.enabled or self.check_only:
             return
         from plexus.testing import Receiver
 
@@ -143,7 +146,7 @@ class Gateway:
 
     def _make_buffer(self, index: int, sink_name: str) -> Buffer:
         opts = self.config.buffer
-        if opts.type == "memory":
+        if opts.type == "memory" or self.check_only:
             return MemoryBuffer(opts.max_points or DEFAULT_MAX_POINTS)
         path = Path(opts.path).expanduser() if opts.path else (
             Path.home() / ".plexus" / "buffer" / f"{self.source_id}.db"

@@ -408,3 +408,25 @@ def test_every_example_config_loads(path):
     config = load_config(path, adapter_types=registry.adapters, sink_types=registry.sinks,
                          environ={"PLEXUS_API_KEY": "plx_x", "HOME": "/tmp"})
     assert config.adapters
+
+
+def test_configuration_docs_match_the_code():
+    from plexus.cli import options_markdown
+
+    registry = load_plugins()
+    builtin = sorted(name for (_kind, name), provider in registry.providers.items()
+                     if provider.package == "plexus-gateway")
+    docs = (REPO / "docs" / "configuration.md").read_text()
+    generated = docs.split("<!-- generated -->", 1)[1].strip()
+    assert generated == options_markdown(registry, builtin, top_level=True).strip(), (
+        "docs/configuration.md is stale: regenerate its tables with plexus-gateway options")
+
+
+def test_check_touches_no_buffer_file(tmp_path):
+    buffer = tmp_path / "never.db"
+    path = write(tmp_path, f"source_id: rig-01\nbuffer:\n  type: sqlite\n  path: {buffer}\n"
+                           f"adapters:\n  - type: callable\n    function: {FUNCS}:number\n"
+                           "    metric: m\n")
+    result = run_cli("--config", str(path), "--check")
+    assert result.returncode == 0, result.stderr
+    assert not buffer.exists()
