@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 # Topic -> (metric, tags) is computed once per distinct topic; the cache is
 # cleared when full so a broker with endless unique topics cannot grow it forever.
 _ROUTE_CACHE_SIZE = 4096
+# Bytes a JSON document can start with (leading white space included).
+_JSON_FIRST_BYTES = frozenset(b'{["-0123456789tfn \t\r\n')
 
 
 @dataclass
@@ -577,10 +579,12 @@ class MqttAdapter(Adapter):
         return number
 
     def _parse_auto(self, payload: bytes) -> Any:
-        try:
-            return orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            pass
+        # A failed JSON parse builds a costly exception; plain words skip the attempt.
+        if payload[0] in _JSON_FIRST_BYTES:
+            try:
+                return orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                pass
         text = self._text(payload)
         if text[:1] in ("{", "["):
             raise _Bad("looks like JSON but does not parse")
