@@ -107,7 +107,15 @@ class Buffer:
 
 
 class MemoryBuffer(Buffer):
-    """An in-memory ring of points, dropping the oldest when full."""
+    """An in-memory ring of points, dropping the oldest when full.
+
+    ``put`` takes no lock: a deque append is atomic in CPython, and the only
+    other work on the hot path is one length check. Crossing a threshold
+    (the uploader's batch size, or the cap) takes the slow path, under the
+    lock, where the oldest points beyond the cap are dropped and counted
+    exactly. The cap counts the batch in flight too, so ``len()`` never
+    exceeds ``max_points``.
+    """
 
     def __init__(self, max_points: int = DEFAULT_MAX_POINTS) -> None:
         super().__init__(max_points)
@@ -116,50 +124,60 @@ class MemoryBuffer(Buffer):
         self._lock = threading.Lock()
         self._batch_ids = itertools.count()
         self._nonce = uuid.uuid4().hex[:12]
+        self._signalled = False  # the uploader was woken since its last take
+        self._attention_at = max_points  # queue length that needs the slow path
+
+    def set_ready_callback(self, callback: Callable[[], None], at_points: int) -> None:
+        super().set_ready_callback(callback, at_points)
+        with self._lock:
+            self._update_attention()
+
+    def _update_attention(self) -> None:
+        room = self.max_points - self._in_flight
+        self._attention_at = room if self._signalled else min(room, self._wake_at)
 
     def put(self, point: Point) -> None:
         queue = self._queue
-        with self._lock:
-            if len(queue) + self._in_flight >= self.max_points:
-                self._drop_oldest(1)
-            queue.append(point)
-            if len(queue) >= self._wake_at and self._on_ready is not None:
-                self._on_ready()
+        queue.append(point)
+        if len(queue) >= self._attention_at:
+            self._attend()
 
     def put_many(self, points: list[Point]) -> None:
-        with self._lock:
-            overflow = len(self._queue) + self._in_flight + len(points) - self.max_points
-            if overflow > 0:
-                self._drop_oldest(overflow)
-            self._queue.extend(points)
-            if len(self._queue) >= self._wake_at and self._on_ready is not None:
-                self._on_ready()
-
-    def _drop_oldest(self, n: int) -> None:
         queue = self._queue
-        n = min(n, len(queue)) if len(queue) else 0
-        for _ in range(n):
-            queue.popleft()
-        if n:
-            self._count_drops(n)
+        with self._lock:  # all or nothing, as one block, never interleaved
+            queue.extend(points)
+        if len(queue) >= self._attention_at:
+            self._attend()
+
+    def _attend(self) -> None:
+        with self._lock:
+            queue = self._queue
+            excess = min(len(queue) + self._in_flight - self.max_points, len(queue))
+            if excess > 0:
+                for _ in range(excess):
+                    queue.popleft()
+                self._count_drops(excess)
+            if not self._signalled and len(queue) >= self._wake_at and self._on_ready:
+                self._signalled = True
+                self._on_ready()
+            self._update_attention()
 
     def take(self, max_points: int) -> Batch | None:
         with self._lock:
             queue = self._queue
-            n = min(max_points, len(queue))
-            if n == 0:
-                return None
-            if n == len(queue):
-                points = list(queue)
-                queue.clear()
-            else:
-                points = [queue.popleft() for _ in range(n)]
-            self._in_flight += n
+            # popleft only: producers append on the right without the lock.
+            points = [queue.popleft() for _ in range(min(max_points, len(queue)))]
+            self._in_flight += len(points)
+            self._signalled = False
+            self._update_attention()
+        if not points:
+            return None
         return Batch(f"{self._nonce}-{next(self._batch_ids)}", points)
 
     def ack(self, batch: Batch) -> None:
         with self._lock:
             self._in_flight -= len(batch.points)
+            self._update_attention()
             if len(self._queue) + self._in_flight <= self.max_points // 2:
                 self._end_overflow_episode()
 
@@ -167,11 +185,7 @@ class MemoryBuffer(Buffer):
         with self._lock:
             self._in_flight -= len(batch.points)
             self._queue.extendleft(reversed(batch.points))
-            overflow = len(self._queue) - self.max_points
-            if overflow > 0:  # cannot happen unless max_points shrank; stay bounded anyway
-                for _ in range(overflow):
-                    self._queue.popleft()
-                self._count_drops(overflow)
+            self._update_attention()
 
     def __len__(self) -> int:
         return len(self._queue) + self._in_flight

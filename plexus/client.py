@@ -187,13 +187,15 @@ class Plexus:
             )
             lane = self._pipeline.add_lane(
                 self._sink, buffer, batch_size=batch_size, interval=flush_interval,
-                retry=retry, sleep=sleep,
+                retry=retry, sleep=sleep, on_auth_change=self._on_auth_change,
             )
         except BaseException:
             buffer.close()
             raise
         self._uploader = lane.uploader
         self._buffer = buffer
+        if self._api_key is None:
+            self._pipeline.set_alarm(self._raise_auth_error)
         self._pipeline.start()
         if persistent_buffer and len(buffer):
             log.info("%d points from an earlier run wait in %s", len(buffer), buffer_path or
@@ -230,10 +232,8 @@ class Plexus:
                 point is buffered and will be sent once a key is accepted.
             ClientClosedError: after :meth:`close`.
         """
-        self._pipeline.emit(metric, value, timestamp, tags)
-        if self._uploader.auth_error is not None or self._api_key is None:
-            self._raise_auth_error()
-        return True
+        # A missing or refused key raises from the pipeline's alarm, after buffering.
+        return self._pipeline.emit(metric, value, timestamp, tags)
 
     def send_batch(
         self,
@@ -248,9 +248,11 @@ class Plexus:
         Raises as :meth:`send`; a ValidationError names the bad entry as ``points[i]``.
         """
         self._pipeline.emit_many(points, timestamp, tags)
-        if self._uploader.auth_error is not None or self._api_key is None:
-            self._raise_auth_error()
         return True
+
+    def _on_auth_change(self, error: AuthenticationError | None) -> None:
+        refused = error is not None or self._api_key is None
+        self._pipeline.set_alarm(self._raise_auth_error if refused else None)
 
     def _raise_auth_error(self) -> None:
         if self._api_key is None:

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,9 @@ from plexus.sinks.base import Sink
 from plexus.uploader import Uploader
 
 log = logging.getLogger(__name__)
+_time_ns = time.time_ns
+# A metric this short cannot exceed 256 bytes of UTF-8 (4 bytes a character at most).
+_FAST_METRIC_CHARS = MAX_METRIC_CHARS // 4
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Pipeline:
         self._session_lock = threading.Lock()
         self._context_tags: dict[str, str] | None = self._global_tags
         self._put = self._put_nowhere
+        self._alarm: Callable[[], None] | None = None
         self._closed = False
         self.started = False
 
@@ -98,27 +102,41 @@ class Pipeline:
         value: Any,
         timestamp: float | None = None,
         tags: dict[str, str] | None = None,
-    ) -> None:
-        """Validate one reading, stamp it and buffer it in every lane.
+    ) -> bool:
+        """Validate one reading, stamp it and buffer it in every lane; return True.
 
         Raises:
             ValidationError / PointTypeError: the point breaks a protocol rule;
                 nothing was buffered.
             ClientClosedError: the pipeline is closed.
             BufferingError: a buffer could not store it.
+            Whatever the alarm raises (see :meth:`set_alarm`), after buffering.
         """
         if self._closed:
             raise ClientClosedError("this client is closed; create a new Plexus() to send")
-        if type(metric) is not str or not 0 < len(metric) <= MAX_METRIC_CHARS:
+        # The common case (a str metric, a finite float, no timestamp, no tags)
+        # costs a handful of comparisons; anything else takes the full check.
+        if type(metric) is not str or not 0 < len(metric) <= _FAST_METRIC_CHARS:
             check_metric(metric)
         if type(value) is not float or value - value != 0.0:
             value = normalize_value(metric, value)
         self._put((
             metric,
             value,
-            int(time.time() * 1000) if timestamp is None else timestamp_ms(timestamp),
+            _time_ns() // 1_000_000 if timestamp is None else timestamp_ms(timestamp),
             self._context_tags if tags is None else merge_tags(self._context_tags, tags),
         ))
+        if self._alarm is not None:
+            self._alarm()
+        return True
+
+    def set_alarm(self, alarm: Callable[[], None] | None) -> None:
+        """Call ``alarm`` after each point is buffered (it may raise), or stop with None.
+
+        The client uses it to raise AuthenticationError from ``send()`` while
+        the key is missing or refused, without a check of its own per call.
+        """
+        self._alarm = alarm
 
     def emit_many(
         self,
@@ -150,6 +168,8 @@ class Pipeline:
                 raise type(exc)(f"points[{i}]: {exc}") from exc
         for lane in self.lanes:
             lane.buffer.put_many(points)
+        if self._alarm is not None:
+            self._alarm()
         return len(points)
 
     def _put_nowhere(self, point: Point) -> None:

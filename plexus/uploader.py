@@ -86,6 +86,8 @@ class Uploader:
             far below the platform's per-source ceiling of one request per 0.5 ms.
         sleep: waits between retries; injectable so tests need not wait for real.
             Defaults to a wait that ``stop`` interrupts.
+        on_auth_change: called with the AuthenticationError when the key starts
+            being refused, and with None once it is accepted again.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class Uploader:
         auth_retry_interval: float = 30.0,
         min_request_interval: float = 0.002,
         sleep: Callable[[float], object] | None = None,
+        on_auth_change: Callable[[AuthenticationError | None], None] | None = None,
     ) -> None:
         self.buffer = buffer
         self.sink = sink
@@ -111,13 +114,16 @@ class Uploader:
         self.min_request_interval = min_request_interval
         self.stats = UploaderStats()
         self.auth_error: AuthenticationError | None = None
+        self._on_auth_change = on_auth_change
 
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._state = threading.Condition()
         self._failures_seen = 0  # bumped each time a delivery cycle gives up
         self._last_failure: PlexusError | None = None
-        self._flush_requests = 0
+        self._flush_requests = 0  # flush() calls waiting right now
+        self._flush_calls = 0  # flush() calls ever made
+        self._flushes_at_failure = 0
         self._deadline: float | None = None  # when stopping: give up after this
         self._held: Batch | None = None  # a batch whose delivery failed, kept for the next cycle
         self._sleep = sleep or self._interruptible_sleep
@@ -141,6 +147,7 @@ class Uploader:
         with self._state:
             failures_before = self._failures_seen
             self._flush_requests += 1
+            self._flush_calls += 1
             self._wake.set()
             try:
                 while len(self.buffer) > 0:
@@ -236,7 +243,7 @@ class Uploader:
         )
         deadline = time.monotonic() + pause
         while time.monotonic() < deadline and not self._stop.is_set():
-            if self._flush_requests > 0:
+            if self._flush_calls != self._flushes_at_failure:  # a later flush(): try now
                 return
             self._wake.wait(min(0.1, deadline - time.monotonic()))
             self._wake.clear()
@@ -256,7 +263,7 @@ class Uploader:
             try:
                 result = self.sink.send(batch.points, batch.key)
             except AuthenticationError as exc:
-                self.auth_error = exc
+                self._set_auth_error(exc)
                 return self._give_up(exc)
             except RetryableSinkError as exc:
                 error: PlexusError = exc
@@ -282,8 +289,14 @@ class Uploader:
             self._sleep(delay)
             retry += 1
 
+    def _set_auth_error(self, error: AuthenticationError | None) -> None:
+        changed = (error is None) != (self.auth_error is None)
+        self.auth_error = error
+        if changed and self._on_auth_change is not None:
+            self._on_auth_change(error)
+
     def _record_success(self, batch: Batch, delivered: int, rejected: list[tuple[int, str]]) -> None:
-        self.auth_error = None
+        self._set_auth_error(None)
         stats = self.stats
         stats.delivered += delivered
         stats.requests_ok += 1
@@ -304,5 +317,6 @@ class Uploader:
         with self._state:
             self._last_failure = error
             self._failures_seen += 1
+            self._flushes_at_failure = self._flush_calls
             self._state.notify_all()
         return False
