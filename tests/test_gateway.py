@@ -430,3 +430,12 @@ def test_check_touches_no_buffer_file(tmp_path):
     result = run_cli("--config", str(path), "--check")
     assert result.returncode == 0, result.stderr
     assert not buffer.exists()
+
+
+def test_the_readme_demo_runs_and_shows_what_arrived():
+    result = run_cli("--config", "configs/demo.yaml", "--duration", "3", "--no-status")
+    assert result.returncode == 0, result.stderr
+    assert "local receiver stored" in result.stdout
+    for family in ("can.BATTERY_VT.*", "engine.*", "imu.*"):
+        assert family in result.stdout
+    assert "rejected=0" in result.stderr and "dropped=0" in result.stderr
