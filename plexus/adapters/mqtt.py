@@ -38,12 +38,12 @@ import math
 import secrets
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, ClassVar, Literal
 
 import orjson
 
 from plexus.adapters.base import Adapter, AdapterContext, require
+from plexus.adapters.lineformats import LineError, timestamp_seconds
 from plexus.errors import AdapterError, ConfigError
 
 __all__ = ["MqttAdapter", "MqttOptions", "TopicOption"]
@@ -217,31 +217,6 @@ def _lookup(doc: Any, path: tuple[str, ...]) -> Any:
         if doc is _MISSING:
             return _MISSING
     return doc
-
-
-def _timestamp_seconds(raw: Any) -> float:
-    """Unix seconds from a number in s/ms/us/ns, a numeric string or ISO 8601."""
-    if isinstance(raw, str):
-        try:
-            raw = float(raw)
-        except ValueError:
-            try:
-                parsed = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
-            except ValueError as exc:
-                raise _Bad(f"timestamp {raw[:40]!r} is neither a number nor ISO 8601") from exc
-            if parsed.tzinfo is None:
-                parsed = parsed.replace(tzinfo=timezone.utc)
-            return parsed.timestamp()
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
-        raise _Bad(f"timestamp {raw!r} is not a finite number")
-    magnitude = abs(raw)
-    if magnitude < 1e11:  # 1e11 s is the year 5138; 1e11 ms is 1973
-        return float(raw)
-    if magnitude < 1e14:
-        return raw / 1e3
-    if magnitude < 1e17:
-        return raw / 1e6
-    return raw / 1e9
 
 
 class MqttAdapter(Adapter):
@@ -512,8 +487,8 @@ class MqttAdapter(Adapter):
             try:
                 if raw is _MISSING or raw is None:
                     raise _Bad(f"no timestamp at {self.options.timestamp_path!r}")
-                timestamp = _timestamp_seconds(raw)
-            except _Bad as exc:
+                timestamp = timestamp_seconds(raw)
+            except (_Bad, LineError) as exc:
                 self.bad_timestamps += 1
                 self.bad_input(f"{topic}: {exc}; using the receive time")
         if self._value_path is not None:
