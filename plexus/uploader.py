@@ -81,7 +81,8 @@ class Uploader:
         interval: otherwise, upload whatever waits this often (seconds).
         max_batch: at most this many points per ``sink.send`` (the protocol allows 10,000).
         retry: the backoff policy for retryable failures.
-        auth_retry_interval: seconds between attempts while the key is refused.
+        auth_retry_interval: seconds between attempts while the key is refused;
+            default: ``retry.max_delay`` (30 s).
         min_request_interval: at least this long between two requests, which keeps
             far below the platform's per-source ceiling of one request per 0.5 ms.
         sleep: waits between retries; injectable so tests need not wait for real.
@@ -99,7 +100,7 @@ class Uploader:
         interval: float = 1.0,
         max_batch: int = 10_000,
         retry: RetryPolicy | None = None,
-        auth_retry_interval: float = 30.0,
+        auth_retry_interval: float | None = None,
         min_request_interval: float = 0.002,
         sleep: Callable[[float], object] | None = None,
         on_auth_change: Callable[[AuthenticationError | None], None] | None = None,
@@ -110,7 +111,9 @@ class Uploader:
         self.interval = interval
         self.max_batch = max_batch
         self.retry = retry or RetryPolicy()
-        self.auth_retry_interval = auth_retry_interval
+        self.auth_retry_interval = (
+            self.retry.max_delay if auth_retry_interval is None else auth_retry_interval
+        )
         self.min_request_interval = min_request_interval
         self.stats = UploaderStats()
         self.auth_error: AuthenticationError | None = None
