@@ -28,6 +28,7 @@ space returns.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -44,6 +45,7 @@ from typing import Any
 import orjson
 
 from plexus.buffer import Batch, Buffer
+from plexus.errors import BufferingError
 from plexus.point import Point
 
 log = logging.getLogger("plexus.buffer")
@@ -112,8 +114,13 @@ class SqliteBuffer(Buffer):
         self._closed = False
 
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._conn = self._open_or_replace()
-        self._replay_inbox()
+        self._lock_fd = self._lock_file()
+        try:
+            self._conn = self._open_or_replace()
+            self._replay_inbox()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self._inbox_fd = os.open(self.inbox_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._inbox_read_fd = os.open(self.inbox_path, os.O_RDONLY)
         self._inbox_size = 0  # bytes written to the inbox (it was emptied by the replay)
@@ -127,6 +134,18 @@ class SqliteBuffer(Buffer):
         self._thread.start()
 
     # Opening ---------------------------------------------------------------
+    def _lock_file(self) -> int:
+        # Two processes moving one inbox would duplicate or lose points: one owner only.
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise BufferingError(
+                f"the buffer {self.path} is in use by another process; give each client "
+                "its own buffer_path (or source_id)") from None
+        return fd
+
     def _open_or_replace(self) -> sqlite3.Connection:
         try:
             return self._open()
@@ -424,6 +443,7 @@ class SqliteBuffer(Buffer):
             self._conn.close()
             os.close(self._inbox_fd)
             os.close(self._inbox_read_fd)
+            os.close(self._lock_fd)  # releases the lock
 
 
 def buffer_stats(path: str | os.PathLike[str]) -> dict[str, Any]:

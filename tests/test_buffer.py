@@ -77,3 +77,18 @@ def test_batch_keys_differ_and_put_many_is_one_block():
     second = buffer.take(2)
     assert first is not None and second is not None and first.key != second.key
     assert buffer.take(2) is None
+
+
+def test_a_persistent_buffer_has_one_owner(tmp_path):
+    import pytest
+
+    from plexus.errors import BufferingError
+    from plexus.sqlite_buffer import SqliteBuffer
+
+    first = SqliteBuffer(tmp_path / "b.db")
+    try:
+        with pytest.raises(BufferingError, match="in use by another process"):
+            SqliteBuffer(tmp_path / "b.db")
+    finally:
+        first.close()
+    SqliteBuffer(tmp_path / "b.db").close()  # free again once closed
