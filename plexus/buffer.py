@@ -90,7 +90,12 @@ class Buffer:
     def put_many(self, points: list[Point]) -> None:
         raise NotImplementedError
 
-    def take(self, max_points: int) -> Batch | None:
+    def take(self, max_points: int, newest: bool = False) -> Batch | None:
+        """Mark up to ``max_points`` as in flight and return them, oldest first.
+
+        ``newest`` takes them from the newest end instead (still in time
+        order), so live data can overtake a backlog.
+        """
         raise NotImplementedError
 
     def ack(self, batch: Batch) -> None:
@@ -162,11 +167,17 @@ class MemoryBuffer(Buffer):
                 self._on_ready()
             self._update_attention()
 
-    def take(self, max_points: int) -> Batch | None:
+    def take(self, max_points: int, newest: bool = False) -> Batch | None:
         with self._lock:
             queue = self._queue
-            # popleft only: producers append on the right without the lock.
-            points = [queue.popleft() for _ in range(min(max_points, len(queue)))]
+            n = min(max_points, len(queue))
+            if newest:
+                # pop() races only with appends of even newer points, which is fine.
+                points = [queue.pop() for _ in range(n)]
+                points.reverse()
+            else:
+                # popleft only: producers append on the right without the lock.
+                points = [queue.popleft() for _ in range(n)]
             self._in_flight += len(points)
             self._signalled = False
             self._update_attention()

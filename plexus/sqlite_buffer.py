@@ -329,10 +329,10 @@ class SqliteBuffer(Buffer):
         excess = self._count - self.max_points
         if excess <= 0:
             return
-        after = self._in_flight[1] if self._in_flight else 0
+        first, last = self._in_flight or (0, -1)
         cur = self._conn.execute(
-            "DELETE FROM points WHERE id IN (SELECT id FROM points WHERE id > ? ORDER BY id "
-            "LIMIT ?)", (after, excess))
+            "DELETE FROM points WHERE id IN (SELECT id FROM points WHERE id NOT BETWEEN ? AND ? "
+            "ORDER BY id LIMIT ?)", (first, last, excess))
         if cur.rowcount > 0:
             with self._lock:
                 self._count -= cur.rowcount
@@ -363,7 +363,7 @@ class SqliteBuffer(Buffer):
                 log.warning("buffer sync of %s failed: %s", self.path, exc)
 
     # Uploader side -------------------------------------------------------------
-    def take(self, max_points: int) -> Batch | None:
+    def take(self, max_points: int, newest: bool = False) -> Batch | None:
         with self._db_lock:
             if self._in_flight is not None:
                 raise RuntimeError("SqliteBuffer holds one batch in flight at a time")
@@ -371,11 +371,14 @@ class SqliteBuffer(Buffer):
                 self._move_inbox()
             except (sqlite3.Error, OSError) as exc:
                 log.warning("moving the inbox of %s failed: %s", self.path, exc)
+            order = "DESC" if newest else "ASC"
             rows = self._conn.execute(
-                "SELECT id, data FROM points ORDER BY id LIMIT ?", (max_points,)
+                f"SELECT id, data FROM points ORDER BY id {order} LIMIT ?", (max_points,)
             ).fetchall()
             if not rows:
                 return self._take_spilled()
+            if newest:
+                rows.reverse()
             first, last = rows[0][0], rows[-1][0]
             self._in_flight = (first, last)
         loads = orjson.loads

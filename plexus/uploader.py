@@ -131,6 +131,7 @@ class Uploader:
         self._held: Batch | None = None  # a batch whose delivery failed, kept for the next cycle
         self._sleep = sleep or self._interruptible_sleep
         self._last_request = 0.0
+        self._newest_turn = False
         self._thread = threading.Thread(target=self._run, name=f"plexus-uploader:{sink.name}",
                                         daemon=True)
         buffer.set_ready_callback(self._wake.set, batch_size)
@@ -228,7 +229,13 @@ class Uploader:
         if not urgent and len(self.buffer) < self.batch_size:
             self._wake.wait(self.interval)
             self._wake.clear()
-        batch = self.buffer.take(self.max_batch)
+        # Backlog policy: while more than two full batches wait (after an
+        # outage), every other batch comes from the newest end, so live data
+        # reaches the platform within about one round trip instead of waiting
+        # behind the whole backlog; the rest drains oldest first.
+        newest = self._newest_turn and len(self.buffer) > 2 * self.max_batch
+        self._newest_turn = not self._newest_turn
+        batch = self.buffer.take(self.max_batch, newest=newest)
         if batch is None:
             with self._state:
                 self._state.notify_all()

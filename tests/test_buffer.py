@@ -92,3 +92,52 @@ def test_a_persistent_buffer_has_one_owner(tmp_path):
     finally:
         first.close()
     SqliteBuffer(tmp_path / "b.db").close()  # free again once closed
+
+
+def test_take_newest_returns_the_newest_in_time_order(tmp_path):
+    from plexus.sqlite_buffer import SqliteBuffer
+
+    for buffer in (MemoryBuffer(100), SqliteBuffer(tmp_path / "b.db")):
+        buffer.put_many([point(i) for i in range(10)])
+        newest = buffer.take(3, newest=True)
+        assert newest is not None and [p[1] for p in newest.points] == [7, 8, 9]
+        buffer.ack(newest)
+        oldest = buffer.take(3)
+        assert oldest is not None and [p[1] for p in oldest.points] == [0, 1, 2]
+        buffer.ack(oldest)
+        assert len(buffer) == 4
+        buffer.close()
+
+
+def test_live_points_overtake_a_backlog():
+    import time
+
+    from plexus.sinks.base import SendResult, Sink
+    from plexus.uploader import Uploader
+
+    class SlowSink(Sink):
+        type_name = "slow"
+
+        def __init__(self) -> None:
+            super().__init__(None, "slow")
+            self.batches: list[list[int]] = []
+
+        def send(self, points, key):
+            time.sleep(0.01)  # a link slower than the producer
+            self.batches.append([p[1] for p in points])
+            return SendResult(len(points))
+
+    buffer = MemoryBuffer(1_000_000)
+    buffer.put_many([point(i) for i in range(50_000)])  # the backlog after an outage
+    sink = SlowSink()
+    uploader = Uploader(buffer, sink, batch_size=1, interval=0.01, max_batch=1000)
+    uploader.start()
+    while not sink.batches:
+        time.sleep(0.001)
+    buffer.put(point(-1))  # a live reading arrives
+    uploader.flush(timeout=30)
+    uploader.stop(1.0)
+    delivered = sorted(v for batch in sink.batches for v in batch)
+    assert delivered == sorted([-1, *range(50_000)])
+    live_batch = next(i for i, batch in enumerate(sink.batches) if -1 in batch)
+    assert live_batch <= 3, f"the live point waited behind {live_batch} backlog batches"
