@@ -196,6 +196,9 @@ class Plexus:
         self._buffer = buffer
         if self._api_key is None:
             self._pipeline.set_alarm(self._raise_auth_error)
+        # send() is the pipeline's emit itself: one Python frame less on the
+        # hot path (about 0.1 us a call). The method below documents it.
+        self.send = self._pipeline.emit  # type: ignore[method-assign]
         self._pipeline.start()
         if persistent_buffer and len(buffer):
             log.info("%d points from an earlier run wait in %s", len(buffer), buffer_path or

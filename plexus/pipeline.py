@@ -112,8 +112,6 @@ class Pipeline:
             BufferingError: a buffer could not store it.
             Whatever the alarm raises (see :meth:`set_alarm`), after buffering.
         """
-        if self._closed:
-            raise ClientClosedError("this client is closed; create a new Plexus() to send")
         # The common case (a str metric, a finite float, no timestamp, no tags)
         # costs a handful of comparisons; anything else takes the full check.
         if type(metric) is not str or not 0 < len(metric) <= _FAST_METRIC_CHARS:
@@ -174,6 +172,10 @@ class Pipeline:
 
     def _put_nowhere(self, point: Point) -> None:
         raise PlexusError("the pipeline has no sink")
+
+    def _put_closed(self, point: Point) -> None:
+        # Swapped in by close(): the hot path needs no "closed?" check of its own.
+        raise ClientClosedError("this client is closed; create a new Plexus() to send")
 
     def _put_everywhere(self, point: Point) -> None:
         errors: list[PlexusError] = []
@@ -254,6 +256,7 @@ class Pipeline:
         if self._closed:
             return
         self._closed = True
+        self._put = self._put_closed
         deadline = time.monotonic() + timeout
         threads = []
         for lane in self.lanes:

@@ -51,7 +51,7 @@ from plexus.point import Point
 log = logging.getLogger("plexus.buffer")
 
 DEFAULT_SQLITE_MAX_POINTS = 1_000_000
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 _HEADER = struct.Struct("<II")  # payload length, CRC32 of the payload
 _MAX_RECORD = 1 << 20
 _MOVE_CHUNK = 4 << 20  # bytes of inbox moved into SQLite per transaction
@@ -168,8 +168,11 @@ class SqliteBuffer(Buffer):
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            # AUTOINCREMENT: ids are never reused, even after the table empties,
+            # so batch keys (built from ids) never repeat and a receiver that
+            # drops duplicate Idempotency-Keys never drops new data.
             conn.execute("CREATE TABLE IF NOT EXISTS points "
-                         "(id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
+                         "(id INTEGER PRIMARY KEY AUTOINCREMENT, data BLOB NOT NULL)")
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             if not meta:
                 conn.execute("INSERT INTO meta VALUES ('schema', ?), ('uuid', ?), "

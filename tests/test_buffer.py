@@ -141,3 +141,23 @@ def test_live_points_overtake_a_backlog():
     assert delivered == sorted([-1, *range(50_000)])
     live_batch = next(i for i, batch in enumerate(sink.batches) if -1 in batch)
     assert live_batch <= 3, f"the live point waited behind {live_batch} backlog batches"
+
+
+def test_persistent_batch_keys_never_repeat_even_after_the_buffer_empties(tmp_path):
+    from plexus.sqlite_buffer import SqliteBuffer
+
+    buffer = SqliteBuffer(tmp_path / "b.db")
+    keys = set()
+    for _ in range(3):
+        buffer.put_many([point(i) for i in range(10)])
+        batch = buffer.take(100)
+        assert batch is not None and batch.key not in keys
+        keys.add(batch.key)
+        buffer.ack(batch)
+        assert len(buffer) == 0
+    buffer.close()
+    reopened = SqliteBuffer(tmp_path / "b.db")
+    reopened.put(point(0))
+    batch = reopened.take(10)
+    assert batch is not None and batch.key not in keys
+    reopened.close()

@@ -125,7 +125,8 @@ class HttpSink(Sink):
 
         self._client = httpx.Client(
             timeout=opts.timeout,
-            verify=opts.verify_tls,
+            # No TLS on http://: skip building an SSL context (tens of ms at start).
+            verify=opts.verify_tls if self._scheme == "https" else False,
             transport=self._transport,
             headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"},
         )
