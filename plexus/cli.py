@@ -116,6 +116,12 @@ def cmd_run(argv: list[str]) -> int:
     return 0
 
 
+def _details(extra: dict[str, Any]) -> str:
+    """An adapter's non-zero counters (error frames, bad CRCs, reconnects...), compact."""
+    return " ".join(f"{k}={v}" for k, v in extra.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and v)
+
+
 def _print_check(gateway: Any) -> None:
     cfg = gateway.config
     print(f"config {cfg.path}: OK")
@@ -154,11 +160,13 @@ class StatusView:
         lines = [f"plexus-gateway  source {status['source_id']}  session "
                  f"{status['session'] or '-'}  up {status['uptime']:.0f}s", "",
                  f"{'ADAPTER':<16} {'TYPE':<9} {'STATE':<13} {'POINTS':>9} {'PTS/S':>8} "
-                 f"{'ERRORS':>7}  LAST ERROR"]
+                 f"{'ERRORS':>7}  DETAILS / LAST ERROR"]
         for a in status["adapters"]:
             lines.append(f"{a['name']:<16.16} {a['type']:<9.9} {a['state']:<13.13} "
                          f"{a['points']:>9} {rates[a['name']]:>8.1f} {a['errors']:>7}  "
-                         f"{(a['last_error'] or '')[:60]}")
+                         f"{_details(a['details'])[:70]}")
+            if a["last_error"]:
+                lines.append(f"{'':>58}  last error: {a['last_error'][:70]}")
         lines += ["", f"{'SINK':<16} {'BUFFERED':>9} {'DELIVERED':>10} {'DROPPED':>8} "
                       f"{'REJECTED':>9} {'LAG(S)':>7}  LAST ERROR"]
         for s in status["sinks"]:
@@ -180,8 +188,10 @@ class StatusView:
 
     @staticmethod
     def _summary(status: dict[str, Any]) -> str:
-        adapters = " ".join(f"{a['name']}={a['state']}/{a['points']}pts/{a['errors']}err"
-                            for a in status["adapters"])
+        adapters = " ".join(
+            f"{a['name']}={a['state']}/{a['points']}pts/{a['errors']}err"
+            + (f"({_details(a['details'])})" if _details(a["details"]) else "")
+            for a in status["adapters"])
         sinks = " ".join(f"{s['name']}: buffered={s['buffered']} delivered={s['delivered']} "
                          f"dropped={s['dropped']} rejected={s['rejected']}"
                          for s in status["sinks"])

@@ -209,7 +209,8 @@ class Gateway:
             adapters.append({
                 "name": h.name, "type": h.type, "state": h.state, "points": h.points,
                 "errors": h.errors, "last_point_age": None if h.last_point_time is None
-                else round(now - h.last_point_time, 1), "last_error": h.last_error, **h.extra,
+                else round(now - h.last_point_time, 1), "last_error": h.last_error,
+                "details": h.extra,
             })
         sinks = []
         for lane in self.pipeline.lanes:
