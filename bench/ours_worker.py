@@ -127,13 +127,14 @@ def mode_throughput(args: dict) -> dict:
 
 
 def mode_burst(args: dict) -> dict:
-    """Default settings; a burst of n points as fast as possible; peak RSS."""
+    """A burst of n points as fast as possible; peak RSS (``max_points``: buffer cap)."""
     sys.path.insert(0, args["bench"])
     from common import METRICS, values_table
 
     values = values_table()
     nv = len(values)
-    px = make_client(args)
+    overrides = {"max_buffer_points": args["max_points"]} if args.get("max_points") else {}
+    px = make_client(args, **overrides)
     send = px.send
     n = args["n"]
     for i in range(n):

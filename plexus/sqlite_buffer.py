@@ -54,7 +54,7 @@ DEFAULT_SQLITE_MAX_POINTS = 1_000_000
 SCHEMA_VERSION = "2"
 _HEADER = struct.Struct("<II")  # payload length, CRC32 of the payload
 _MAX_RECORD = 1 << 20
-_MOVE_CHUNK = 4 << 20  # bytes of inbox moved into SQLite per transaction
+_MOVE_CHUNK = 1 << 20  # bytes of inbox moved per transaction (bounds the transient memory)
 
 
 def encode_record(point: Point) -> bytes:
@@ -167,6 +167,9 @@ class SqliteBuffer(Buffer):
             # No fsync per commit: our sync thread checkpoints every sync_interval.
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA wal_autocheckpoint=0")
+            # Rows are written once and read once, in id order: a big page cache
+            # buys nothing, and the buffer must stay small on a Raspberry Pi.
+            conn.execute("PRAGMA cache_size=-512")
             conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             # AUTOINCREMENT: ids are never reused, even after the table empties,
             # so batch keys (built from ids) never repeat and a receiver that
