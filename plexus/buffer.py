@@ -111,6 +111,12 @@ class Buffer:
         """Release resources; waiting points of a persistent buffer stay stored."""
 
 
+def in_flight_limit(max_points: int) -> int:
+    """A batch holds at most half the cap: during an outage the batch in flight
+    cannot be dropped, and the other half must still keep the newest points."""
+    return max(1, max_points // 2)
+
+
 class MemoryBuffer(Buffer):
     """An in-memory ring of points, dropping the oldest when full.
 
@@ -154,14 +160,19 @@ class MemoryBuffer(Buffer):
         if len(queue) >= self._attention_at:
             self._attend()
 
+    def _trim(self) -> None:
+        """Drop the oldest waiting points beyond the cap. Caller holds the lock."""
+        queue = self._queue
+        excess = min(len(queue) + self._in_flight - self.max_points, len(queue))
+        if excess > 0:
+            for _ in range(excess):
+                queue.popleft()
+            self._count_drops(excess)
+
     def _attend(self) -> None:
         with self._lock:
+            self._trim()
             queue = self._queue
-            excess = min(len(queue) + self._in_flight - self.max_points, len(queue))
-            if excess > 0:
-                for _ in range(excess):
-                    queue.popleft()
-                self._count_drops(excess)
             if not self._signalled and len(queue) >= self._wake_at and self._on_ready:
                 self._signalled = True
                 self._on_ready()
@@ -169,8 +180,11 @@ class MemoryBuffer(Buffer):
 
     def take(self, max_points: int, newest: bool = False) -> Batch | None:
         with self._lock:
+            # A put may have appended past the cap and not trimmed yet: trim now,
+            # before the excess point can go into flight where it cannot be dropped.
+            self._trim()
             queue = self._queue
-            n = min(max_points, len(queue))
+            n = min(max_points, len(queue), in_flight_limit(self.max_points))
             if newest:
                 # pop() races only with appends of even newer points, which is fine.
                 points = [queue.pop() for _ in range(n)]

@@ -821,6 +821,16 @@ class _Loader(yaml.SafeLoader):
         return node
 
 
+_TOO_DEEP = "the file is nested too deeply to be a rig file"
+# A rig file has hundreds of values; aliases nested in each other can make a
+# 400-byte file expand to hundreds of millions.
+_MAX_VALUES = 100_000
+
+
+class _TooBig(Exception):
+    pass
+
+
 class _Reader:
     """Turns composed nodes into plain values, noting each key path's line.
 
@@ -840,11 +850,15 @@ class _Reader:
         #: key paths whose value came wholly from one environment variable
         self.from_environment: set[str] = set()
         self._open: set[int] = set()
+        self._values = 0
 
     def problem(self, path: str, line: int, message: str) -> None:
         self.problems.append(ConfigProblem(self.file, line, path, message))
 
     def read(self, node: yaml.Node, path: str, line: int) -> Any:
+        self._values += 1
+        if self._values > _MAX_VALUES:  # an alias bomb: refuse before it eats the memory
+            raise _TooBig
         if id(node) in self._open:
             self.problem(path, line, "an alias refers to a mapping or list that contains it")
             return _INVALID
@@ -996,6 +1010,8 @@ def _compose(text: str, file: str) -> tuple[_Loader, yaml.MappingNode]:
     except yaml.YAMLError as exc:
         # "from None": the YAML traceback says nothing the message does not.
         raise ConfigErrors([_yaml_problem(file, text, exc)]) from None
+    except RecursionError:
+        raise ConfigErrors([ConfigProblem(file, 1, "", _TOO_DEEP)]) from None
     if root is None:
         raise ConfigErrors([ConfigProblem(file, 1, "", "the file is empty; expected a mapping "
                                                        "of settings (key: value lines)")])
@@ -1200,6 +1216,12 @@ def _load(
         data = reader.read(root, "", root_line)
     except yaml.YAMLError as exc:  # a bad "<<" merge, found while flattening
         raise ConfigErrors([*reader.problems, _yaml_problem(file, text, exc)]) from None
+    except RecursionError:
+        raise ConfigErrors([ConfigProblem(file, 1, "", _TOO_DEEP)]) from None
+    except _TooBig:
+        raise ConfigErrors([ConfigProblem(
+            file, 1, "", f"the file expands to more than {_MAX_VALUES:,} values "
+                         "(YAML aliases repeated inside each other?)")]) from None
     finally:
         loader.dispose()
 

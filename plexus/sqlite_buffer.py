@@ -44,7 +44,7 @@ from typing import Any
 
 import orjson
 
-from plexus.buffer import Batch, Buffer
+from plexus.buffer import Batch, Buffer, in_flight_limit
 from plexus.errors import BufferingError
 from plexus.point import Point
 
@@ -375,11 +375,13 @@ class SqliteBuffer(Buffer):
                 raise RuntimeError("SqliteBuffer holds one batch in flight at a time")
             try:
                 self._move_inbox()
+                self._trim()  # never put points beyond the cap into flight
             except (sqlite3.Error, OSError) as exc:
                 log.warning("moving the inbox of %s failed: %s", self.path, exc)
             order = "DESC" if newest else "ASC"
+            limit = min(max_points, in_flight_limit(self.max_points))
             rows = self._conn.execute(
-                f"SELECT id, data FROM points ORDER BY id {order} LIMIT ?", (max_points,)
+                f"SELECT id, data FROM points ORDER BY id {order} LIMIT ?", (limit,)
             ).fetchall()
             if not rows:
                 return self._take_spilled()

@@ -24,13 +24,17 @@ def test_drops_are_counted_exactly_under_concurrent_puts():
 
 
 def test_oldest_are_dropped_first():
-    buffer = MemoryBuffer(5)
-    for i in range(8):
+    buffer = MemoryBuffer(6)
+    for i in range(9):
         buffer.put(point(i))
     batch = buffer.take(100)
     assert batch is not None
-    assert [p[1] for p in batch.points] == [3, 4, 5, 6, 7]
+    assert [p[1] for p in batch.points] == [3, 4, 5]  # a batch is at most half the cap
     assert buffer.dropped == 3
+    buffer.put(point(9))  # full again: the oldest *waiting* point goes, not the batch
+    buffer.ack(batch)
+    rest = buffer.take(100)
+    assert rest is not None and [p[1] for p in rest.points] == [7, 8, 9]
 
 
 def test_cap_counts_the_batch_in_flight():
@@ -45,7 +49,7 @@ def test_cap_counts_the_batch_in_flight():
 
 
 def test_release_puts_the_batch_back_first_in_line():
-    buffer = MemoryBuffer(10)
+    buffer = MemoryBuffer(100)
     buffer.put_many([point(i) for i in range(5)])
     batch = buffer.take(3)
     buffer.put(point(5))
