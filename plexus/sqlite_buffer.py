@@ -44,6 +44,7 @@ from typing import Any
 
 import orjson
 
+from plexus.adapters.base import RateLimitedLog
 from plexus.buffer import Batch, Buffer, in_flight_limit
 from plexus.errors import BufferingError
 from plexus.point import Point
@@ -102,7 +103,6 @@ class SqliteBuffer(Buffer):
     ) -> None:
         super().__init__(max_points)
         self.path = Path(path).expanduser()
-        self.inbox_path = Path(f"{self.path}.inbox")
         self.sync_interval = sync_interval
         self.spilled = 0  # points kept in memory because the disk was full
         self.torn_records = 0  # records lost to a torn write found at open
@@ -111,21 +111,32 @@ class SqliteBuffer(Buffer):
         self._spill: deque[tuple[bytes, int]] = deque()  # (framed records, point count)
         self._spill_points = 0
         self._in_flight: tuple[int, int] | None = None
+        self._resume: tuple[int, int] | None = None  # the batch in flight when the last run ended
+        self._undeleted: list[tuple[int, int]] = []  # acknowledged ranges a full disk kept
+        self._retired: list[int] = []  # moved inbox generations, deleted after a checkpoint
         self._closed = False
+        self._warn = RateLimitedLog(log, interval=30.0)  # a full disk fails every round
 
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_fd = self._lock_file()
         try:
             self._conn = self._open_or_replace()
-            self._replay_inbox()
+            self._gen = self._replay_inboxes()  # the inbox generation producers write to
         except BaseException:
             os.close(self._lock_fd)
             raise
-        self._inbox_fd = os.open(self.inbox_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._inbox_read_fd = os.open(self.inbox_path, os.O_RDONLY)
-        self._inbox_size = 0  # bytes written to the inbox (it was emptied by the replay)
-        self._moved = 0  # bytes of the inbox already in SQLite
-        self._count = self._conn.execute("SELECT COUNT(*) FROM points").fetchone()[0]
+        self._inbox_fd, self._inbox_read_fd = self._open_inbox(self._gen)
+        self._inbox_size = 0  # bytes written to the current inbox file
+        self._moved = 0  # bytes of it already in SQLite
+        # len() = puts - removed - spill_removed. Each counter has one writer at a
+        # time (producers under _lock; ack and trim under _db_lock), so removing
+        # points never waits for _lock, which busy producers could starve.
+        self._puts = self._conn.execute("SELECT COUNT(*) FROM points").fetchone()[0]
+        self._removed = 0
+        self._spill_removed = 0
+        self._swap_wanted = False  # the sync thread asks the next put to start a new inbox
+        self._swap_done = threading.Event()
+        self._swapped_out: tuple[int, int, int, int, int] | None = None
 
         self._stop = threading.Event()
         self._kick = threading.Event()
@@ -156,9 +167,8 @@ class SqliteBuffer(Buffer):
             return self._open()
 
     def _open(self) -> sqlite3.Connection:
-        for p in (self.path, self.inbox_path):
-            if p.exists() and not os.access(p, os.R_OK | os.W_OK):
-                raise PermissionError(f"no read/write permission on {p}")
+        if self.path.exists() and not os.access(self.path, os.R_OK | os.W_OK):
+            raise PermissionError(f"no read/write permission on {self.path}")
         if not self.path.exists():
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -179,7 +189,8 @@ class SqliteBuffer(Buffer):
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             if not meta:
                 conn.execute("INSERT INTO meta VALUES ('schema', ?), ('uuid', ?), "
-                             "('inbox_offset', '0')", (SCHEMA_VERSION, uuid.uuid4().hex[:12]))
+                             "('inbox_gen', '0'), ('inbox_offset', '0')",
+                             (SCHEMA_VERSION, uuid.uuid4().hex[:12]))
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             if meta.get("schema") != SCHEMA_VERSION or "uuid" not in meta:
                 raise _WrongSchema(f"unexpected schema {meta.get('schema')!r}")
@@ -193,7 +204,11 @@ class SqliteBuffer(Buffer):
             conn.close()
             raise
         self._uuid = meta["uuid"]
+        self._replay_gen = int(meta.get("inbox_gen", "0") or 0)
         self._replay_from = int(meta.get("inbox_offset", "0") or 0)
+        if meta.get("in_flight"):
+            first, last = meta["in_flight"].split("-")
+            self._resume = (int(first), int(last))
         for suffix in ("-wal", "-shm"):
             side = Path(f"{self.path}{suffix}")
             if side.exists():
@@ -207,7 +222,7 @@ class SqliteBuffer(Buffer):
         while aside.exists():
             aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
             n += 1
-        # The inbox stays: its records are replayed into the fresh database.
+        # The inbox files stay: their records are replayed into the fresh database.
         for suffix in ("", "-wal", "-shm"):
             src = Path(f"{self.path}{suffix}")
             if src.exists():
@@ -217,52 +232,90 @@ class SqliteBuffer(Buffer):
                     src.unlink(missing_ok=True)
         return aside
 
-    def _replay_inbox(self) -> None:
-        """Move inbox records the last run did not move into SQLite, then empty the inbox."""
-        try:
-            blob = self.inbox_path.read_bytes()
-        except FileNotFoundError:
-            return
-        start = self._replay_from if self._replay_from <= len(blob) else 0
-        payloads, used, torn = decode_records(blob[start:])
-        if torn:
-            self.torn_records = 1
-            log.warning("%s: %d bytes at the end were a torn or corrupt record (a power cut "
-                        "mid-write) and were discarded", self.inbox_path, len(blob) - start - used)
+    def inbox_file(self, gen: int) -> Path:
+        """Inbox files are numbered: a new one starts once the last is all in SQLite."""
+        return Path(f"{self.path}.inbox.{gen}")
+
+    def _inbox_gens(self) -> list[int]:
+        prefix = f"{self.path.name}.inbox."
+        return sorted(int(f.name[len(prefix):]) for f in self.path.parent.glob(prefix + "*")
+                      if f.name[len(prefix):].isdigit())
+
+    def _open_inbox(self, gen: int) -> tuple[int, int]:
+        path = self.inbox_file(gen)
+        write_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return write_fd, os.open(path, os.O_RDONLY)
+
+    def _set_position(self, gen: int, offset: int) -> None:
+        """Record how far the inbox is in SQLite. Part of the caller's transaction."""
+        self._conn.execute("UPDATE meta SET value = ? WHERE key = 'inbox_gen'", (str(gen),))
+        self._conn.execute("UPDATE meta SET value = ? WHERE key = 'inbox_offset'", (str(offset),))
+
+    def _replay_inboxes(self) -> int:
+        """Move into SQLite what earlier runs left in inbox files; return the next generation."""
+        gens = self._inbox_gens()
+        recovered = 0
         conn = self._conn
+        for gen in gens:
+            if gen < self._replay_gen:
+                continue  # already in SQLite; deleted below
+            path = self.inbox_file(gen)
+            try:
+                blob = path.read_bytes()
+            except OSError as exc:  # unreadable: set it aside, the buffer must come up
+                aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+                os.replace(path, aside)
+                log.warning("buffer inbox %s cannot be read (%s); moved it aside to %s",
+                            path, exc, aside)
+                continue
+            start = min(self._replay_from, len(blob)) if gen == self._replay_gen else 0
+            payloads, used, torn = decode_records(blob[start:])
+            if torn:
+                self.torn_records += 1
+                log.warning("%s: %d bytes at the end were a torn or corrupt record (a power "
+                            "cut mid-write) and were discarded", path, len(blob) - start - used)
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT INTO points (data) VALUES (?)", [(p,) for p in payloads])
+            self._set_position(gen, start + used)
+            conn.execute("COMMIT")
+            recovered += len(payloads)
+        next_gen = max([*gens, self._replay_gen]) + 1
         conn.execute("BEGIN IMMEDIATE")
-        conn.executemany("INSERT INTO points (data) VALUES (?)", [(p,) for p in payloads])
-        conn.execute("UPDATE meta SET value = '0' WHERE key = 'inbox_offset'")
+        self._set_position(next_gen, 0)
         conn.execute("COMMIT")
-        self._conn.execute("PRAGMA wal_checkpoint(FULL)")  # on disk before the inbox goes
-        os.truncate(self.inbox_path, 0)
-        if payloads:
-            log.info("recovered %d points from %s", len(payloads), self.inbox_path)
+        conn.execute("PRAGMA wal_checkpoint(FULL)")  # on disk before the inbox files go
+        for gen in gens:
+            self.inbox_file(gen).unlink(missing_ok=True)
+        if recovered:
+            log.info("recovered %d points from the inbox of %s", recovered, self.path)
+        return next_gen
 
     # Producer side ------------------------------------------------------------
     def put(self, point: Point) -> None:
         record = encode_record(point)
         with self._lock:
             self._write(record, 1)
-            if self._count >= self._wake_at and self._on_ready is not None:
+            if len(self) >= self._wake_at and self._on_ready is not None:
                 self._on_ready()
 
     def put_many(self, points: list[Point]) -> None:
         blob = b"".join(encode_record(p) for p in points)
         with self._lock:
             self._write(blob, len(points))
-            if self._count >= self._wake_at and self._on_ready is not None:
+            if len(self) >= self._wake_at and self._on_ready is not None:
                 self._on_ready()
 
     def _write(self, blob: bytes, n: int) -> None:
         """Append framed records to the inbox, or to memory if the disk is full. Holds _lock."""
+        if self._swap_wanted:
+            self._swap_inbox()
         if not self._spill:
             try:
                 written = os.write(self._inbox_fd, blob)
                 if written == len(blob):
                     self._inbox_size += written
-                    self._count += n
-                    if self._count > self.max_points:
+                    self._puts += n
+                    if len(self) > self.max_points:
                         self._kick.set()  # the sync thread trims the oldest
                     return
                 # A short write means the disk filled up mid-record: cut it off so
@@ -271,47 +324,96 @@ class SqliteBuffer(Buffer):
                 raise OSError(errno.ENOSPC, "short write: disk full")
             except OSError as exc:
                 log.warning("cannot write the buffer file %s (%s): keeping points in memory "
-                            "until the disk has room again", self.inbox_path, exc)
+                            "until the disk has room again", self.inbox_file(self._gen), exc)
         self._spill.append((blob, n))
         self._spill_points += n
         self.spilled += n
-        self._count += n
+        self._puts += n
         while self._spill_points > self.max_points:  # memory stays bounded too
             _, dropped = self._spill.popleft()
             self._spill_points -= dropped
-            self._count -= dropped
+            self._spill_removed += dropped
             self._count_drops(dropped)
 
     # Moving the inbox into SQLite ----------------------------------------------
     def _move_inbox(self) -> None:
-        """Copy inbox records past ``_moved`` into SQLite. Caller holds ``_db_lock``."""
+        """Copy the current inbox file's records past ``_moved`` into SQLite.
+
+        Caller holds ``_db_lock``.
+        """
+        conn = self._conn
+        # Up to what is written now, not what producers add meanwhile: a fast
+        # producer would otherwise keep this loop (and _db_lock) busy forever.
+        end = self._inbox_size  # writes are whole records: end is a record boundary
         while True:
-            end = self._inbox_size
-            if end <= self._moved:
-                return
-            blob = os.pread(self._inbox_read_fd, min(end - self._moved, _MOVE_CHUNK), self._moved)
-            payloads, used, _ = decode_records(blob)
+            size = min(end - self._moved, _MOVE_CHUNK)
+            payloads: list[bytes] = []
+            used = 0
+            if size > 0:
+                payloads, used, _ = decode_records(
+                    os.pread(self._inbox_read_fd, size, self._moved))
             if not payloads:
-                return  # only a partial record so far: a writer is mid-write
-            conn = self._conn
+                return
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.executemany("INSERT INTO points (data) VALUES (?)", [(p,) for p in payloads])
-                conn.execute("UPDATE meta SET value = ? WHERE key = 'inbox_offset'",
-                             (str(self._moved + used),))
+                self._set_position(self._gen, self._moved + used)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                    conn.execute("ROLLBACK")
                 raise
             self._moved += used
 
-    def _truncate_inbox_if_moved(self) -> None:
-        """Empty the inbox once all of it is in SQLite and fsynced. Caller holds ``_db_lock``."""
-        with self._lock:
-            if self._moved and self._inbox_size == self._moved:
-                os.ftruncate(self._inbox_fd, 0)
-                self._inbox_size = self._moved = 0
-                self._conn.execute("UPDATE meta SET value = '0' WHERE key = 'inbox_offset'")
+    def _rotate(self) -> None:
+        """Start a new inbox file; the old one is deleted after the next checkpoint.
+
+        This is what keeps the inbox small under a steady stream: a file is
+        never appended to again once it is retired. Busy producers would
+        starve a thread waiting for ``_lock``, so the next ``put`` makes the
+        switch itself (under the lock it holds anyway); only when no put comes
+        does this thread take the lock. Caller holds ``_db_lock``.
+        """
+        if self._inbox_size == 0:
+            return
+        self._move_inbox()  # catch up first: only a short tail is left after the switch
+        self._swap_done.clear()
+        self._swap_wanted = True
+        if not self._swap_done.wait(0.02):
+            with self._lock:  # no producer came by, so the lock is free
+                if self._swap_wanted:
+                    self._swap_inbox()
+        assert self._swapped_out is not None
+        gen, write_fd, read_fd, size, moved = self._swapped_out
+        self._swapped_out = None
+        os.close(write_fd)
+        try:
+            # The old file is frozen now: move its tail and record the new generation
+            # in one transaction.
+            tail, used, _ = decode_records(os.pread(read_fd, size - moved, moved))
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany("INSERT INTO points (data) VALUES (?)", [(p,) for p in tail])
+                self._set_position(gen + 1, 0)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            os.close(read_fd)
+        self._retired.append(gen)
+
+    def _swap_inbox(self) -> None:
+        """Point producers at a new inbox file. Caller holds ``_lock``."""
+        self._swapped_out = (self._gen, self._inbox_fd, self._inbox_read_fd,
+                             self._inbox_size, self._moved)
+        self._gen += 1
+        self._inbox_fd, self._inbox_read_fd = self._open_inbox(self._gen)
+        self._inbox_size = self._moved = 0
+        self._swap_wanted = False
+        self._swap_done.set()
 
     def _restore_spill(self) -> None:
         with self._lock:
@@ -328,24 +430,36 @@ class SqliteBuffer(Buffer):
                 self._spill.popleft()
                 self._spill_points -= n
             log.warning("the buffer file %s is writable again: points go to disk",
-                        self.inbox_path)
+                        self.inbox_file(self._gen))
 
     def _trim(self) -> None:
         """Drop the oldest waiting points beyond the cap. Caller holds ``_db_lock``."""
-        excess = self._count - self.max_points
+        excess = len(self) - self.max_points
         if excess <= 0:
             return
-        first, last = self._in_flight or (0, -1)
+        where, params = self._not_taken()
         cur = self._conn.execute(
-            "DELETE FROM points WHERE id IN (SELECT id FROM points WHERE id NOT BETWEEN ? AND ? "
-            "ORDER BY id LIMIT ?)", (first, last, excess))
+            f"DELETE FROM points WHERE id IN (SELECT id FROM points WHERE {where} "
+            "ORDER BY id LIMIT ?)", (*params, excess))
         if cur.rowcount > 0:
-            with self._lock:
-                self._count -= cur.rowcount
+            self._removed += cur.rowcount
             self._count_drops(cur.rowcount)
 
+    def _not_taken(self) -> tuple[str, tuple[int, ...]]:
+        """SQL for the rows neither in flight nor acknowledged-but-undeleted."""
+        ranges = [*self._undeleted, *([self._in_flight] if self._in_flight else [])]
+        if not ranges:
+            return "1", ()
+        return (" AND ".join("id NOT BETWEEN ? AND ?" for _ in ranges),
+                tuple(v for r in ranges for v in r))
+
+    def _retry_deletes(self) -> None:
+        for first, last in list(self._undeleted):
+            self._conn.execute("DELETE FROM points WHERE id BETWEEN ? AND ?", (first, last))
+            self._undeleted.remove((first, last))
+
     def sync(self) -> None:
-        """Make everything buffered so far durable: fsync, move, checkpoint, truncate."""
+        """Make everything buffered so far durable: fsync, move, checkpoint, rotate."""
         with self._db_lock:
             if self._closed:
                 return
@@ -353,9 +467,14 @@ class SqliteBuffer(Buffer):
             if self._spill:
                 self._restore_spill()
             self._move_inbox()
+            self._retry_deletes()
             self._trim()
-            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")  # fsyncs the WAL first
-            self._truncate_inbox_if_moved()
+            busy = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0]
+            if not busy:  # the WAL is fsynced: what retired inbox files held is safe
+                for gen in self._retired:
+                    self.inbox_file(gen).unlink(missing_ok=True)
+                self._retired.clear()
+            self._rotate()
 
     def _sync_loop(self) -> None:
         while not self._stop.is_set():
@@ -366,7 +485,7 @@ class SqliteBuffer(Buffer):
             try:
                 self.sync()
             except (sqlite3.Error, OSError) as exc:  # keep going: the next round may succeed
-                log.warning("buffer sync of %s failed: %s", self.path, exc)
+                self._warn(logging.WARNING, "buffer sync of %s failed: %s", self.path, exc)
 
     # Uploader side -------------------------------------------------------------
     def take(self, max_points: int, newest: bool = False) -> Batch | None:
@@ -377,51 +496,86 @@ class SqliteBuffer(Buffer):
                 self._move_inbox()
                 self._trim()  # never put points beyond the cap into flight
             except (sqlite3.Error, OSError) as exc:
-                log.warning("moving the inbox of %s failed: %s", self.path, exc)
-            order = "DESC" if newest else "ASC"
-            limit = min(max_points, in_flight_limit(self.max_points))
-            rows = self._conn.execute(
-                f"SELECT id, data FROM points ORDER BY id {order} LIMIT ?", (limit,)
-            ).fetchall()
+                self._warn(logging.WARNING, "moving the inbox of %s failed: %s", self.path, exc)
+            if self._resume is not None:
+                # The batch in flight when the last run ended goes first, exactly as it
+                # was, so it keeps its Idempotency-Key and a receiver can drop a repeat.
+                rows = self._conn.execute(
+                    "SELECT id, data FROM points WHERE id BETWEEN ? AND ? ORDER BY id",
+                    self._resume).fetchall()
+                self._resume = None
+            else:
+                rows = []
             if not rows:
-                return self._take_spilled()
-            if newest:
-                rows.reverse()
+                where, params = self._not_taken()
+                order = "DESC" if newest else "ASC"
+                limit = min(max_points, in_flight_limit(self.max_points))
+                rows = self._conn.execute(
+                    f"SELECT id, data FROM points WHERE {where} ORDER BY id {order} LIMIT ?",
+                    (*params, limit)).fetchall()
+                if newest:
+                    rows.reverse()
+            if not rows:
+                return self._take_spilled(min(max_points, in_flight_limit(self.max_points)))
             first, last = rows[0][0], rows[-1][0]
             self._in_flight = (first, last)
+            try:
+                self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('in_flight', ?)",
+                                   (f"{first}-{last}",))
+            except sqlite3.Error as exc:  # only costs a possible duplicate after a crash
+                log.debug("recording the batch in flight failed: %s", exc)
         loads = orjson.loads
         points: list[Point] = [tuple(loads(data)) for _, data in rows]  # type: ignore[misc]
         return Batch(f"{self._uuid}-{first}-{last}-{len(rows)}", points, (first, last))
 
-    def _take_spilled(self) -> Batch | None:
+    def _take_spilled(self, limit: int) -> Batch | None:
         # The disk is full and SQLite is drained: deliver from memory meanwhile.
+        blobs: list[bytes] = []
+        n = 0
         with self._lock:
-            if not self._spill:
-                return None
-            blob, n = self._spill.popleft()
+            while self._spill and n < limit:
+                blob, count = self._spill.popleft()
+                blobs.append(blob)
+                n += count
             self._spill_points -= n
+        if not blobs:
+            return None
         self._in_flight = (0, 0)
+        blob = b"".join(blobs)
         payloads, _, _ = decode_records(blob)
         points: list[Point] = [tuple(orjson.loads(p)) for p in payloads]  # type: ignore[misc]
         return Batch(f"{self._uuid}-mem-{uuid.uuid4().hex[:8]}", points, ("spill", blob, n))
 
     def ack(self, batch: Batch) -> None:
         if batch.handle[0] == "spill":
-            with self._db_lock, self._lock:
+            with self._db_lock:
                 self._in_flight = None
-                self._count -= batch.handle[2]
+                self._removed += batch.handle[2]
             return
         first, last = batch.handle
         with self._db_lock:
-            cur = self._conn.execute("DELETE FROM points WHERE id BETWEEN ? AND ?", (first, last))
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("DELETE FROM points WHERE id BETWEEN ? AND ?", (first, last))
+                conn.execute("DELETE FROM meta WHERE key = 'in_flight'")
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                # A full disk can refuse even a DELETE (the WAL must grow). The points
+                # are delivered: skip them from now on and delete them later.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                self._undeleted.append((first, last))
+                log.warning("could not delete delivered points from %s (%s); will retry",
+                            self.path, exc)
             self._in_flight = None
-            with self._lock:
-                self._count -= cur.rowcount
-                count = self._count
-        if count <= self.max_points // 2:
+            self._removed += len(batch.points)
+        if len(self) <= self.max_points // 2:
             self._end_overflow_episode()
 
     def release(self, batch: Batch) -> None:
+        # The record of the batch in flight stays: its outcome may be unknown (a
+        # timed-out request), so the next run sends exactly it again, same key.
         with self._db_lock:
             self._in_flight = None
             if batch.handle[0] == "spill":
@@ -430,7 +584,7 @@ class SqliteBuffer(Buffer):
                     self._spill_points += batch.handle[2]
 
     def __len__(self) -> int:
-        return self._count
+        return self._puts - self._removed - self._spill_removed
 
     def close(self) -> None:
         if self._closed:
@@ -449,11 +603,15 @@ class SqliteBuffer(Buffer):
                             self._spill_points, self.path)
             try:
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                for gen in self._retired:
+                    self.inbox_file(gen).unlink(missing_ok=True)
             except sqlite3.Error as exc:
                 log.warning("final checkpoint of %s failed: %s", self.path, exc)
             self._conn.close()
             os.close(self._inbox_fd)
             os.close(self._inbox_read_fd)
+            if self._inbox_size == 0:  # nothing was written since the last rotation
+                self.inbox_file(self._gen).unlink(missing_ok=True)
             os.close(self._lock_fd)  # releases the lock
 
 
@@ -464,21 +622,25 @@ def buffer_stats(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         count, first, last = conn.execute(
             "SELECT COUNT(*), MIN(id), MAX(id) FROM points").fetchone()
-        offset = int(dict(conn.execute("SELECT key, value FROM meta").fetchall())
-                     .get("inbox_offset", 0) or 0)
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         stamps = [orjson.loads(conn.execute("SELECT data FROM points WHERE id = ?",
                                             (i,)).fetchone()[0])[2]
                   for i in (first, last) if i is not None]
     finally:
         conn.close()
-    inbox = Path(f"{p}.inbox")
-    pending: list[bytes] = []
-    if inbox.exists():
-        blob = inbox.read_bytes()
-        pending, _, _ = decode_records(blob[offset:] if offset <= len(blob) else blob)
-        stamps += [orjson.loads(pending[0])[2], orjson.loads(pending[-1])[2]] if pending else []
-    size = sum(Path(f"{p}{s}").stat().st_size for s in ("", "-wal", ".inbox")
-               if Path(f"{p}{s}").exists())
-    return {"path": str(p), "points": count + len(pending),
+    meta_gen, offset = int(meta.get("inbox_gen", 0) or 0), int(meta.get("inbox_offset", 0) or 0)
+    prefix = f"{p.name}.inbox."
+    pending = 0
+    size = sum(Path(f"{p}{s}").stat().st_size for s in ("", "-wal") if Path(f"{p}{s}").exists())
+    for f in sorted(p.parent.glob(prefix + "*")):
+        gen = f.name[len(prefix):]
+        if not gen.isdigit() or int(gen) < meta_gen:
+            continue
+        blob = f.read_bytes()
+        size += len(blob)
+        payloads, _, _ = decode_records(blob[offset:] if int(gen) == meta_gen else blob)
+        pending += len(payloads)
+        stamps += [orjson.loads(x)[2] for x in (payloads[:1] + payloads[-1:])]
+    return {"path": str(p), "points": count + pending,
             "oldest_ms": min(stamps) if stamps else None,
             "newest_ms": max(stamps) if stamps else None, "bytes": size}

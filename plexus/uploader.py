@@ -209,7 +209,7 @@ class Uploader:
                     continue
                 self._held = None
                 if self._deliver(batch):
-                    self.buffer.ack(batch)
+                    self._ack(batch)
                 else:
                     self._held = batch
                     if self._stop.is_set():
@@ -223,6 +223,14 @@ class Uploader:
                 self._held = None
             with self._state:
                 self._state.notify_all()
+
+    def _ack(self, batch: Batch) -> None:
+        try:
+            self.buffer.ack(batch)
+        except Exception:  # the uploader must outlive a buffer that fails (disk full...)
+            log.exception("acknowledging a delivered batch in the %s buffer failed; its "
+                          "points may be sent again (with the same Idempotency-Key)",
+                          self.sink.name)
 
     def _next_batch(self) -> Batch | None:
         urgent = self._stop.is_set() or self._flush_requests > 0
