@@ -6,16 +6,20 @@ WAL mode on ext4), far over our 12 µs budget for ``send()``. A single
 against ``kill -9``: once ``write`` returns, the bytes belong to the kernel,
 not to our process. So:
 
-- ``put`` frames the point (length + CRC32 + JSON) and appends it to
-  ``<path>.inbox`` in one ``write`` before returning.
+- ``put`` frames the point (length + CRC32 + JSON) and appends it to the
+  current inbox file ``<path>.inbox.<N>`` in one ``write`` before returning.
 - A background thread, every ``sync_interval`` seconds, fsyncs the inbox,
-  moves its records into SQLite (one transaction, recording how far it got
-  in the same transaction), checkpoints (fsyncs) SQLite, and only then
-  truncates the inbox. ``take`` also moves the inbox first, so the uploader
-  never waits for that thread.
-- On open, records past the recorded offset are replayed into SQLite. A torn
-  record at the end (power cut mid-write) fails its CRC and is dropped, with
-  everything after it, and logged.
+  moves its records into SQLite (recording the generation and offset reached
+  in the same transaction), checkpoints (fsyncs) SQLite, and starts inbox
+  ``N+1``; file ``N`` is deleted after the next checkpoint. So the inbox
+  holds about one round of points however long the stream, and a WAL lost to
+  a power cut never points past a file that still exists. ``take`` also
+  moves the inbox first, so the uploader never waits for that thread.
+- On open, records past the recorded position are replayed into SQLite. A
+  torn record at the end (power cut mid-write) fails its CRC and is dropped,
+  with everything after it, and logged.
+- The batch in flight is recorded; after a restart it is taken first,
+  unchanged, so it keeps its Idempotency-Key.
 
 Guarantees: ``kill -9`` loses nothing whose ``put`` returned. A power cut
 loses at most the last ``sync_interval`` seconds (default 1 s). Files that
