@@ -123,7 +123,11 @@ def kill_trial(variant: str, trial: int, base: Path, kills: int) -> dict[str, in
         assert run in highest and v <= highest[run] + 1, v
     aside = [p.name for p in path.parent.iterdir() if ".corrupt-" in p.name]
     assert not aside, f"buffer moved aside after kill -9: {aside}"
-    assert "torn" not in logs.text and "could not be used" not in logs.text, logs.text
+    # A kill in the middle of a write() can leave the first part of that record on disk
+    # (Linux stops a write between pages for a fatal signal). That send() had not
+    # returned; the CRC framing discards the piece at the next open, and nothing
+    # acknowledged is lost (checked above).
+    assert "could not be used" not in logs.text, logs.text
     return {"kills": kills, "acknowledged": len(acknowledged), "stored": len(stored),
             "duplicates_stored": len(stored) - len(delivered),
             "unacknowledged_delivered": len(delivered - set(acknowledged))}
