@@ -387,7 +387,8 @@ class SqliteBuffer(Buffer):
             with self._lock:  # no producer came by, so the lock is free
                 if self._swap_wanted:
                     self._swap_inbox()
-        assert self._swapped_out is not None
+        if self._swapped_out is None:  # no new file could be made
+            return
         gen, write_fd, read_fd, size, moved = self._swapped_out
         self._swapped_out = None
         os.close(write_fd)
@@ -411,12 +412,18 @@ class SqliteBuffer(Buffer):
 
     def _swap_inbox(self) -> None:
         """Point producers at a new inbox file. Caller holds ``_lock``."""
-        self._swapped_out = (self._gen, self._inbox_fd, self._inbox_read_fd,
-                             self._inbox_size, self._moved)
-        self._gen += 1
-        self._inbox_fd, self._inbox_read_fd = self._open_inbox(self._gen)
-        self._inbox_size = self._moved = 0
         self._swap_wanted = False
+        try:
+            fds = self._open_inbox(self._gen + 1)
+        except OSError as exc:  # keep writing the current file; the next round tries again
+            self._warn(logging.WARNING, "cannot start a new inbox file for %s: %s",
+                       self.path, exc)
+        else:
+            self._swapped_out = (self._gen, self._inbox_fd, self._inbox_read_fd,
+                                 self._inbox_size, self._moved)
+            self._gen += 1
+            self._inbox_fd, self._inbox_read_fd = fds
+            self._inbox_size = self._moved = 0
         self._swap_done.set()
 
     def _restore_spill(self) -> None:
