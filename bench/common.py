@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -162,3 +163,19 @@ def fmt_summary(s: dict[str, float], digits: int = 2) -> str:
     if s["n"] == 1:
         return fmt(s["median"], digits)
     return f"{fmt(s['median'], digits)} ({fmt(s['min'], digits)} / {fmt(s['max'], digits)})"
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def peak_rss_kb() -> int:
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child
+    # of a big parent would report the parent's size.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

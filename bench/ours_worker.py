@@ -8,26 +8,13 @@ Prints one JSON line with the result. Run by bench/run.py; see there.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 
+from common import cpu_seconds, peak_rss_kb
+
 T_START = time.perf_counter()
 
-
-def cpu_seconds() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
-def peak_rss_kb() -> int:
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child
-    # of a big parent would report the parent's size.
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def current_rss_kb() -> int:

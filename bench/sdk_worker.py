@@ -12,24 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 
-
-def cpu_seconds() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
-def peak_rss_kb() -> int:
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child
-    # of a big parent would report the parent's size.
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from common import cpu_seconds, peak_rss_kb
 
 
 def make_client(args: dict):
