@@ -19,7 +19,7 @@ import logging
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,9 +214,4 @@ class MemoryBuffer(Buffer):
 
     def __len__(self) -> int:
         return len(self._queue) + self._in_flight
-
-
-def iter_chunks(points: list[Point], size: int) -> Iterable[list[Point]]:
-    for i in range(0, len(points), size):
-        yield points[i : i + size]
 

@@ -109,9 +109,9 @@ def _normalize_other(metric: str, value: Any) -> Any:
     # Subclasses of the plain types (IntEnum, numpy.float64, str subclasses).
     if isinstance(value, bool):
         return bool(value)
-    if isinstance(value, (int, float, str)):
-        base = bool if isinstance(value, bool) else int if isinstance(value, int) else float if isinstance(value, float) else str
-        return normalize_value(metric, base(value))
+    for base in (int, float, str):
+        if isinstance(value, base):
+            return normalize_value(metric, base(value))
     if isinstance(value, (dict, list, tuple)):
         return _normalize_json_value(metric, value)
     # numpy scalars and 0-d arrays expose .item(); robotics code sends them a lot.
@@ -259,8 +259,10 @@ def make_point(
     return (metric, value, ts, merge_tags(base_tags, tags))
 
 
-def point_to_dict(point: Point) -> dict[str, Any]:
-    metric, value, ts, tags = point
-    if tags:
-        return {"metric": metric, "value": value, "timestamp": ts, "tags": tags}
-    return {"metric": metric, "value": value, "timestamp": ts}
+def json_lines(source_id: str, points: list[Point]) -> bytes:
+    """Points as JSON Lines, one self-contained object per point (file and stdout sinks)."""
+    return b"".join(
+        orjson.dumps({"source_id": source_id, "metric": m, "value": v, "timestamp": ts,
+                      "tags": tags or {}}) + b"\n"
+        for m, v, ts, tags in points
+    )

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-import orjson
-
-from plexus.point import Point
+from plexus.point import Point, json_lines
 from plexus.sinks.base import SendResult, Sink
 
 
@@ -56,12 +54,7 @@ class FileSink(Sink):
         self._size = self._file.tell()
 
     def send(self, points: list[Point], key: str) -> SendResult:
-        sid = self.source_id
-        lines = b"".join(
-            orjson.dumps({"source_id": sid, "metric": m, "value": v, "timestamp": ts,
-                          "tags": tags or {}}) + b"\n"
-            for m, v, ts, tags in points
-        )
+        lines = json_lines(self.source_id, points)
         opts: FileSinkOptions = self.options
         if self._size and self._size + len(lines) > opts.max_bytes:
             self._rotate()

@@ -9,7 +9,7 @@ from typing import Literal
 
 import orjson
 
-from plexus.point import Point
+from plexus.point import Point, json_lines
 from plexus.sinks.base import SendResult, Sink
 
 
@@ -38,11 +38,7 @@ class StdoutSink(Sink):
 
     def send(self, points: list[Point], key: str) -> SendResult:
         if self.options.format == "json":
-            text = "".join(
-                orjson.dumps({"source_id": self.source_id, "metric": m, "value": v,
-                              "timestamp": ts, "tags": tags or {}}).decode() + "\n"
-                for m, v, ts, tags in points
-            )
+            text = json_lines(self.source_id, points).decode()
         else:
             text = "".join(_text_line(p) for p in points)
         sys.stdout.write(text)
