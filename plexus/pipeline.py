@@ -76,7 +76,6 @@ class Pipeline:
         self._put = self._put_nowhere
         self._alarm: Callable[[], None] | None = None
         self._closed = False
-        self.started = False
 
     # Building ------------------------------------------------------------
     def add_lane(self, sink: Sink, buffer: Buffer, **uploader_options: Any) -> Lane:
@@ -93,7 +92,6 @@ class Pipeline:
         for lane in self.lanes:
             lane.sink.open(self.source_id)
             lane.uploader.start()
-        self.started = True
 
     # The hot path --------------------------------------------------------
     def emit(
