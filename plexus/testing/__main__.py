@@ -1,0 +1,5 @@
+import sys
+
+from plexus.testing.command import main
+
+sys.exit(main())
