@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 
 from plexus.adapters.callable import CallableAdapter, CallableOptions
-from plexus.buffer import DEFAULT_MAX_POINTS, Buffer, MemoryBuffer
+from plexus.buffer import DEFAULT_MAX_POINTS, WHEN_FULL, Buffer, MemoryBuffer
 from plexus.errors import AuthenticationError, ConfigError, PlexusError
 from plexus.pipeline import Pipeline, SourceContext
 from plexus.point import validate_source_id
@@ -113,8 +113,14 @@ class Plexus:
         persistent_buffer: keep points in SQLite until delivered (survives
             crashes and restarts) instead of in memory.
         buffer_path: the SQLite file; default ``~/.plexus/buffer/<source_id>.db``.
-        max_buffer_points: buffer cap, oldest dropped beyond it (default 10,000
-            in memory, 1,000,000 on disk).
+        max_buffer_points: buffer cap (default 10,000 in memory; on disk no
+            practical limit, ``max_buffer_bytes`` governs).
+        max_buffer_bytes: persistent buffer only: cap on stored bytes
+            (compressed), default 2 GiB.
+        when_full: what a full buffer does: ``"block"`` (default) makes
+            ``send()`` wait for room while the platform is accepting data, and
+            drop the oldest points only while delivery fails (an outage);
+            ``"drop_oldest"`` never waits.
         batch_size: this many waiting points start an upload at once.
         flush_interval: otherwise upload every this many seconds.
         retry: the backoff policy (default 3 retries, 1 s, 2 s, 4 s, +-25%).
@@ -140,6 +146,8 @@ class Plexus:
         persistent_buffer: bool = False,
         buffer_path: str | os.PathLike[str] | None = None,
         max_buffer_points: int | None = None,
+        max_buffer_bytes: int | None = None,
+        when_full: str = "block",
         batch_size: int = 1000,
         flush_interval: float = 1.0,
         retry: RetryPolicy | None = None,
@@ -164,17 +172,26 @@ class Plexus:
         self._pollers: list[CallableAdapter] = []
         self._close_lock = threading.Lock()
 
+        if when_full not in WHEN_FULL:
+            raise ConfigError(f"when_full must be one of {', '.join(WHEN_FULL)}, got {when_full!r}")
         buffer: Buffer
         if persistent_buffer:
-            from plexus.sqlite_buffer import DEFAULT_SQLITE_MAX_POINTS, SqliteBuffer
+            from plexus.sqlite_buffer import (
+                DEFAULT_SQLITE_MAX_BYTES,
+                DEFAULT_SQLITE_MAX_POINTS,
+                SqliteBuffer,
+            )
 
             path_ = Path(buffer_path) if buffer_path else (
                 Path.home() / ".plexus" / "buffer" / f"{self.source_id}.db"
             )
             buffer = SqliteBuffer(path_, max_buffer_points or DEFAULT_SQLITE_MAX_POINTS,
-                                  sync_interval=sync_interval)
+                                  sync_interval=sync_interval,
+                                  max_bytes=max_buffer_bytes or DEFAULT_SQLITE_MAX_BYTES,
+                                  when_full=when_full)  # type: ignore[arg-type]
         else:
-            buffer = MemoryBuffer(max_buffer_points or DEFAULT_MAX_POINTS)
+            buffer = MemoryBuffer(max_buffer_points or DEFAULT_MAX_POINTS,
+                                  when_full)  # type: ignore[arg-type]
 
         try:
             self._pipeline = Pipeline(self.source_id, tags)

@@ -593,9 +593,20 @@ class BufferConfig:
     )
     max_points: int | None = field(
         default=None,
-        metadata=_meta("Cap on buffered points; the oldest are dropped beyond it. "
-                       "Default: null, the buffer's own (10,000 in memory, 1,000,000 in sqlite).",
-                       check=at_least(1)),
+        metadata=_meta("Cap on buffered points (see when_full). Default: null, the buffer's "
+                       "own (10,000 in memory; in sqlite no practical limit, max_bytes "
+                       "governs).", check=at_least(1)),
+    )
+    max_bytes: int | None = field(
+        default=None,
+        metadata=_meta("sqlite only: cap on stored bytes (compressed, about 7 bytes a "
+                       "point). Default: null, 2 GiB.", check=at_least(1)),
+    )
+    when_full: Literal["block", "drop_oldest"] = field(
+        default="block",
+        metadata=_meta("What a full buffer does: 'block' makes sources wait for room while "
+                       "the sink delivers, and drops the oldest points only while delivery "
+                       "fails; 'drop_oldest' never waits. Default: block."),
     )
     sync_interval: float = field(
         default=1.0,

@@ -30,7 +30,11 @@ from plexus.secret import Secret
 from plexus.sinks.base import Sink
 from plexus.sinks.http import HttpSink
 from plexus.sinks.stdout import StdoutSink
-from plexus.sqlite_buffer import DEFAULT_SQLITE_MAX_POINTS, SqliteBuffer
+from plexus.sqlite_buffer import (
+    DEFAULT_SQLITE_MAX_BYTES,
+    DEFAULT_SQLITE_MAX_POINTS,
+    SqliteBuffer,
+)
 from plexus.uploader import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -147,7 +151,7 @@ class Gateway:
     def _make_buffer(self, index: int, sink_name: str) -> Buffer:
         opts = self.config.buffer
         if opts.type == "memory" or self.check_only:
-            return MemoryBuffer(opts.max_points or DEFAULT_MAX_POINTS)
+            return MemoryBuffer(opts.max_points or DEFAULT_MAX_POINTS, opts.when_full)
         path = Path(opts.path).expanduser() if opts.path else (
             Path.home() / ".plexus" / "buffer" / f"{self.source_id}.db"
         )
@@ -156,7 +160,9 @@ class Gateway:
         if index > 0:  # each sink keeps its own cursor: its own file beside the first
             path = path.with_name(f"{path.stem}.{sink_name}{path.suffix}")
         return SqliteBuffer(path, opts.max_points or DEFAULT_SQLITE_MAX_POINTS,
-                            sync_interval=opts.sync_interval)
+                            sync_interval=opts.sync_interval,
+                            max_bytes=opts.max_bytes or DEFAULT_SQLITE_MAX_BYTES,
+                            when_full=opts.when_full)
 
     # Running -------------------------------------------------------------
     def start(self) -> None:
