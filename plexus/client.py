@@ -365,19 +365,19 @@ class Plexus:
         is buffered. Sending from other threads goes on meanwhile."""
         if self._commands is None or not self._commands.wants_link:
             log.warning("serve(): no command is declared, so there is nothing to answer")
-        previous: dict[int, Any] = {}
+        previous: dict[Any, Any] = {}
         if threading.current_thread() is threading.main_thread():
             def on_signal(signum: int, _frame: Any) -> None:
                 log.info("received %s: closing", signal.Signals(signum).name)
                 self._serving.set()
 
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                previous[signum] = signal.signal(signum, on_signal)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, on_signal)
         try:
             self._serving.wait(timeout)
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.close()
 
     @property

@@ -46,6 +46,7 @@ __all__ = [
     "Cancelled",
     "Command",
     "CommandCenter",
+    "CommandFailed",
     "ParamError",
     "Run",
     "coerce_params",
@@ -90,6 +91,16 @@ _SECRET_NAME = re.compile(r"(key|secret|token|passw|credential|auth)", re.IGNORE
 
 class Cancelled(Exception):  # noqa: N818 - the name a handler author reads: raise Cancelled
     """Raise from a handler to end its run as ``failed`` with error code ``cancelled``."""
+
+
+class CommandFailed(Exception):  # noqa: N818 - reads as an outcome: raise CommandFailed(...)
+    """Raise from a handler to fail its run with a chosen ``error_code`` and message
+    (``bad_params``, ``not_found``, ``refused``, ``timeout``...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 class ParamError(ValueError):
@@ -494,6 +505,7 @@ class Run:
         self.state: str | None = None
         self.started = time.time()
         self.timed_out = False
+        self.released = False
         self.final_frame: dict[str, Any] | None = None
         self.last_frame: dict[str, Any] | None = None
 
@@ -646,7 +658,7 @@ class CommandCenter:
         """The link is authenticated: return ``command_sync`` and the kept statuses
         to send first. ``enable`` (the link starting to accept frames) is called
         under this center's lock so no status slips between the replay and it."""
-        limit = info.get("max_frame_bytes")
+        limit: Any = info.get("max_frame_bytes")
         with self._lock:
             self.max_frame_bytes = (min(STATUS_FRAME_LIMIT, limit)
                                     if _is_number(limit) and limit > 0 else STATUS_FRAME_LIMIT)
@@ -719,7 +731,7 @@ class CommandCenter:
             except ParamError as exc:
                 self._reject(run, "bad_params", str(exc), frame.get("params"))
                 return
-            ttl = frame.get("ttl_ms")
+            ttl: Any = frame.get("ttl_ms")
             if _is_number(ttl):
                 if ttl <= 0:
                     self._reject(run, "expired_on_arrival",
@@ -769,13 +781,19 @@ class CommandCenter:
         try:
             value = cmd.handler(run, **run.params)
         except Cancelled as exc:
+            self._release(run)
             self._final(run, "failed", error_code="cancelled",
                         error_message=str(exc) or "cancelled by the handler")
+        except CommandFailed as exc:
+            self._release(run)
+            self._final(run, "failed", error_code=exc.code, error_message=exc.message)
         except Exception as exc:
             log.debug("command %s raised", run.command, exc_info=True)
+            self._release(run)
             self._final(run, "failed", error_code="handler_error",
                         error_message=f"{type(exc).__name__}: {exc}")
         else:
+            self._release(run)
             self._final(run, "succeeded", result=_result_object(value))
 
     # Legacy runs ---------------------------------------------------------
@@ -828,19 +846,27 @@ class CommandCenter:
         try:
             value = legacy.handler(run.command, run.params)
         except Exception as exc:
+            self._release(run)
             self._legacy_error(run, base, str(exc) or type(exc).__name__, "handler_error")
         else:
+            self._release(run)
             self._legacy_result(run, base, {} if value is None else value)
 
     def _execute_legacy_declared(self, run: Run, cmd: Command, base: dict[str, Any]) -> None:
         try:
             value = cmd.handler(run, **run.params)
         except Cancelled as exc:
+            self._release(run)
             self._legacy_error(run, base, f"cancelled: {exc or 'cancelled by the handler'}",
                                "cancelled")
+        except CommandFailed as exc:
+            self._release(run)
+            self._legacy_error(run, base, f"{exc.code}: {exc.message}", exc.code)
         except Exception as exc:
+            self._release(run)
             self._legacy_error(run, base, f"{type(exc).__name__}: {exc}", "handler_error")
         else:
+            self._release(run)
             self._legacy_result(run, base, _result_object(value))
 
     def _legacy_result(self, run: Run, base: dict[str, Any], value: Any) -> None:
@@ -908,9 +934,7 @@ class CommandCenter:
             try:
                 target()
             finally:
-                with self._lock:
-                    self._active[name] -= 1
-                    self._running -= 1
+                self._release(run)
 
         if run._deadline is not None and not run.legacy:
             self._deadlines.append(run)
@@ -918,14 +942,25 @@ class CommandCenter:
         try:
             threading.Thread(target=main, name=f"plexus-command:{name}", daemon=True).start()
         except RuntimeError as exc:  # the interpreter cannot start another thread
-            self._active[name] -= 1
-            self._running -= 1
+            self._release(run)
             if legacy_base is not None:
                 self._legacy_error(run, legacy_base,
                                    f"failed to start command handler: {exc}", "busy")
             else:
                 self._final(run, "failed", error_code="busy",
                             error_message=f"failed to start command handler: {exc}")
+
+    def _release(self, run: Run) -> None:
+        """The handler returned: its concurrency slot is free (once per run).
+
+        Called before the final status goes out, so a client that runs the
+        command again as soon as it sees the answer never finds it busy."""
+        with self._lock:
+            if run.released:
+                return
+            run.released = True
+            self._active[run.command] -= 1
+            self._running -= 1
 
     def _status(self, run: Run, state: str) -> None:
         with self._lock:
@@ -1005,7 +1040,8 @@ class CommandCenter:
             send(frame)
 
     def _on_ack(self, frame: Mapping[str, Any]) -> None:
-        run_id, seq = frame.get("run_id"), frame.get("seq")
+        run_id: Any = frame.get("run_id")
+        seq: Any = frame.get("seq")
         if not isinstance(run_id, str) or not _is_number(seq):
             return
         with self._lock:

@@ -96,8 +96,8 @@ def check_link_source_id(source_id: str) -> str:
 
 def reconnect_delay(attempt: int, rng: random.Random | None = None) -> float:
     """Seconds to wait before reconnect number ``attempt`` (0-based) after a failure."""
-    rng = rng or random
-    return max(0.1, min(2.0 ** attempt, 60.0) * rng.uniform(0.75, 1.25))
+    source: Any = rng or random
+    return max(0.1, min(2.0 ** attempt, 60.0) * source.uniform(0.75, 1.25))
 
 
 def goodbye_delay(rng: random.Random | None = None) -> float:
