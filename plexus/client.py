@@ -174,6 +174,8 @@ class Plexus:
         self._link: Any = None
         self._serving = threading.Event()
         self.close_timeout = close_timeout
+        self._close_done = threading.Event()
+        self._closer: threading.Thread | None = None
         self._closed = False
         self._pollers: list[CallableAdapter] = []
         self._close_lock = threading.Lock()
@@ -451,8 +453,17 @@ class Plexus:
         persistent buffer. Idempotent."""
         with self._close_lock:
             if self._closed:
-                return
-            self._closed = True
+                closing_elsewhere = True
+            else:
+                closing_elsewhere = False
+                self._closed = True
+        if closing_elsewhere:
+            # serve() returning while another thread's close() still runs would let
+            # a script end before its buffered points are delivered.
+            if threading.current_thread() is not self._closer:
+                self._close_done.wait(self.close_timeout + 10.0)
+            return
+        self._closer = threading.current_thread()
         self._serving.set()
         if self._link is not None:
             self._link.stop()
@@ -460,8 +471,11 @@ class Plexus:
             self._commands.close()
         for poller in self._pollers:
             poller.stop()
-        self._pipeline.close(self.close_timeout if timeout is None else timeout)
-        _live_clients.discard(self)
+        try:
+            self._pipeline.close(self.close_timeout if timeout is None else timeout)
+        finally:
+            _live_clients.discard(self)
+            self._close_done.set()
 
     def __enter__(self) -> Plexus:
         return self

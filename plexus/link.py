@@ -282,14 +282,15 @@ class DeviceLink:
             goodbye = False
             authed_at: float | None = None
             try:
-                ws = self._connect()
-                try:
-                    self._authenticate(ws)
-                    authed_at = time.monotonic()
-                    goodbye = self._serve(ws)
-                finally:
-                    self._detach()
-                    self._drop(polite=False)
+                with self._connect() as ws:
+                    self._ws = ws
+                    try:
+                        self._authenticate(ws)
+                        authed_at = time.monotonic()
+                        goodbye = self._serve(ws)
+                    finally:
+                        self._detach()
+                        self._drop(polite=False)
             except _AuthRefused as exc:
                 self._problem(f"the platform refused the device link: {exc}")
             except Exception as exc:
@@ -324,7 +325,7 @@ class DeviceLink:
             ssl_context = ssl.create_default_context()
             ssl_context.check_hostname = False
             ssl_context.verify_mode = ssl.CERT_NONE
-        ws = connect(
+        ws = connect(  # used as a context manager by the caller
             self.url,
             open_timeout=self.connect_timeout,
             close_timeout=2.0,
@@ -333,7 +334,6 @@ class DeviceLink:
             user_agent_header=f"plexus-gateway/{__version__}",
             ssl=ssl_context,
         )
-        self._ws = ws
         self.connections += 1
         return ws
 

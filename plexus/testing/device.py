@@ -196,6 +196,8 @@ class DeviceServer:
         self.internal_secret = internal_secret
         #: Acknowledge every command_status at once (hosted only).
         self.auto_ack = True
+        #: Added to ``server_time_ms`` in the reply: a platform clock ahead (or behind).
+        self.clock_skew_ms = 0
         self._cond = threading.Condition()
         self._frames: list[DeviceFrame] = []
         self._devices: dict[str, _Device] = {}
@@ -469,10 +471,10 @@ class DeviceServer:
             return None
         with self._cond:
             self._auths.append(doc if isinstance(doc, dict) else {"raw": doc})
-            refuse = self._refuse_next > 0
-            self._refuse_next -= 1 if refuse else 0
             silent = self._silent_next > 0
             self._silent_next -= 1 if silent else 0
+            refuse = not silent and self._refuse_next > 0
+            self._refuse_next -= 1 if refuse else 0
             self._cond.notify_all()
         if silent:
             try:
@@ -508,7 +510,7 @@ class DeviceServer:
         if old is not None:
             _cut(old.sock)  # the new connection takes over; the old one sees 1006
         reply: dict[str, Any] = {"type": "authenticated", "source_id": source_id,
-                                 "server_time_ms": time.time_ns() // 1_000_000}
+                                 "server_time_ms": time.time_ns() // 1_000_000 + self.clock_skew_ms}
         if self.generation == "hosted":
             reply.update({"protocol": 1, "max_frame_bytes": self.max_frame_bytes, "acks": True})
             if not self.store_results:
