@@ -54,6 +54,12 @@ def _positive(value: Any) -> str | None:
     return None if value > 0 else f"must be greater than 0, got {value!r}"
 
 
+def _ws_scheme(value: Any) -> str | None:
+    if value.lower().startswith(("ws://", "wss://")):
+        return None
+    return f"must start with ws:// or wss://, got {value!r}"
+
+
 @dataclass
 class CommandsConfig:
     """The rig file's ``commands:`` section: remote commands from the dashboard."""
@@ -67,7 +73,8 @@ class CommandsConfig:
         default=None,
         metadata={"help": "The device link (ws:// or wss://; /ws/device is appended). Default: "
                           "null, then PLEXUS_GATEWAY_WS_URL, ~/.plexus/config.json "
-                          "gateway_ws_url, or wss://gateway.plexus.company."},
+                          "gateway_ws_url, or wss://gateway.plexus.company.",
+                  "check": _ws_scheme},
     )
     allow: list[str] = field(
         default_factory=list,
@@ -96,10 +103,6 @@ class CommandsConfig:
                           "Default: 3.0.", "check": _positive},
     )
 
-    def __post_init__(self) -> None:
-        if self.ws_url is not None and not self.ws_url.lower().startswith(("ws://", "wss://")):
-            raise ValueError(f"commands.ws_url must start with ws:// or wss://, got "
-                             f"{self.ws_url!r}")
 
 
 # --------------------------------------------------------------------------
