@@ -883,8 +883,8 @@ class CommandCenter:
                                               "link carries at most 1 MiB)", "too_large")
                 return
             run.final_frame = frame
-            self._send_legacy(frame)
             self._outcome(run, "succeeded", None, None)
+            self._send_legacy(frame)
 
     def _legacy_error(self, run: Run, base: dict[str, Any], message: str, code: str) -> None:
         with self._lock:
@@ -893,8 +893,8 @@ class CommandCenter:
                 return
             frame = {**base, "event": "error", "error": message}
             run.final_frame = frame
-            self._send_legacy(frame)
             self._outcome(run, "failed", code, message)
+            self._send_legacy(frame)
 
     def _send_legacy(self, frame: dict[str, Any]) -> None:
         send = self._send
@@ -1005,8 +1005,9 @@ class CommandCenter:
                 frame["error_message"] = error_message
             frame = self._fit(frame)
             run.final_frame = run.last_frame = frame
-            self._emit_status(run, frame)
+            # Audited before the platform hears of it: the record never lags the answer.
             self._outcome(run, state, error_code, error_message)
+            self._emit_status(run, frame)
 
     def _late(self, run: Run, state: str) -> None:
         log.warning("command %s (run %s) finished (%s) after it had already been answered "
