@@ -1,4 +1,4 @@
-"""The built-in adapters and sinks: a plugin like any other.
+"""The built-in adapters, sinks and gateway commands: a plugin like any other.
 
 Driver libraries (python-can, paho-mqtt, ...) are not imported here; each
 adapter imports its driver only when a rig file uses it.
@@ -32,3 +32,11 @@ def plexus_register_sinks(register: Callable[[type[Any]], None]) -> None:
 
     for cls in (HttpSink, FileSink, StdoutSink):
         register(cls)
+
+
+@hookimpl
+def plexus_register_commands(register: Callable[[Any], None], control: Any) -> None:
+    from plexus.control import builtin_commands
+
+    for cmd in builtin_commands(control):
+        register(cmd)

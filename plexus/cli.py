@@ -93,6 +93,8 @@ def cmd_run(argv: list[str]) -> int:
 
     if args.check:
         problems = missing_drivers(gateway) + registry.errors
+        if gateway.commands is not None:
+            problems += gateway.commands.problems
         _print_check(gateway)
         gateway.pipeline.close(0)
         if gateway.receiver is not None:
@@ -122,6 +124,20 @@ def _details(extra: dict[str, Any]) -> str:
                     if isinstance(v, (int, float)) and not isinstance(v, bool) and v)
 
 
+def _link_line(link: dict[str, Any]) -> str:
+    """The device link's state and the last command, for the status view."""
+    text = f"link {link['state']}"
+    if link.get("state") == "up" and link.get("since"):
+        text += f" {time.time() - link['since']:.0f}s"
+    elif link.get("last_error"):
+        text += f" ({link['last_error'][:60]})"
+    last = link.get("last_command")
+    if last:
+        text += (f"; last command {last['command']} {last['outcome']} "
+                 f"{time.time() - last['at']:.0f}s ago")
+    return text
+
+
 def _print_check(gateway: Any) -> None:
     cfg = gateway.config
     print(f"config {cfg.path}: OK")
@@ -132,6 +148,13 @@ def _print_check(gateway: Any) -> None:
               + (f" tags {tags}" if tags else ""))
     for lane in gateway.pipeline.lanes:
         print(f"  sink {lane.sink.name} (type {lane.sink.type_name})")
+    if gateway.commands is not None:
+        commands = gateway.commands
+        print(f"  commands: link {commands.link.url if commands.link else '-'}, audit file "
+              f"{commands.audit.path}")
+        print(f"    allowed: {', '.join(commands.allowed) or 'none'}")
+        for name, reason in sorted(commands.center.refusals.items()):
+            print(f"    refused: {name}: {reason}")
 
 
 class StatusView:
@@ -174,6 +197,8 @@ class StatusView:
             lines.append(f"{s['name']:<16.16} {s['buffered']:>9} {s['delivered']:>10} "
                          f"{s['dropped']:>8} {s['rejected']:>9} {lag:>7}  "
                          f"{(s['last_error'] or '')[:60]}")
+        if status.get("link"):
+            lines += ["", _link_line(status["link"])]
         return "\n".join(lines)
 
     def tick(self) -> None:
@@ -195,7 +220,8 @@ class StatusView:
         sinks = " ".join(f"{s['name']}: buffered={s['buffered']} delivered={s['delivered']} "
                          f"dropped={s['dropped']} rejected={s['rejected']}"
                          for s in status["sinks"])
-        return f"adapters [{adapters}] sinks [{sinks}]"
+        link = f" {_link_line(status['link'])}" if status.get("link") else ""
+        return f"adapters [{adapters}] sinks [{sinks}]{link}"
 
     def final(self) -> None:
         status = self.gateway.status()

@@ -60,6 +60,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from plexus.control import CommandsConfig
 from plexus.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -740,6 +741,10 @@ class GatewaySettings:
     local_receiver: LocalReceiverConfig = field(
         default_factory=LocalReceiverConfig,
         metadata=_meta("A local receiver for running without a Plexus account (demo)."),
+    )
+    commands: CommandsConfig = field(
+        default_factory=CommandsConfig,
+        metadata=_meta("Remote commands from the dashboard (docs/commands.md)."),
     )
 
     def __post_init__(self) -> None:

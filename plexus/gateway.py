@@ -88,6 +88,7 @@ class Gateway:
                             or user.get("gateway_url"))
         self.source_id = resolve_source_id(config.source_id, user, config_path())
         self.receiver: Any = None
+        self.ws_url: str | None = None  # set by a local receiver
         self._start_local_receiver()
         try:
             self.pipeline = Pipeline(self.source_id, config.tags or None)
@@ -104,6 +105,15 @@ class Gateway:
             self.adapters.append((adapter, component.tags or None))
         self._stop = threading.Event()
         self.started_at: float | None = None
+        self.commands: Any = None  # plexus.control.GatewayCommands when the rig turns them on
+        if config.commands.enabled:
+            from plexus.control import GatewayCommands
+
+            self.commands = GatewayCommands(self, check_only=check_only)
+
+    @property
+    def api_key(self) -> Secret | None:
+        return self._api_key
 
     # Building ------------------------------------------------------------
     def _start_local_receiver(self) -> None:
@@ -114,6 +124,7 @@ class Gateway:
 
         self.receiver = Receiver(port=local.port, api_keys=None).start()
         self.gateway_url = self.receiver.url
+        self.ws_url = self.receiver.ws_url
         if self._api_key is None:
             self._api_key = Secret("plx_local")
         log.info("local receiver listening on %s", self.receiver.url)
@@ -178,6 +189,8 @@ class Gateway:
                 adapter.state = "failed"
                 adapter.record_error(exc)
                 log.error("adapter %s failed to start: %s", adapter.name, exc)
+        if self.commands is not None:
+            self.commands.start()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -197,6 +210,8 @@ class Gateway:
     def shutdown(self, grace_period: float | None = None) -> None:
         """Stop adapters, deliver for up to ``grace_period`` seconds, close everything."""
         grace = self.config.grace_period if grace_period is None else grace_period
+        if self.commands is not None:  # no command may start while adapters stop
+            self.commands.stop()
         stoppers = [threading.Thread(target=a.stop, args=(2.0,)) for a, _ in self.adapters]
         for thread in stoppers:
             thread.start()
@@ -230,7 +245,8 @@ class Gateway:
             })
         return {"source_id": self.source_id, "session": self.pipeline.current_session,
                 "uptime": round(now - (self.started_at or now), 1),
-                "adapters": adapters, "sinks": sinks}
+                "adapters": adapters, "sinks": sinks,
+                "link": None if self.commands is None else self.commands.status()}
 
 
 def missing_drivers(gateway: Gateway) -> list[str]:
