@@ -98,6 +98,11 @@ class Gateway:
                 kwargs["base_dir"] = self.base_dir
             adapter = component.cls(options, name=component.name, **kwargs)
             self.adapters.append((adapter, component.tags or None))
+            if getattr(adapter, "acknowledges_upstream", False) and config.buffer.type == "memory":
+                log.warning(
+                    "adapter %s acknowledges messages once they are buffered, but the buffer "
+                    "is in memory: a crash loses what was acknowledged and not yet sent; use "
+                    "buffer: {type: sqlite}", adapter.name)
         self._stop = threading.Event()
         self.started_at: float | None = None
 
