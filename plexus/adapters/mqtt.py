@@ -64,7 +64,7 @@ from plexus.adapters.base import Adapter, AdapterContext, require
 from plexus.adapters.lineformats import LineError, timestamp_seconds
 from plexus.errors import AdapterError, BufferingError, ConfigError, PlexusError
 
-__all__ = ["MqttAdapter", "MqttOptions", "TopicOption"]
+__all__ = ["MqttAdapter", "MqttOptions", "TopicOption", "set_login_and_tls"]
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,8 @@ class MqttOptions:
     )
     username: str | None = field(default=None, metadata={"help": "broker user name"})
     password: str | None = field(
-        default=None, repr=False, metadata={"help": "broker password; never logged"}
+        default=None, repr=False,
+        metadata={"help": "broker password; never logged", "secret": True}
     )
     client_id: str | None = field(
         default=None,
@@ -236,6 +237,24 @@ def _topic_option(index: int, item: Any) -> TopicOption:
     return item
 
 
+def set_login_and_tls(client: Any, options: Any, logger: logging.Logger, name: str) -> None:
+    """Give a paho client the user name, password and TLS settings of ``options``.
+
+    ``options`` has ``username``, ``password``, ``tls``, ``ca_certs``,
+    ``certfile``, ``keyfile`` and ``tls_insecure`` (the MQTT adapter's and
+    sink's options both do). Raises OSError/ValueError for unreadable TLS files.
+    """
+    if options.username is not None:
+        client.username_pw_set(options.username, options.password)
+    if options.tls:
+        client.tls_set(ca_certs=options.ca_certs, certfile=options.certfile,
+                       keyfile=options.keyfile)
+        if options.tls_insecure:
+            logger.warning("%s: tls_insecure is set: the broker's host name is not checked, "
+                           "so a man in the middle can read this link", name)
+            client.tls_insecure_set(True)
+
+
 class _Bad(Exception):
     """A payload that cannot be used; the message says why."""
 
@@ -346,18 +365,10 @@ class MqttAdapter(Adapter):
             # (see _on_message), so a gateway killed before that gets it again.
             manual_ack=True,
         )
-        if o.username is not None:
-            client.username_pw_set(o.username, o.password)
-        if o.tls:
-            try:
-                client.tls_set(ca_certs=o.ca_certs, certfile=o.certfile, keyfile=o.keyfile)
-            except (OSError, ValueError) as exc:
-                raise AdapterError(f"{self.name}: cannot load the TLS files: {exc}") from exc
-            if o.tls_insecure:
-                self._log.warning(
-                    "%s: tls_insecure is set: the broker's host name is not checked, "
-                    "so a man in the middle can read this link", self.name)
-                client.tls_insecure_set(True)
+        try:
+            set_login_and_tls(client, o, self._log, self.name)
+        except (OSError, ValueError) as exc:
+            raise AdapterError(f"{self.name}: cannot load the TLS files: {exc}") from exc
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
