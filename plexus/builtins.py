@@ -28,8 +28,9 @@ def plexus_register_adapters(register: Callable[[type[Any]], None]) -> None:
 def plexus_register_sinks(register: Callable[[type[Any]], None]) -> None:
     from plexus.sinks.file import FileSink
     from plexus.sinks.http import HttpSink
+    from plexus.sinks.influxdb import InfluxdbSink
     from plexus.sinks.mqtt import MqttSink
     from plexus.sinks.stdout import StdoutSink
 
-    for cls in (HttpSink, FileSink, StdoutSink, MqttSink):
+    for cls in (HttpSink, FileSink, StdoutSink, MqttSink, InfluxdbSink):
         register(cls)
