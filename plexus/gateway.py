@@ -233,7 +233,7 @@ class Gateway:
 
 
 def missing_drivers(gateway: Gateway) -> list[str]:
-    """For ``--check``: import each adapter's driver libraries without starting anything."""
+    """For ``--check``: import each adapter's and sink's driver libraries, starting nothing."""
     problems = []
     for adapter, _ in gateway.adapters:
         for module in type(adapter).requires:
@@ -241,4 +241,11 @@ def missing_drivers(gateway: Gateway) -> list[str]:
                 require(module, type(adapter).extra or type(adapter).type_name)
             except AdapterError as exc:
                 problems.append(f"adapter {adapter.name}: {exc}")
+    for lane in gateway.pipeline.lanes:
+        sink_cls = type(lane.sink)
+        for module in getattr(sink_cls, "requires", ()):
+            try:
+                require(module, getattr(sink_cls, "extra", None) or sink_cls.type_name)
+            except AdapterError as exc:
+                problems.append(f"sink {lane.sink.name}: {exc}")
     return problems

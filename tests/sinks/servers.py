@@ -157,9 +157,11 @@ class NatsServer(_Process):
 
     Parameters:
         users: ``{user: password}``; when given, other clients are refused.
+        permissions: ``{user: {publish: ..., subscribe: ...}}`` as nats-server reads them.
     """
 
-    def __init__(self, directory: Path, users: dict[str, str] | None = None) -> None:
+    def __init__(self, directory: Path, users: dict[str, str] | None = None,
+                 permissions: dict[str, dict[str, Any]] | None = None) -> None:
         super().__init__(directory, "nats-server")
         self.binary = require_binary("nats-server")
         self.port = free_port()
@@ -171,8 +173,11 @@ class NatsServer(_Process):
             "max_file_store: 256MB }",
         ]
         if users:
-            entries = ", ".join(f"{{user: {json.dumps(u)}, password: {json.dumps(p)}}}"
-                                for u, p in users.items())
+            entries = ", ".join(
+                f"{{user: {json.dumps(u)}, password: {json.dumps(p)}"
+                + (f", permissions: {json.dumps(permissions[u])}" if permissions and u in permissions
+                   else "") + "}"
+                for u, p in users.items())
             lines.append(f"authorization {{ users: [{entries}] }}")
         self.config_path.write_text("\n".join(lines) + "\n")
 
