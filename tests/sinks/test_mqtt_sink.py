@@ -200,6 +200,7 @@ def test_login_refused_is_an_authentication_error_and_the_password_never_shows(
     ({"topic": "a/#"}, "must not be empty or hold"),
     ({"password": "x"}, "password is set but username is not"),
     ({"ca_certs": "ca.pem"}, "tls is false"),
+    ({"batch": True, "payload": "value"}, "batch needs payload: json"),
 ])
 def test_options_are_checked(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -220,3 +221,22 @@ def test_mqtt5_reports_a_publish_the_acl_forbids(tmp_path: Path) -> None:
         v311 = sink_for(broker, username="gw", password="pw", protocol="3.1.1")
         assert v311.send(points, "k").delivered == 2
         v311.close()
+
+
+def test_batch_mode_sends_one_message_per_topic_cut_at_the_size_limit(
+        broker: MosquittoBroker, subscriber: Subscriber) -> None:
+    sink = sink_for(broker, topic="rig/{tags[unit]}", batch=True, max_message_bytes=2048)
+    points = [("m", i, i + 1, {"unit": "a" if i % 3 else "b"}) for i in range(90)]
+    points.append(("n", 1, 1, None))  # no unit tag: rejected, the rest goes
+    result = sink.send(points, "k")
+    sink.close()
+    assert result.delivered == 90 and [i for i, _ in result.rejected] == [90]
+    assert wait_until(lambda: sum(len(p.splitlines()) for _, p in subscriber.messages) == 90)
+    assert all(len(payload) <= 2048 for _, payload in subscriber.messages)
+    by_topic: dict[str, list[int]] = {}
+    for topic, payload in subscriber.messages:
+        by_topic.setdefault(topic, []).extend(json.loads(line)["value"]
+                                              for line in payload.splitlines())
+    assert by_topic == {"rig/a": [i for i in range(90) if i % 3],
+                        "rig/b": [i for i in range(90) if not i % 3]}
+    assert len(subscriber.messages) < 10  # not one per point
