@@ -28,9 +28,12 @@ def plexus_register_adapters(register: Callable[[type[Any]], None]) -> None:
 def plexus_register_sinks(register: Callable[[type[Any]], None]) -> None:
     from plexus.sinks.file import FileSink
     from plexus.sinks.http import HttpSink
+    from plexus.sinks.influxdb import InfluxdbSink
+    from plexus.sinks.mqtt import MqttSink
+    from plexus.sinks.nats import NatsSink
     from plexus.sinks.stdout import StdoutSink
 
-    for cls in (HttpSink, FileSink, StdoutSink):
+    for cls in (HttpSink, FileSink, StdoutSink, MqttSink, InfluxdbSink, NatsSink):
         register(cls)
 
 

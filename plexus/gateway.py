@@ -103,6 +103,11 @@ class Gateway:
                 kwargs["base_dir"] = self.base_dir
             adapter = component.cls(options, name=component.name, **kwargs)
             self.adapters.append((adapter, component.tags or None))
+            if getattr(adapter, "acknowledges_upstream", False) and config.buffer.type == "memory":
+                log.warning(
+                    "adapter %s acknowledges messages once they are buffered, but the buffer "
+                    "is in memory: a crash loses what was acknowledged and not yet sent; use "
+                    "buffer: {type: sqlite}", adapter.name)
         self._stop = threading.Event()
         self.started_at: float | None = None
         self.commands: Any = None  # plexus.control.GatewayCommands when the rig turns them on
@@ -250,7 +255,7 @@ class Gateway:
 
 
 def missing_drivers(gateway: Gateway) -> list[str]:
-    """For ``--check``: import each adapter's driver libraries without starting anything."""
+    """For ``--check``: import each adapter's and sink's driver libraries, starting nothing."""
     problems = []
     for adapter, _ in gateway.adapters:
         for module in type(adapter).requires:
@@ -258,4 +263,11 @@ def missing_drivers(gateway: Gateway) -> list[str]:
                 require(module, type(adapter).extra or type(adapter).type_name)
             except AdapterError as exc:
                 problems.append(f"adapter {adapter.name}: {exc}")
+    for lane in gateway.pipeline.lanes:
+        sink_cls = type(lane.sink)
+        for module in getattr(sink_cls, "requires", ()):
+            try:
+                require(module, getattr(sink_cls, "extra", None) or sink_cls.type_name)
+            except AdapterError as exc:
+                problems.append(f"sink {lane.sink.name}: {exc}")
     return problems
