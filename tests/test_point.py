@@ -171,3 +171,246 @@ def test_object_size_counts_go_html_escaping():
     with pytest.raises(ValidationError, match="4096"):
         make_point("m", {"k": "<" * 700}, 1.0)
     assert make_point("m", {"k": "a" * 700}, 1.0)
+
+
+# --- every limit at its edge: the last accepted value, and the first refused ----------
+
+from plexus.point import (  # noqa: E402
+    MAX_FUTURE_SECONDS,
+    check_tags,
+    json_lines,
+    merge_tags,
+    timestamp_ms,
+    utf8_len,
+)
+
+
+def test_exactly_sixteen_tags_are_accepted():
+    sixteen = {f"k{i}": "v" for i in range(16)}
+    assert make_point("m", 1.0, 1.0, sixteen)[3] == sixteen
+    assert check_tags(sixteen) is sixteen
+    with pytest.raises(ValidationError, match="at most 16 tags.*got 17"):
+        check_tags({**sixteen, "k16": "v"})
+
+
+def test_sixteen_tags_after_merging_are_accepted_and_seventeen_are_not():
+    base = {f"g{i}": "v" for i in range(8)}
+    merged = make_point("m", 1.0, 1.0, {f"p{i}": "v" for i in range(8)}, base)[3]
+    assert merged is not None and len(merged) == 16
+    with pytest.raises(ValidationError, match=r"got 17 \(8 from the client/session, 9 given\)"):
+        make_point("m", 1.0, 1.0, {f"p{i}": "v" for i in range(9)}, base)
+    # A point's own tag replaces the client's of the same name: still 16.
+    overlap = make_point("m", 1.0, 1.0, {**{f"p{i}": "v" for i in range(8)}, "g0": "mine"}, base)
+    assert overlap[3] is not None and len(overlap[3]) == 16 and overlap[3]["g0"] == "mine"
+
+
+def test_merge_tags_keeps_what_it_is_given_when_one_side_is_empty():
+    base = {"a": "1"}
+    assert merge_tags(base, None) is base and merge_tags(base, {}) is base
+    extra = {"b": "2"}
+    assert merge_tags(None, extra) is extra and merge_tags({}, extra) is extra
+    assert merge_tags(base, {"a": "2", "c": "3"}) == {"a": "2", "c": "3"}
+    assert base == {"a": "1"}  # shared dicts are never changed
+    with pytest.raises(PointTypeError):
+        merge_tags(base, {"k": 1})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("key, value", [
+    ("k" * 256, "v"), ("k", "v" * 256), ("é" * 128, "v"), ("k", "é" * 128), ("k", ""),
+    ("k" * 64, "é" * 128), ("é" * 64, "v" * 256),
+])
+def test_tag_keys_and_values_of_256_bytes_are_accepted(key, value):
+    assert check_tags({key: value}) == {key: value}
+
+
+@pytest.mark.parametrize("key, value", [
+    ("k" * 257, "v"), ("k", "v" * 257), ("é" * 129, "v"), ("k", "é" * 129),
+    ("k" * 65, "é" * 129), ("é" * 129, "v" * 65),
+])
+def test_tag_keys_and_values_over_256_bytes_are_refused(key, value):
+    with pytest.raises(ValidationError, match=r"keys must be 1\.\.256 .* at most 256"):
+        check_tags({key: value})
+
+
+def test_tag_errors_name_the_tag_and_the_type():
+    with pytest.raises(PointTypeError, match=r"tag key must be a string, got int \(3\)"):
+        check_tags({3: "v"})
+    with pytest.raises(PointTypeError, match=r"tag value of tag 'k' must be a string, got "
+                                             r"float \(1\.5\)"):
+        check_tags({"k": 1.5})
+    with pytest.raises(PointTypeError, match="tags must be a dict of str to str, got tuple"):
+        check_tags(("a", "b"))
+
+
+def test_a_dict_subclass_and_str_subclasses_are_accepted_as_tags():
+    class Tags(dict):
+        pass
+
+    class Name(str):
+        pass
+
+    tags = Tags({Name("k"): Name("v")})
+    assert check_tags(tags) is tags
+
+
+@pytest.mark.parametrize("metric", ["m" * 256, "é" * 128, "m", "€" * 85, "😀" * 64])
+def test_metrics_of_up_to_256_bytes_are_accepted(metric):
+    assert make_point(metric, 1.0, 1.0)[0] == metric
+
+
+@pytest.mark.parametrize("metric", ["m" * 257, "é" * 129, "€" * 86, "😀" * 65])
+def test_metrics_over_256_bytes_are_refused_with_their_size(metric):
+    with pytest.raises(ValidationError, match=f"got {utf8_len(metric)} "):
+        make_point(metric, 1.0, 1.0)
+
+
+def test_a_long_metric_error_shows_its_start_only():
+    with pytest.raises(ValidationError) as info:
+        make_point("x" * 300, 1.0, 1.0)
+    assert repr("x" * 40) + "..." in str(info.value) and "x" * 41 not in str(info.value)
+    with pytest.raises(ValidationError, match=r"got 0$"):
+        make_point("", 1.0, 1.0)
+
+
+@pytest.mark.parametrize("value", ["v" * 256, "é" * 128, "€" * 85])
+def test_string_values_of_256_bytes_are_accepted(value):
+    assert make_point("m", value, 1.0)[1] == value
+
+
+@pytest.mark.parametrize("value", ["v" * 257, "é" * 129, "€" * 86])
+def test_string_values_over_256_bytes_are_refused_with_their_size(value):
+    with pytest.raises(ValidationError, match=f"at most 256 bytes of UTF-8, got "
+                                              f"{len(value.encode())}"):
+        make_point("m", value, 1.0)
+
+
+def test_ints_are_accepted_exactly_within_64_bits():
+    assert make_point("m", 2**63 - 1, 1.0)[1] == 2**63 - 1
+    assert make_point("m", -(2**63), 1.0)[1] == -(2**63)
+    for bad in (2**63, -(2**63) - 1):
+        with pytest.raises(ValidationError, match=f"does not fit in 64 bits: {bad}"):
+            make_point("m", bad, 1.0)
+    assert make_point("m", {"a": [2**63 - 1, -(2**63)]}, 1.0)[1] == {"a": [2**63 - 1, -(2**63)]}
+    for bad in (2**63, -(2**63) - 1):
+        with pytest.raises(ValidationError, match=r"value\.a\[0\] does not fit in 64 bits"):
+            make_point("m", {"a": [bad]}, 1.0)
+
+
+def test_bools_stay_bools_and_nested_values_keep_their_types():
+    assert make_point("m", True, 1.0)[1] is True
+    value = make_point("m", {"b": False, "n": None, "s": "x", "i": 3, "f": 1.5}, 1.0)[1]
+    assert value == {"b": False, "n": None, "s": "x", "i": 3, "f": 1.5}
+    assert [type(v) for v in value.values()] == [bool, type(None), str, int, float]
+
+
+def test_json_values_of_4096_bytes_are_accepted_and_4097_are_not():
+    # {"k":"..."} is 8 bytes around the string.
+    assert make_point("m", {"k": "x" * 4088}, 1.0)
+    with pytest.raises(ValidationError, match="at most 4096 bytes of JSON, got 4097"):
+        make_point("m", {"k": "x" * 4089}, 1.0)
+    # Go escapes '&' and '<' as 6 bytes and U+2028 as 6 bytes (3 in UTF-8): counted.
+    assert go_json_size(b'"&<>"') == 5 + 15
+    assert go_json_size('"\u2028\u2029"'.encode()) == 8 + 6
+
+
+def test_subclasses_of_the_plain_types_are_sent_as_the_plain_types():
+    import enum
+
+    class Level(float):
+        pass
+
+    class Word(str):
+        pass
+
+    class Flag(enum.IntFlag):
+        ON = 1
+
+    for value, plain in ((Level(1.5), 1.5), (Word("w"), "w"), (Flag.ON, 1)):
+        sent = make_point("m", value, 1.0)[1]
+        assert sent == plain and type(sent) is type(plain)
+    with pytest.raises(ValidationError, match="finite"):
+        make_point("m", Level("nan"), 1.0)
+
+    class Truth(int):
+        pass
+
+    assert type(make_point("m", Truth(1), 1.0)[1]) is int
+
+
+def test_nested_numpy_like_values_are_refused_by_type_with_their_path():
+    with pytest.raises(PointTypeError, match=r"value\.a\[1\] has unsupported type complex"):
+        make_point("m", {"a": [1, 2j]}, 1.0)
+    with pytest.raises(PointTypeError, match=r"key 1 at value\.d must be a string, got int"):
+        make_point("m", {"d": {1: 2}}, 1.0)
+    with pytest.raises(ValidationError, match=r"value\.x must be finite, got inf"):
+        make_point("m", {"x": math.inf}, 1.0)
+
+
+def test_timestamps_are_converted_to_milliseconds_down_to_the_epoch():
+    assert timestamp_ms(0) == 0
+    assert timestamp_ms(0.0) == 0
+    assert timestamp_ms(1700000000.123) == 1700000000123
+    assert timestamp_ms(1700000000) == 1700000000000
+    import decimal
+
+    class Seconds(float):
+        pass
+
+    assert timestamp_ms(Seconds(1.5)) == 1500
+    with pytest.raises(PointTypeError, match="got Decimal"):
+        timestamp_ms(decimal.Decimal(1))
+
+
+def test_timestamps_up_to_a_week_ahead_are_accepted():
+    soon = time.time() + MAX_FUTURE_SECONDS - 60
+    assert timestamp_ms(soon) == int(soon * 1000)
+    with pytest.raises(ValidationError, match="more than 7 days in the future; timestamps "
+                                              r"are Unix seconds$"):
+        timestamp_ms(time.time() + MAX_FUTURE_SECONDS + 60)
+
+
+@pytest.mark.parametrize("value, hint", [
+    (1.7e18, "nanoseconds; divide by 1e9"), (1.7e15, "microseconds; divide by 1e6"),
+    (1.7e12, "milliseconds; divide by 1000"),
+    # The edges: each bound belongs to the smaller unit.
+    (1e17, "microseconds"), (1e17 + 16, "nanoseconds"), (1e14, "milliseconds"),
+    (1e14 + 1, "microseconds"), (1e11 + 1, "milliseconds"), (1e11, None),
+])
+def test_a_timestamp_in_the_wrong_unit_gets_a_hint(value, hint):
+    with pytest.raises(ValidationError) as info:
+        timestamp_ms(value)
+    if hint is None:
+        assert str(info.value).endswith("timestamps are Unix seconds")
+    else:
+        assert f"(it looks like {hint}" in str(info.value)
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_a_timestamp_that_is_not_finite_says_so(value):
+    with pytest.raises(ValidationError, match="timestamp must be finite"):
+        timestamp_ms(value)
+
+
+@pytest.mark.parametrize("source_id", ["r" * 256, "0", "a._-9"])
+def test_source_ids_at_the_edges_are_accepted(source_id):
+    assert validate_source_id(source_id) == source_id
+
+
+def test_source_id_errors_name_the_limit_and_pattern():
+    with pytest.raises(ValidationError, match=r"1\.\.256 characters, got 257"):
+        validate_source_id("r" * 257)
+    with pytest.raises(ValidationError, match=r"1\.\.256 characters, got 0"):
+        validate_source_id("")
+    with pytest.raises(ValidationError, match=r"'_rig' is invalid.*\^\[a-z0-9\]"):
+        validate_source_id("_rig")
+    with pytest.raises(ValidationError, match="'rig!' is invalid"):
+        validate_source_id("rig!")
+    with pytest.raises(PointTypeError, match="got NoneType"):
+        validate_source_id(None)
+
+
+def test_json_lines_are_one_complete_object_per_point():
+    out = json_lines("rig-01", [("a", 1, 5, None), ("b", "x", 6, {"k": "v"})])
+    assert out == (b'{"source_id":"rig-01","metric":"a","value":1,"timestamp":5,"tags":{}}\n'
+                   b'{"source_id":"rig-01","metric":"b","value":"x","timestamp":6,'
+                   b'"tags":{"k":"v"}}\n')
