@@ -14,12 +14,19 @@ from plexus.point import Point, make_point
 
 
 class CollectingContext:
-    """An AdapterContext that validates points like the pipeline and keeps them."""
+    """An AdapterContext that validates and stamps points like the pipeline and keeps them.
+
+    Sessions nest as the pipeline's do (the innermost id wins, tags merge with
+    the inner winning, ending one restores what was open before it, ending an
+    unknown one changes nothing): tests/test_pipeline.py checks that this
+    stand-in stamps exactly like a real :class:`~plexus.pipeline.Pipeline`.
+    """
 
     def __init__(self) -> None:
         self.points: list[Point] = []
         self.sessions: list[tuple[str, str, dict[str, str] | None]] = []  # (begin|end, id, tags)
         self.session_tags: dict[str, str] | None = None
+        self._open: list[tuple[str, dict[str, str]]] = []
         self._lock = threading.Lock()
 
     def emit(self, metric: str, value: Any, timestamp: float | None = None,
@@ -30,11 +37,26 @@ class CollectingContext:
 
     def begin_session(self, session_id: str, tags: dict[str, str] | None = None) -> None:
         self.sessions.append(("begin", session_id, tags))
-        self.session_tags = {"session_id": session_id, **(tags or {})}
+        self._open.append((session_id, {**(tags or {}), "session_id": session_id}))
+        self._restamp()
 
     def end_session(self, session_id: str) -> None:
         self.sessions.append(("end", session_id, None))
-        self.session_tags = None
+        for i in range(len(self._open) - 1, -1, -1):
+            if self._open[i][0] == session_id:
+                del self._open[i]
+                break
+        self._restamp()
+
+    def _restamp(self) -> None:
+        tags: dict[str, str] = {}
+        for _sid, session_tags in self._open:
+            tags.update(session_tags)
+        self.session_tags = tags or None
+
+    @property
+    def current_session(self) -> str | None:
+        return self._open[-1][0] if self._open else None
 
     def metrics(self) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {}

@@ -370,3 +370,31 @@ def test_a_source_context_opens_pipeline_wide_sessions():
 def test_source_context_tags_are_checked():
     with pytest.raises(ValidationError):
         SourceContext(lane_pipeline(), tags={f"k{i}": "v" for i in range(17)})
+
+
+def test_the_adapter_tests_collecting_context_stamps_sessions_like_the_pipeline():
+    """tests.support.CollectingContext stands in for the pipeline in adapter unit
+    tests; the same nested begin/end sequence must stamp the same tags."""
+    from tests.support import CollectingContext
+
+    steps: list[tuple[str, str, dict[str, str] | None]] = [
+        ("begin", "gateway-run", {"rig": "A"}), ("emit", "", None),
+        ("begin", "flight-1", {"vehicle": "1"}), ("emit", "", None),
+        ("begin", "flight-1", {"leg": "2"}), ("emit", "", None),
+        ("end", "flight-1", None), ("emit", "", None),
+        ("end", "no-such", None), ("emit", "", None),
+        ("end", "gateway-run", None), ("emit", "", None),
+        ("end", "flight-1", None), ("emit", "", None),
+    ]
+    pipeline = lane_pipeline()
+    collector = CollectingContext()
+    for kind, sid, tags in steps:
+        for target in (pipeline, collector):
+            if kind == "begin":
+                target.begin_session(sid, tags)
+            elif kind == "end":
+                target.end_session(sid)
+            else:
+                target.emit("m", 1.0)
+        assert collector.current_session == pipeline.current_session
+    assert [p[3] for p in collector.points] == tags_of(pipeline)

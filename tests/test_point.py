@@ -391,7 +391,7 @@ def test_a_timestamp_that_is_not_finite_says_so(value):
         timestamp_ms(value)
 
 
-@pytest.mark.parametrize("source_id", ["r" * 256, "0", "a._-9"])
+@pytest.mark.parametrize("source_id", ["r" * 256, "0", "a._-9", "z"])
 def test_source_ids_at_the_edges_are_accepted(source_id):
     assert validate_source_id(source_id) == source_id
 
@@ -405,8 +405,13 @@ def test_source_id_errors_name_the_limit_and_pattern():
         validate_source_id("_rig")
     with pytest.raises(ValidationError, match="'rig!' is invalid"):
         validate_source_id("rig!")
-    with pytest.raises(PointTypeError, match="got NoneType"):
-        validate_source_id(None)
+    with pytest.raises(PointTypeError, match="source_id must be a string, got int"):
+        validate_source_id(42)
+
+
+def test_a_source_id_may_use_every_allowed_character():
+    every = "0123456789abcdefghijklmnopqrstuvwxyz._-"
+    assert validate_source_id(every) == every
 
 
 def test_json_lines_are_one_complete_object_per_point():

@@ -225,6 +225,27 @@ def test_unknown_dialect_fails_start(collector: CollectingContext) -> None:
         adapter.start(collector)
 
 
+def test_a_flight_session_nests_inside_a_session_already_open(
+    start_adapter: Start, collector: CollectingContext
+) -> None:
+    """A gateway with ``session:`` set has a session open when the vehicle arms: the
+    flight's session is the inner one while armed, and the gateway's is back after."""
+    collector.begin_session("bench-run", {"operator": "ana"})
+    adapter, port = start_adapter(auto_session=True)
+    send(port, [DISARMED, attitude(0.1), ARMED, attitude(0.2), DISARMED, attitude(0.3)])
+    assert collector.wait_for(lambda c: len(c.metrics().get("attitude.roll", [])) == 3)
+    flight = collector.sessions[1][1]
+    assert flight.startswith("flight-")
+    session_tags = ("operator", "session_id", "vehicle_system_id", "vehicle_type")
+    tags = {round(v, 3): {k: t[k] for k in session_tags if k in t}
+            for v, _ts, t in points_of(collector, "attitude.roll")}
+    assert tags[0.1] == {"operator": "ana", "session_id": "bench-run"}
+    assert tags[0.2] == {"operator": "ana", "session_id": flight, "vehicle_system_id": "1",
+                         "vehicle_type": "2"}
+    assert tags[0.3] == {"operator": "ana", "session_id": "bench-run"}
+    assert collector.current_session == "bench-run"
+
+
 def test_arm_and_disarm_begin_and_end_a_session(
     start_adapter: Start, collector: CollectingContext
 ) -> None:
