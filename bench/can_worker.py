@@ -42,13 +42,26 @@ def real_frames() -> list[tuple[int, bytes]]:
     return frames
 
 
-def pipeline_to(url: str, max_points: int):
-    from plexus.buffer import MemoryBuffer
+def signals_per_pass() -> int:
+    """Points one pass over the capture must give: every frame decoded with the DBC
+    by cantools directly (not by the adapter), one point per signal."""
+    import cantools
+
+    db = cantools.database.load_file(str(DBC))
+    return sum(len(db.decode_message(can_id, data)) for can_id, data in real_frames())
+
+
+def pipeline_to(url: str, max_points: int | None = None):
+    """The pipeline a gateway builds for the plexus sink, at the gateway's defaults
+    (memory buffer of 10,000 points, when_full=block, batch 1,000 / 1 s / 10,000)
+    unless ``max_points`` raises the buffer cap."""
+    from plexus.buffer import DEFAULT_MAX_POINTS, MemoryBuffer
     from plexus.pipeline import Pipeline, SourceContext
     from plexus.sinks.http import HttpSink
 
     pipeline = Pipeline("bench-can")
-    pipeline.add_lane(HttpSink(api_key="plx_test", gateway_url=url), MemoryBuffer(max_points))
+    pipeline.add_lane(HttpSink(api_key="plx_test", gateway_url=url),
+                      MemoryBuffer(max_points or DEFAULT_MAX_POINTS))
     pipeline.start()
     return pipeline, SourceContext(pipeline)
 
@@ -67,7 +80,8 @@ def mode_replay(args: dict) -> dict:
                 f.write(f"({t:.6f}) vcan0 {can_id:03X}#{data.hex().upper()}\n")
                 t += 0.0001
     total = repeat * len(frames)
-    pipeline, ctx = pipeline_to(args["url"], total * 3 + 10)
+    expected_points = repeat * signals_per_pass()
+    pipeline, ctx = pipeline_to(args["url"], args.get("max_points"))
     adapter = CanAdapter(CanOptions(replay=str(path), dbc=[str(DBC)], replay_speed=0.0),
                          name="replay")
     c0, t0 = cpu_seconds(), time.perf_counter()
@@ -85,6 +99,7 @@ def mode_replay(args: dict) -> dict:
             "errors": adapter.decode_errors, "fps": adapter.frames / (t_decoded - t0),
             "cpu_pct": (c_decoded - c0) / (t_decoded - t0) * 100,
             "delivered_fps": adapter.frames / (t_delivered - t0),
+            "t_delivered_s": t_delivered - t0, "expected_points": expected_points,
             "dropped": pipeline.dropped}
 
 
@@ -96,8 +111,10 @@ def mode_virtual(args: dict) -> dict:
     rate, seconds = args["rate"], args["seconds"]
     frames = real_frames()
     total = int(rate * seconds)
+    per_pass = signals_per_pass()
+    expected_points = (total // len(frames)) * per_pass + _partial_points(total % len(frames))
     channel = f"bench-{os.getpid()}"
-    pipeline, ctx = pipeline_to(args["url"], 10_000)  # the shipped memory buffer size
+    pipeline, ctx = pipeline_to(args["url"], args.get("max_points"))
     adapter = CanAdapter(CanOptions(interface="virtual", channel=channel,
                                     dbc=[str(DBC)]), name="vbus")
     adapter.start(ctx)
@@ -139,7 +156,14 @@ def mode_virtual(args: dict) -> dict:
             "points": adapter.points, "errors": adapter.decode_errors,
             "dropped": pipeline.dropped, "achieved_rate": sent / (t_sent - t0),
             "cpu_pct": (c1 - c0) / (t_read - t0) * 100, "max_late_s": late,
-            "lag_s": t_read - t_sent}
+            "lag_s": t_read - t_sent, "expected_points": expected_points}
+
+
+def _partial_points(k: int) -> int:
+    import cantools
+
+    db = cantools.database.load_file(str(DBC))
+    return sum(len(db.decode_message(can_id, data)) for can_id, data in real_frames()[:k])
 
 
 def main() -> None:

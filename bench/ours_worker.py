@@ -39,30 +39,56 @@ def make_client(args: dict, **overrides):
     return Plexus(**opts)
 
 
+def metric_names(k: int) -> list[str]:
+    """``k`` distinct metric names (the first ten are the usual stream's)."""
+    from common import METRICS
+
+    return METRICS[:k] if k <= 10 else [f"rig.sensor_{i}" for i in range(k)]
+
+
+def tag_dicts(k: int) -> list[dict[str, str] | None]:
+    """A few tag dicts of ``k`` tags each (built before the clock), or None for 0."""
+    if k == 0:
+        return [None]
+    return [{f"tag{j}": f"value{(j + d) % 7}" for j in range(k)} for d in range(8)]
+
+
 def mode_send_cost(args: dict) -> dict:
-    """µs per send() with the uploader idle (no batch is due during the loop)."""
+    """µs per send() with the uploader idle (no batch is due during the loop).
+
+    ``metrics``: distinct metric names cycled through; ``tags``: tags per call;
+    ``threads``: producer threads sharing the client.
+    """
     import threading
 
     sys.path.insert(0, args["bench"])
-    from common import METRICS, values_table
+    from common import values_table
 
     n, repeats, threads = args["n"], args["repeats"], args["threads"]
+    names = metric_names(args.get("metrics", 10))
+    tagsets = tag_dicts(args.get("tags", 0))
     values = values_table()
-    nv = len(values)
+    nv, nn, nt = len(values), len(names), len(tagsets)
+    # The uploader stays idle (no batch due, a cap that holds every call), so the
+    # loop measures send() alone; nothing is delivered.
     px = make_client(args, batch_size=10**9, flush_interval=3600.0,
                      max_buffer_points=(n + 10_000) * (repeats + 1))
     send = px.send
 
-    def loop(count: int, offset: int) -> None:
-        metrics = METRICS
-        for i in range(offset, offset + count):
-            send(metrics[i % 10], values[i % nv])
+    if nt == 1 and tagsets[0] is None:
+        def loop(count: int, offset: int) -> None:
+            for i in range(offset, offset + count):
+                send(names[i % nn], values[i % nv])
+    else:
+        def loop(count: int, offset: int) -> None:
+            for i in range(offset, offset + count):
+                send(names[i % nn], values[i % nv], None, tagsets[i % nt])
 
     loop(10_000, 0)  # warm-up
+
     def bare(count: int) -> None:  # the loop's own cost: indexing, no call
-        metrics = METRICS
         for i in range(count):
-            metrics[i % 10], values[i % nv]
+            names[i % nn], values[i % nv], tagsets[i % nt]
 
     t0 = time.perf_counter_ns()
     bare(n)
@@ -90,14 +116,21 @@ def mode_send_cost(args: dict) -> dict:
 
 
 def mode_throughput(args: dict) -> dict:
-    """Send n points as fast as possible; close() delivers them all."""
+    """Send n points as fast as possible at default settings; close() delivers them all.
+
+    A persistent buffer may already hold a backlog (``mode_populate``): it is
+    delivered too, and the receiver counts it.
+    """
     sys.path.insert(0, args["bench"])
     from common import METRICS, values_table
 
     n = args["n"]
     values = values_table()
     nv = len(values)
-    px = make_client(args, max_buffer_points=n + 10_000)
+    t_open = time.perf_counter()
+    px = make_client(args)
+    open_s = time.perf_counter() - t_open
+    backlog = px.buffer_size()
     send = px.send
     metrics = METRICS
     c0 = cpu_seconds()
@@ -105,12 +138,165 @@ def mode_throughput(args: dict) -> dict:
     for i in range(n):
         send(metrics[i % 10], values[i % nv])
     t_sent = time.time()
-    px.close(timeout=300)
+    px.close(timeout=600)
     t1 = time.time()
     c1 = cpu_seconds()
-    return {"t0": t0, "t_sent": t_sent, "t_closed": t1, "cpu": c1 - c0,
+    return {"t0": t0, "t_sent": t_sent, "t_closed": t1, "cpu": c1 - c0, "sent": n,
+            "backlog": backlog, "open_s": open_s, "left": px.buffer_size(),
             "delivered_sender": px.stats.delivered, "dropped": px.dropped,
-            "peak_rss_kb": peak_rss_kb()}
+            "waited": getattr(px._buffer, "waited", 0), "peak_rss_kb": peak_rss_kb()}
+
+
+def mode_defaults(args: dict) -> dict:
+    """A burst of n points with every setting at its default, then close()."""
+    sys.path.insert(0, args["bench"])
+    from common import METRICS, values_table
+
+    values = values_table()
+    nv = len(values)
+    px = make_client(args)
+    send = px.send
+    t0 = time.time()
+    for i in range(args["n"]):
+        send(METRICS[i % 10], values[i % nv])
+    t_sent = time.time()
+    px.close()  # the default close timeout
+    return {"t0": t0, "t_sent": t_sent, "t_closed": time.time(), "dropped": px.dropped,
+            "left": px.buffer_size(), "peak_rss_kb": peak_rss_kb()}
+
+
+def mode_populate(args: dict) -> dict:
+    """A persistent buffer file holding ``points`` points, made fast: one real block
+    (10,000 points of the usual stream, stored by SqliteBuffer itself with the
+    Plexus sink's codec) copied row by row in SQL. Every copy gets its own id, so
+    its own batch key: the receiver stores each copy."""
+    import sqlite3
+
+    sys.path.insert(0, args["bench"])
+    from common import METRICS, values_table
+
+    from plexus.codec import IngestCodec
+    from plexus.sqlite_buffer import BLOCK_POINTS, SqliteBuffer
+
+    values = values_table()
+    nv = len(values)
+    path = args["path"]
+    buf = SqliteBuffer(path)
+    buf.set_codec(IngestCodec(args.get("source_id", "bench-ours")))
+    ts = int(time.time() * 1000)
+    for i in range(BLOCK_POINTS):
+        buf.put((METRICS[i % 10], values[i % nv], ts + i, None))
+    buf.close()
+    conn = sqlite3.connect(path)
+    row = conn.execute("SELECT count, raw_bytes, codec, crc, data FROM blocks").fetchall()
+    assert len(row) == 1 and row[0][0] == BLOCK_POINTS, [r[:4] for r in row]
+    copies = args["points"] // BLOCK_POINTS
+    with conn:
+        conn.execute("DELETE FROM blocks")
+        chunk = 500
+        for start in range(0, copies, chunk):
+            conn.executemany("INSERT INTO blocks (count, raw_bytes, codec, crc, data) "
+                             "VALUES (?, ?, ?, ?, ?)", [row[0]] * min(chunk, copies - start))
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    return {"points": copies * BLOCK_POINTS, "block_bytes": len(row[0][4]),
+            "file_bytes": _files_bytes(path)}
+
+
+def _files_bytes(path: str) -> int:
+    """The buffer's bytes on disk: the database, its WAL and its inbox segments."""
+    import glob
+    import os
+
+    return sum(os.path.getsize(p) for p in glob.glob(f"{glob.escape(path)}*")
+               if os.path.isfile(p) and not p.endswith(".lock"))
+
+
+def mode_disk_bytes(args: dict) -> dict:
+    """n points of the usual stream into a persistent buffer whose platform is away
+    (nothing leaves); after close() (a sync) the files' bytes ÷ points held."""
+    sys.path.insert(0, args["bench"])
+    from common import METRICS, values_table
+
+    values = values_table()
+    nv = len(values)
+    n = args["n"]
+    px = make_client(args, flush_interval=3600.0, batch_size=10**9)
+    send = px.send
+    for i in range(n):
+        send(METRICS[i % 10], values[i % nv])
+    px.close(timeout=0)
+    import glob
+    import os
+
+    path = f"{args['tmp']}/buffer.db"
+    # Measured before buffer_stats opens the database (which makes -wal/-shm files).
+    files = {os.path.basename(p): os.path.getsize(p) for p in glob.glob(f"{glob.escape(path)}*")
+             if os.path.isfile(p) and not p.endswith(".lock")}
+    from plexus.sqlite_buffer import buffer_stats
+
+    held = buffer_stats(path).get("points", 0)
+    return {"files": files, "bytes": sum(files.values()), "held": held, "sent": n}
+
+
+def rss_parts_kb() -> tuple[int, int]:
+    """(RssAnon, RssFile) of this process: the heap, and mapped file pages (the inbox)."""
+    anon = file = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                anon = int(line.split()[1])
+            elif line.startswith("RssFile:"):
+                file = int(line.split()[1])
+    return anon, file
+
+
+def mode_rss_backlog(args: dict) -> dict:
+    """Open a client on a persistent buffer already holding a backlog and send a
+    steady ``rate`` points/s for ``seconds`` while the uploader delivers the backlog
+    at full speed (a vehicle back in coverage after an outage), then close(timeout=0).
+    RSS (and its anonymous and file-mapped parts) sampled every 0.1 s."""
+    import threading
+
+    sys.path.insert(0, args["bench"])
+    from common import METRICS, values_table
+
+    values = values_table()
+    nv = len(values)
+    rss_start = current_rss_kb()
+    t_open = time.perf_counter()
+    px = make_client(args)
+    open_s = time.perf_counter() - t_open
+    rss_open = current_rss_kb()
+    backlog = px.buffer_size()
+    samples: list[tuple[int, int, int]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.1):
+            samples.append((current_rss_kb(), *rss_parts_kb()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    send = px.send
+    rate, seconds = args["rate"], args["seconds"]
+    start = time.monotonic()
+    i = 0
+    while i < rate * seconds:
+        for _ in range(100):
+            send(METRICS[i % 10], values[i % nv])
+            i += 1
+        pause = start + i / rate - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+    stop.set()
+    sampler.join()
+    delivered = px.stats.delivered
+    px.close(timeout=0)
+    return {"backlog": backlog, "open_s": open_s, "rss_start_kb": rss_start,
+            "rss_open_kb": rss_open, "samples_kb": [s[0] for s in samples],
+            "anon_kb": [s[1] for s in samples], "file_kb": [s[2] for s in samples],
+            "sent": i, "delivered_sender": delivered, "peak_rss_kb": peak_rss_kb()}
 
 
 def mode_burst(args: dict) -> dict:
@@ -147,11 +333,11 @@ def mode_memory(args: dict) -> dict:
     for i in range(n):
         send(METRICS[i % 10], values[i % nv])
         if (i + 1) % step == 0:
-            samples.append((i + 1, current_rss_kb()))
+            samples.append((i + 1, current_rss_kb(), *rss_parts_kb()))
     buffered = px.buffer_size()
     if args.get("buffer") == "persistent":
         time.sleep(1.5)  # let the sync thread move the inbox into SQLite once
-        samples.append((n, current_rss_kb()))
+        samples.append((n, current_rss_kb(), *rss_parts_kb()))
     peak = peak_rss_kb()
     px.close(timeout=0)
     return {"peak_rss_kb": peak, "buffered": buffered, "samples": samples}

@@ -1,9 +1,9 @@
 """Peers that are not Plexus clients: a hand-rolled poster and influxdb-client.
 
 - ``handrolled``: httpx + orjson, points built before the clock starts,
-  1,000 points per request, gzip level 1 (as ours), one keep-alive
-  connection, POST /ingest to the same receiver: the ceiling of the HTTP path
-  in one Python thread.
+  ``batch`` points per request (10,000, our request size, or 1,000), gzip
+  level 1 (as ours), one keep-alive connection, POST /ingest to the same
+  receiver: the ceiling of the HTTP path in one Python thread.
 - ``influx``: influxdb-client's batching WriteApi (batch_size 1000) against
   the local 204 server of receiver_proc.py; one line-protocol string per
   write() call (its cheapest record type), gzip on.
@@ -35,16 +35,17 @@ def mode_handrolled(args: dict) -> dict:
     headers = {"x-api-key": "plx_test", "Content-Type": "application/json",
                "Content-Encoding": "gzip"}
     url = f"{args['url']}/ingest"
+    size = args.get("batch", 10_000)
     short = 0
     with httpx.Client(trust_env=False) as client:
         c0 = cpu_seconds()
         t0 = time.time()
-        for start in range(0, n, 1000):
-            body = orjson.dumps({"source_id": "bench-hand", "points": points[start:start + 1000]})
+        for start in range(0, n, size):
+            part = points[start:start + size]
+            body = orjson.dumps({"source_id": "bench-hand", "points": part})
             r = client.post(url, content=gzip.compress(body, compresslevel=1, mtime=0),
                             headers=headers)
-            if r.status_code != 200 or orjson.loads(r.content).get("count") != \
-                    len(points[start:start + 1000]):
+            if r.status_code != 200 or orjson.loads(r.content).get("count") != len(part):
                 short += 1
         t1 = time.time()
         c1 = cpu_seconds()

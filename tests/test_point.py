@@ -19,7 +19,8 @@ BAD_POINTS = [
     ("NaN", "m", math.nan, None, None, ValueError, ["finite", "'m'"]),
     ("+Inf", "m", math.inf, None, None, ValueError, ["finite"]),
     ("-Inf", "m", -math.inf, None, None, ValueError, ["finite"]),
-    ("None", "m", None, None, None, ValueError, ["None"]),
+    ("None", "m", None, None, None, ValueError,
+     ["value of 'm' is None; the platform rejects null values"]),
     ("bytes", "m", b"\x00", None, None, TypeError, ["unsupported type bytes"]),
     ("set", "m", {1, 2}, None, None, TypeError, ["unsupported type set"]),
     ("object", "m", object(), None, None, TypeError, ["unsupported type object"]),
@@ -379,10 +380,14 @@ def test_timestamps_up_to_a_week_ahead_are_accepted():
 def test_a_timestamp_in_the_wrong_unit_gets_a_hint(value, hint):
     with pytest.raises(ValidationError) as info:
         timestamp_ms(value)
+    hints = {"nanoseconds": "nanoseconds; divide by 1e9",
+             "microseconds": "microseconds; divide by 1e6",
+             "milliseconds": "milliseconds; divide by 1000"}
     if hint is None:
         assert str(info.value).endswith("timestamps are Unix seconds")
     else:
-        assert f"(it looks like {hint}" in str(info.value)
+        full = hints[hint.split(";")[0]]
+        assert str(info.value).endswith(f"timestamps are Unix seconds (it looks like {full})")
 
 
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
@@ -403,8 +408,11 @@ def test_source_id_errors_name_the_limit_and_pattern():
         validate_source_id("")
     with pytest.raises(ValidationError, match=r"'_rig' is invalid.*\^\[a-z0-9\]"):
         validate_source_id("_rig")
-    with pytest.raises(ValidationError, match="'rig!' is invalid"):
+    with pytest.raises(ValidationError) as info:
         validate_source_id("rig!")
+    assert str(info.value) == (
+        "source_id 'rig!' is invalid: use lower-case letters, digits, '.', '_' and '-', "
+        "starting with a letter or digit (pattern ^[a-z0-9][a-z0-9._-]*$)")
     with pytest.raises(PointTypeError, match="source_id must be a string, got int"):
         validate_source_id(42)
 
@@ -419,3 +427,110 @@ def test_json_lines_are_one_complete_object_per_point():
     assert out == (b'{"source_id":"rig-01","metric":"a","value":1,"timestamp":5,"tags":{}}\n'
                    b'{"source_id":"rig-01","metric":"b","value":"x","timestamp":6,'
                    b'"tags":{"k":"v"}}\n')
+
+
+class FakeNumpyScalar:
+    """Stands in for a numpy scalar (numpy is not a dependency): what the point
+    code looks at is the type's module and ``item()``/``tolist()``."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def item(self) -> object:
+        return self.value
+
+    def tolist(self) -> object:
+        return self.value
+
+
+FakeNumpyScalar.__module__ = "numpy"
+
+
+class FakeNumpyArray(FakeNumpyScalar):
+    def item(self) -> object:
+        raise ValueError("only size-1 arrays can be converted")
+
+
+FakeNumpyArray.__module__ = "numpy"
+
+
+class NotNumpy(FakeNumpyScalar):
+    pass
+
+
+def test_numpy_scalars_are_sent_as_python_values():
+    for inner, sent in ((1.5, 1.5), (3, 3), (True, True), ("s", "s")):
+        value = make_point("m", FakeNumpyScalar(inner), 1.0)[1]
+        assert value == sent and type(value) is type(sent)
+    with pytest.raises(ValidationError, match="value of 'm' must be a finite number"):
+        make_point("m", FakeNumpyScalar(math.nan), 1.0)
+    # A numpy value whose item() is not a plain scalar is refused by type.
+    with pytest.raises(PointTypeError, match="value of 'm' has unsupported type FakeNumpyScalar"):
+        make_point("m", FakeNumpyScalar(b"raw"), 1.0)
+
+
+def test_numpy_arrays_inside_objects_become_lists():
+    value = make_point("pose", {"q": FakeNumpyArray([0.5, 1.0])}, 1.0)[1]
+    assert value == {"q": [0.5, 1.0]}
+    with pytest.raises(ValidationError, match=r"value of 'pose': value\.q\[1\] must be finite"):
+        make_point("pose", {"q": FakeNumpyArray([0.5, math.inf])}, 1.0)
+
+
+def test_objects_that_only_look_like_numpy_are_refused():
+    with pytest.raises(PointTypeError, match="value of 'm' has unsupported type NotNumpy; "
+                                             "use a number, str, bool, dict or list$"):
+        make_point("m", NotNumpy(1.0), 1.0)
+    with pytest.raises(PointTypeError, match=r"value of 'm': value\.k has unsupported type "
+                                             "NotNumpy$"):
+        make_point("m", {"k": NotNumpy([1])}, 1.0)
+
+
+def test_errors_in_nested_values_name_the_metric_and_the_path():
+    with pytest.raises(PointTypeError, match=r"^value of 'pose': key 1 at value\.a must be"):
+        make_point("pose", {"a": {1: 2}}, 1.0)
+    with pytest.raises(ValidationError, match=r"^value of 'pose': value\.a\[0\]\.b must be "
+                                              "finite"):
+        make_point("pose", {"a": [{"b": math.nan}]}, 1.0)
+    with pytest.raises(ValidationError, match=r"^value of 'pose': an object or list value may "
+                                              "be at most 4096 bytes"):
+        make_point("pose", ["x" * 5000], 1.0)
+
+
+def test_subclasses_of_dict_list_and_tuple_are_checked_and_sent_plain():
+    import collections
+
+    class Row(list):
+        pass
+
+    ordered = collections.OrderedDict(a=1.5)
+    assert make_point("m", ordered, 1.0)[1] == {"a": 1.5}
+    assert type(make_point("m", ordered, 1.0)[1]) is dict
+    assert make_point("m", Row([1, 2]), 1.0)[1] == [1, 2]
+    with pytest.raises(ValidationError, match=r"^value of 'm': value\[0\] must be finite"):
+        make_point("m", Row([math.nan]), 1.0)
+    with pytest.raises(ValidationError, match=r"^value of 'm': value\.a must be finite"):
+        make_point("m", collections.OrderedDict(a=math.inf), 1.0)
+
+
+def test_float_subclasses_inside_objects_are_sent_as_floats():
+    class Meters(float):
+        pass
+
+    value = make_point("m", {"d": Meters(2.5), "l": [Meters(1.0)]}, 1.0)[1]
+    assert value == {"d": 2.5, "l": [1.0]}
+    assert type(value["d"]) is float and type(value["l"][0]) is float
+
+
+def test_a_float_subclass_error_names_the_metric():
+    class Level(float):
+        pass
+
+    with pytest.raises(ValidationError, match="^value of 'tank' must be a finite number"):
+        make_point("tank", Level("inf"), 1.0)
+
+
+def test_a_long_tag_key_error_shows_its_first_40_characters():
+    key = "k" * 39 + "LAST" + "x" * 300
+    with pytest.raises(ValidationError) as info:
+        check_tags({key: "v"})
+    assert str(info.value).startswith(f"tag {key[:40]!r}: keys must be")

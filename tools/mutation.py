@@ -95,15 +95,26 @@ def run(module: str, max_children: int) -> dict[str, int]:
     return score(module)
 
 
+def equivalents() -> dict[str, str]:
+    """The equivalent mutants listed in docs/testing.md: ``| `name` | why |`` rows."""
+    rows = re.findall(r"^\| `(plexus\.[\w.]+__mutmut_\d+)` \| (.+?) \|$",
+                      (ROOT / "docs" / "testing.md").read_text(), flags=re.M)
+    return dict(rows)
+
+
 def score(module: str) -> dict[str, int]:
-    """Count the verdicts of ``mutants/**/*.meta`` (mutmut's own result files)."""
+    """Count the verdicts of ``mutants/**/*.meta`` (mutmut's own result files); a
+    survivor listed as equivalent in docs/testing.md counts as "equivalent"."""
     work = WORK / module
     counts: dict[str, int] = {}
     survivors: list[str] = []
+    known = equivalents()
     for meta in (work / "mutants").rglob("*.meta"):
         data = json.loads(meta.read_text())
         for name, code in data.get("exit_code_by_key", {}).items():
             verdict = _verdict(code)
+            if verdict == "survived" and name in known:
+                verdict = "equivalent"
             counts[verdict] = counts.get(verdict, 0) + 1
             if verdict == "survived":
                 survivors.append(name)
@@ -126,17 +137,23 @@ def report() -> None:
         sys.exit("no runs yet")
     scores = json.loads(RESULTS.read_text())
     total_k = total_s = total_n = 0
-    print(f"{'module':<14} {'mutants':>8} {'killed':>7} {'survived':>9} {'no tests':>9} "
-          f"{'timeout':>8} {'surviving %':>12}")
+    # Surviving % = (survived + no tests) / (killed + timeout + survived + no tests);
+    # equivalent mutants are left out (no test can kill them), and listed.
+    print(f"{'module':<14} {'mutants':>8} {'killed':>7} {'timeout':>8} {'survived':>9} "
+          f"{'no tests':>9} {'equivalent':>11} {'surviving %':>12}")
+    total_e = 0
     for module, r in sorted(scores.items()):
         killed = r.get("killed", 0) + r.get("timeout", 0)
         survived = r.get("survived", 0) + r.get("no tests", 0)
-        n = killed + survived + r.get("not run", 0) + r.get("skipped", 0)
+        equivalent = r.get("equivalent", 0)
+        n = killed + survived + equivalent + r.get("not run", 0) + r.get("skipped", 0)
         total_k, total_s, total_n = total_k + killed, total_s + survived, total_n + n
+        total_e += equivalent
         pct = 100.0 * survived / max(1, killed + survived)
-        print(f"{module:<14} {n:>8} {killed:>7} {r.get('survived', 0):>9} "
-              f"{r.get('no tests', 0):>9} {r.get('timeout', 0):>8} {pct:>11.1f}%")
-    print(f"{'all':<14} {total_n:>8} {total_k:>7} {total_s:>9} {'':>9} {'':>8} "
+        print(f"{module:<14} {n:>8} {r.get('killed', 0):>7} {r.get('timeout', 0):>8} "
+              f"{r.get('survived', 0):>9} {r.get('no tests', 0):>9} {equivalent:>11} "
+              f"{pct:>11.1f}%")
+    print(f"{'all':<14} {total_n:>8} {'':>7} {'':>8} {total_s:>9} {'':>9} {total_e:>11} "
           f"{100.0 * total_s / max(1, total_k + total_s):>11.1f}%")
 
 
