@@ -184,9 +184,11 @@ def test_the_retry_schedule_is_1_2_4_seconds_jittered_then_a_new_cycle(plexus_re
         pipeline.emit("seq", 0)
         with pytest.raises(DeliveryError):
             lane.uploader.flush(timeout=30)
+        # The schedule, drawn from the same seed without the code under test:
+        # 1 s, 2 s, 4 s, each times a factor uniform in [0.75, 1.25].
         expected_rng = random.Random(7)
-        expected = [policy.delay(n, expected_rng) for n in range(3)]
-        assert sleeps.pauses == expected
+        expected = [2**n * expected_rng.uniform(0.75, 1.25) for n in range(3)]
+        assert sleeps.pauses == pytest.approx(expected, rel=1e-12)
         assert all(0.75 * 2**n <= p <= 1.25 * 2**n for n, p in enumerate(sleeps.pauses))
         assert lane.uploader.stats.failures == 4  # the attempt and three retries
         # The cycle gave up; the next reading starts a new one at once (the flush

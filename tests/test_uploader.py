@@ -1,0 +1,385 @@
+"""The uploader on its own: batching, the retry schedule, the rate ceiling, keys.
+
+Each test drives a real Uploader with a real memory buffer and the HTTP sink
+against the local receiver; waits between retries go through an injected
+``sleep`` that records them, and jitter comes from a seeded ``rng``, so the
+schedule is asserted exactly.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+from plexus.buffer import MemoryBuffer
+from plexus.errors import AuthenticationError, DeliveryError, PlexusError
+from plexus.point import Point
+from plexus.sinks.base import SendResult, Sink
+from plexus.sinks.http import HttpSink
+from plexus.uploader import JITTER, RetryPolicy, Uploader, jittered
+
+KEY = "plx_test"
+T0 = 1_700_000_000_000
+
+
+class Sleeps:
+    """An injected sleep that records each pause and returns at once."""
+
+    def __init__(self, on_sleep=None) -> None:  # type: ignore[no-untyped-def]
+        self.pauses: list[float] = []
+        self.on_sleep = on_sleep
+
+    def __call__(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        if self.on_sleep is not None:
+            self.on_sleep(len(self.pauses))
+
+
+def point(i: int, metric: str | None = None) -> Point:
+    return (metric or f"m{i}", i, T0 + i, None)
+
+
+@pytest.fixture
+def lane(plexus_receiver):  # type: ignore[no-untyped-def]
+    """make(receiver=None, **uploader options) -> (uploader, buffer, sink); stopped after."""
+    made: list[tuple[Uploader, HttpSink]] = []
+
+    def make(rx=None, *, buffer: MemoryBuffer | None = None, key: str = KEY,  # type: ignore[no-untyped-def]
+             **options):
+        rx = rx or plexus_receiver
+        sink = HttpSink(name="plexus", api_key=key, gateway_url=rx.url)
+        sink.open("rig-01")
+        buffer = buffer or MemoryBuffer(100_000)
+        options.setdefault("rng", random.Random(11))
+        options.setdefault("min_request_interval", 0.0)
+        uploader = Uploader(buffer, sink, **options)
+        made.append((uploader, sink))
+        return uploader, buffer, sink
+
+    yield make
+    for uploader, sink in made:
+        uploader.stop(1.0)
+        sink.close()
+
+
+def values(rx) -> list[int]:  # type: ignore[no-untyped-def]
+    return sorted(p["value"] for p in rx.points)
+
+
+# --- the retry policy ----------------------------------------------------------------------
+
+
+def test_the_policy_doubles_from_its_base_and_is_capped():
+    still = RetryPolicy(retries=5, base=1.0, max_delay=10.0, jitter=0.0)
+    assert [still.delay(n) for n in range(5)] == [1.0, 2.0, 4.0, 8.0, 10.0]
+    half = RetryPolicy(base=0.5, jitter=0.0)
+    assert [half.delay(n) for n in range(3)] == [0.5, 1.0, 2.0]
+
+
+def test_the_policy_jitter_is_drawn_from_the_rng_it_is_given():
+    policy = RetryPolicy(jitter=0.1)
+    rng, same = random.Random(5), random.Random(5)
+    assert [policy.delay(n, rng) for n in range(3)] == \
+        [2**n * same.uniform(0.9, 1.1) for n in range(3)]
+
+
+def test_the_policy_defaults_are_three_retries_from_one_second():
+    policy = RetryPolicy()
+    assert (policy.retries, policy.base, policy.max_delay, policy.jitter) == (3, 1.0, 30.0, 0.25)
+
+
+def test_jittered_moves_a_pause_by_up_to_a_quarter():
+    rng, same = random.Random(9), random.Random(9)
+    assert JITTER == 0.25
+    drawn = [jittered(10.0, rng) for _ in range(50)]
+    assert drawn == [10.0 * same.uniform(0.75, 1.25) for _ in range(50)]
+    assert 7.5 <= min(drawn) and max(drawn) <= 12.5 and len(set(drawn)) == 50
+
+
+# --- a delivery cycle -----------------------------------------------------------------------
+
+
+def test_a_failing_cycle_retries_on_the_exact_schedule_then_gives_up(plexus_receiver, lane):
+    plexus_receiver.go_down()
+    sleeps = Sleeps()
+    uploader, buffer, _ = lane(interval=60.0, sleep=sleeps, rng=random.Random(3),
+                               retry=RetryPolicy(retries=4, base=0.5, max_delay=3.0))
+    buffer.put(point(1))
+    uploader.start()
+    with pytest.raises(DeliveryError, match=r"delivery to plexus failed \(.*\); 1 points stay "
+                                            "buffered for retry"):
+        uploader.flush(timeout=30)
+    expected = random.Random(3)
+    assert sleeps.pauses == [min(3.0, 0.5 * 2**n * expected.uniform(0.75, 1.25))
+                             for n in range(4)]
+    assert sleeps.pauses[3] == 3.0  # 4 s x jitter, capped
+    stats = uploader.stats
+    assert (stats.failures, stats.retries, stats.cycles_given_up, stats.delivered) == (5, 4, 1, 0)
+    assert stats.last_error and "ConnectError" in stats.last_error
+    assert not uploader.healthy and len(buffer) == 1
+
+
+def test_a_retry_that_succeeds_ends_the_cycle_and_the_next_failure_starts_afresh(
+        plexus_receiver, lane):
+    sleeps = Sleeps()
+    uploader, buffer, _ = lane(interval=60.0, sleep=sleeps, rng=random.Random(4))
+    plexus_receiver.fail_next(2, status=503)
+    buffer.put(point(1))
+    uploader.start()
+    uploader.flush(timeout=30)
+    plexus_receiver.fail_next(1, status=503)
+    buffer.put(point(2))
+    uploader.flush(timeout=30)
+    expected = random.Random(4)
+    first = [expected.uniform(0.75, 1.25), 2 * expected.uniform(0.75, 1.25)]
+    assert sleeps.pauses == [*first, expected.uniform(0.75, 1.25)]  # 1 s again, not 4 s
+    assert uploader.stats.retries == 3 and uploader.stats.failures == 3
+    assert uploader.stats.delivered == 2 and uploader.healthy
+    assert values(plexus_receiver) == [1, 2]
+    # A retried batch keeps its key: the three attempts at point 1 share one.
+    keys = [r.idempotency_key for r in plexus_receiver.requests]
+    assert keys[0] == keys[1] == keys[2] and keys[3] == keys[4] and keys[0] != keys[3]
+
+
+def test_after_giving_up_the_next_reading_starts_a_new_cycle(plexus_receiver, lane):
+    plexus_receiver.go_down()
+    sleeps = Sleeps()
+    uploader, buffer, _ = lane(interval=60.0, sleep=sleeps,
+                               retry=RetryPolicy(retries=1, base=0.01))
+    buffer.put(point(1))
+    uploader.start()
+    with pytest.raises(DeliveryError):
+        uploader.flush(timeout=30)
+    plexus_receiver.come_up()
+    buffer.put(point(2))  # no flush: the reading alone wakes the uploader
+    assert plexus_receiver.wait_for(2, timeout=10)
+    assert values(plexus_receiver) == [1, 2]
+
+
+def test_rate_ceiling_answers_are_resent_soon_and_are_not_failures(plexus_receiver_factory,
+                                                                    lane):
+    rx = plexus_receiver_factory(rate_limit_interval=0.3)
+    sleeps = Sleeps(on_sleep=lambda n: time.sleep(0.1))
+    uploader, buffer, _ = lane(rx, batch_size=1, interval=0.01, max_batch=1, sleep=sleeps,
+                               rng=random.Random(6))
+    uploader.start()
+    for i in range(3):
+        buffer.put(point(i))
+    uploader.flush(timeout=30)
+    assert values(rx) == [0, 1, 2]
+    assert uploader.stats.failures == 0 and uploader.stats.retries == 0
+    assert rx.rate_limited > 0 and sleeps.pauses
+    assert all(0.05 * 0.75 <= p <= 0.15 * 1.25 for p in sleeps.pauses)
+
+
+def test_a_refused_key_is_retried_at_the_auth_interval_and_reported(plexus_receiver, lane):
+    changes: list[object] = []
+    uploader, buffer, _ = lane(interval=60.0, auth_retry_interval=0.2,
+                               on_auth_change=changes.append)
+    plexus_receiver.reject_keys_next(1)
+    buffer.put(point(1))
+    uploader.start()
+    with pytest.raises(AuthenticationError, match="refused the API key"):
+        uploader.flush(timeout=10)
+    assert isinstance(uploader.auth_error, AuthenticationError)
+    assert plexus_receiver.wait_for(1, timeout=10)  # tried again after ~0.2 s, unasked
+    assert wait(lambda: uploader.auth_error is None)
+    assert [type(c) for c in changes] == [AuthenticationError, type(None)]
+    assert uploader.stats.retries == 0  # no retry storm: the auth interval, not the schedule
+
+
+def test_the_auth_interval_defaults_to_the_longest_retry_delay(plexus_receiver, lane):
+    uploader, _, _ = lane(retry=RetryPolicy(max_delay=12.0))
+    assert uploader.auth_retry_interval == 12.0
+    assert lane(auth_retry_interval=0.0)[0].auth_retry_interval == 0.0
+
+
+def test_a_rejected_point_is_dropped_counted_and_named(plexus_receiver_factory, lane):
+    rx = plexus_receiver_factory(
+        extra_check=lambda p: "value 7 is unlucky" if p.get("value") == 7 else None)
+    uploader, buffer, _ = lane(rx, interval=60.0)
+    buffer.put_many([point(i) for i in range(10)])
+    uploader.start()
+    uploader.flush(timeout=30)
+    assert uploader.stats.rejected == 1 and uploader.stats.delivered == 9
+    assert uploader.stats.last_rejection == "m7: points[7]: value 7 is unlucky"
+    assert values(rx) == [0, 1, 2, 3, 4, 5, 6, 8, 9]
+    assert len(buffer) == 0
+
+
+# --- when batches go ----------------------------------------------------------------------
+
+
+def test_a_full_batch_goes_at_once_without_waiting_for_the_interval(plexus_receiver, lane):
+    uploader, buffer, _ = lane(batch_size=10, interval=60.0)
+    uploader.start()
+    buffer.put_many([point(i) for i in range(10)])
+    assert plexus_receiver.wait_for(10, timeout=10)
+    assert [r.count for r in plexus_receiver.requests] == [10]
+
+
+def test_fewer_points_go_when_the_interval_passes(plexus_receiver, lane):
+    uploader, buffer, _ = lane(batch_size=1000, interval=0.2)
+    uploader.start()
+    buffer.put_many([point(i) for i in range(3)])
+    assert plexus_receiver.wait_for(3, timeout=10)
+
+
+def test_no_request_carries_more_than_max_batch(plexus_receiver, lane):
+    uploader, buffer, _ = lane(batch_size=1, interval=60.0, max_batch=100)
+    buffer.put_many([point(i) for i in range(250)])
+    uploader.start()
+    uploader.flush(timeout=30)
+    assert sorted(r.count for r in plexus_receiver.requests) == [50, 100, 100]
+    assert values(plexus_receiver) == list(range(250))
+
+
+def test_requests_are_paced_by_the_minimum_interval(plexus_receiver, lane):
+    uploader, buffer, _ = lane(batch_size=1, interval=60.0, max_batch=1,
+                               min_request_interval=0.05)
+    buffer.put_many([point(i) for i in range(5)])
+    uploader.start()
+    uploader.flush(timeout=30)
+    times = sorted(r.received_at for r in plexus_receiver.requests)
+    assert len(times) == 5
+    assert all(b - a >= 0.04 for a, b in zip(times, times[1:]))
+
+
+def test_after_an_outage_every_other_batch_comes_from_the_newest_end(plexus_receiver, lane):
+    """Live data overtakes a backlog of more than two full batches."""
+    plexus_receiver.go_down()
+    uploader, buffer, _ = lane(batch_size=10_000, interval=60.0, max_batch=100,
+                               retry=RetryPolicy(retries=0, base=0.01))
+    uploader.start()
+    buffer.put_many([point(i) for i in range(1000)])
+    with pytest.raises(DeliveryError):
+        uploader.flush(timeout=30)
+    plexus_receiver.come_up()
+    uploader.flush(timeout=30)
+    firsts = [min(p["value"] for p in plexus_receiver.points[i:i + 100])
+              for i in range(0, 1000, 100)]
+    # The failed batch goes first again (same key), then oldest and newest alternate
+    # while more than two full batches wait (200 here), then the rest oldest first.
+    assert firsts == [0, 100, 900, 200, 800, 300, 700, 400, 500, 600]
+    assert values(plexus_receiver) == list(range(1000))
+
+
+def test_flush_times_out_with_the_points_kept(plexus_receiver, lane):
+    plexus_receiver.delay = 1.0
+    uploader, buffer, _ = lane(interval=60.0)
+    buffer.put(point(1))
+    uploader.start()
+    with pytest.raises(DeliveryError, match="flush timed out; 1 points stay buffered"):
+        uploader.flush(timeout=0.2)
+    plexus_receiver.delay = 0.0
+
+
+def test_flush_without_a_running_uploader_says_so(plexus_receiver, lane):
+    uploader, buffer, _ = lane()
+    buffer.put(point(1))
+    with pytest.raises(DeliveryError, match="uploader for plexus is not running"):
+        uploader.flush(timeout=5)
+    assert uploader.flush(timeout=5) if len(buffer) == 0 else True
+
+
+def test_an_empty_flush_returns_true_at_once(lane):
+    uploader, _, _ = lane()
+    uploader.start()
+    assert uploader.flush(timeout=1) is True
+
+
+def test_stop_delivers_what_is_buffered(plexus_receiver, lane):
+    uploader, buffer, _ = lane(interval=60.0)
+    buffer.put_many([point(i) for i in range(5)])
+    uploader.start()
+    assert uploader.running
+    uploader.stop(10.0)
+    assert not uploader.running
+    assert values(plexus_receiver) == [0, 1, 2, 3, 4]
+
+
+def test_stop_gives_up_at_its_deadline_when_the_platform_is_away(plexus_receiver, lane):
+    plexus_receiver.go_down()
+    uploader, buffer, _ = lane(interval=60.0, retry=RetryPolicy(retries=100, base=0.05))
+    buffer.put(point(1))
+    uploader.start()
+    started = time.monotonic()
+    uploader.stop(0.5)
+    assert time.monotonic() - started < 5.0
+    assert not uploader.running and len(buffer) == 1
+    assert uploader.stats.failures >= 1 and uploader.stats.delivered == 0
+
+
+# --- sinks that misbehave -------------------------------------------------------------------
+
+
+class FlakySink(Sink):
+    """A sink whose first sends raise what an ill-behaved plugin might raise."""
+
+    type_name = "flaky"
+
+    def __init__(self, failures: list[BaseException]) -> None:
+        super().__init__(None, "flaky")
+        self.failures = failures
+        self.got: list[Point] = []
+
+    def send(self, points: list[Point], key: str) -> SendResult:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.got.extend(points)
+        return SendResult(len(points))
+
+
+def test_any_exception_from_a_sink_is_a_retryable_failure():
+    sink = FlakySink([RuntimeError("plugin bug"), OSError("disk")])
+    buffer = MemoryBuffer()
+    sleeps = Sleeps()
+    uploader = Uploader(buffer, sink, interval=60.0, sleep=sleeps, rng=random.Random(1),
+                        min_request_interval=0.0)
+    buffer.put(point(1))
+    uploader.start()
+    try:
+        uploader.flush(timeout=10)
+    finally:
+        uploader.stop(1.0)
+    assert [p[1] for p in sink.got] == [1]
+    assert uploader.stats.failures == 2 and uploader.stats.retries == 2
+    assert len(sleeps.pauses) == 2
+
+
+def test_the_uploader_thread_outlives_a_buffer_that_fails(plexus_receiver, caplog):
+    class BrokenOnce(MemoryBuffer):
+        calls = 0
+
+        def take(self, max_points: int, newest: bool = False):  # type: ignore[no-untyped-def]
+            BrokenOnce.calls += 1
+            if BrokenOnce.calls == 1:
+                raise PlexusError("database is locked")
+            return super().take(max_points, newest)
+
+    sink = HttpSink(name="plexus", api_key=KEY, gateway_url=plexus_receiver.url)
+    sink.open("rig-01")
+    buffer = BrokenOnce()
+    uploader = Uploader(buffer, sink, interval=0.05, min_request_interval=0.0)
+    buffer.put(point(1))
+    uploader.start()
+    try:
+        assert plexus_receiver.wait_for(1, timeout=10)
+        assert uploader.running
+        assert "hit an unexpected error and goes on after a pause: PlexusError: database is " \
+               "locked" in caplog.text
+    finally:
+        uploader.stop(1.0)
+        sink.close()
+
+
+def wait(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return bool(predicate())
