@@ -98,7 +98,9 @@ def test_sigterm_delivers_buffered_points_and_exits_0(tmp_path, plexus_receiver)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     values = sorted(p["value"] for p in plexus_receiver.points)
-    assert len(values) > 100
+    # How many the generator made in 2 s depends on the machine's load (85 were seen
+    # on a busy 2-core box); what matters is that every one of them arrived.
+    assert len(values) >= 10
     assert values == list(range(len(values)))  # nothing lost, nothing twice
     assert "buffered=0" in err
 
