@@ -209,9 +209,9 @@ def test_a_stored_body_refused_with_413_is_split(plexus_receiver, open_sink):
 @pytest.mark.parametrize("status, error", [(401, AuthenticationError),
                                            (503, RetryableSinkError)])
 def test_a_stored_body_that_fails_raises_like_points(plexus_receiver, open_sink, status, error):
-    plexus_receiver.fail_next(1, status=status, error="no")
+    plexus_receiver.fail_next(1, status=status, error="go away")
     sink = open_sink(plexus_receiver.url)
-    with pytest.raises(error):
+    with pytest.raises(error, match=f"{status}: go away"):
         sink.send_batch(stored_batch(points(2)))
 
 
@@ -269,3 +269,259 @@ def test_the_url_is_the_base_plus_ingest(plexus_receiver):
     sink = HttpSink(name="plexus", api_key=KEY, gateway_url=plexus_receiver.url + "/")
     assert sink.url == plexus_receiver.url + "/ingest"
     assert KEY not in repr(sink)
+
+
+# --- edges the mutation run showed untested -------------------------------------------------
+
+
+def test_a_lone_bad_point_named_by_index_delivers_nothing(plexus_receiver_factory, open_sink):
+    rx = plexus_receiver_factory(extra_check=unlucky(0))
+    sink = open_sink(rx.url)
+    result = sink.send(points(1), "k")
+    assert result.delivered == 0 and [i for i, _ in result.rejected] == [0]
+    assert [r.idempotency_key for r in rx.requests] == ["k"]
+
+
+def test_the_first_point_named_as_bad_is_taken_out_directly(plexus_receiver_factory, open_sink):
+    rx = plexus_receiver_factory(extra_check=unlucky(0))
+    sink = open_sink(rx.url)
+    result = sink.send(points(8), "k")
+    assert [i for i, _ in result.rejected] == [0] and result.delivered == 7
+    assert [r.idempotency_key for r in rx.requests] == ["k", "k.x0"]
+
+
+def test_an_index_beyond_the_batch_is_treated_as_no_index(plexus_receiver, open_sink):
+    plexus_receiver.fail_next(1, status=400, error="points[4]: from some other request")
+    sink = open_sink(plexus_receiver.url)
+    result = sink.send(points(4), "k")
+    assert result.delivered == 4 and result.rejected == []
+    assert [r.idempotency_key for r in plexus_receiver.requests] == ["k", "k.a", "k.b"]
+
+
+def test_a_bad_point_in_the_first_half_after_a_split_keeps_its_index(
+        plexus_receiver_factory, open_sink):
+    rx = plexus_receiver_factory(extra_check=unlucky(20))
+    rx.fail_next(1, status=413, error="body too large")
+    sink = open_sink(rx.url)
+    result = sink.send(points(100), "k")
+    assert [i for i, _ in result.rejected] == [20] and result.delivered == 99
+    assert [r.idempotency_key for r in rx.requests] == ["k", "k.a", "k.a.x20", "k.b"]
+
+
+def test_a_batch_over_5_mib_of_json_goes_in_halves_before_any_request(plexus_receiver_factory,
+                                                                       open_sink):
+    rx = plexus_receiver_factory(store=False)
+    sink = open_sink(rx.url)
+    blob = {"blob": "x" * 250, "more": "y" * 250}  # ~560 bytes of JSON a point
+    big = [(f"m{i}", blob, T0 + i, None) for i in range(10_000)]
+    assert len(sink.encode(big)) > 5 * 1024 * 1024
+    result = sink.send(big, "k")
+    assert result.delivered == 10_000 and result.rejected == []
+    assert [(r.idempotency_key, r.count) for r in rx.requests] == [("k.a", 5_000),
+                                                                    ("k.b", 5_000)]
+
+
+def test_gzip_starts_above_gzip_min_bytes_at_the_configured_level(plexus_receiver, open_sink):
+    pts = points(30)
+    probe = open_sink(plexus_receiver.url)
+    size = len(probe.encode(pts))
+    exact = open_sink(plexus_receiver.url, gzip_min_bytes=size)
+    exact.send(pts, "at-limit")
+    for level in (1, 9):
+        sink = open_sink(plexus_receiver.url, gzip_min_bytes=size - 1, gzip_level=level)
+        sink.send(pts, f"level-{level}")
+    at_limit, level1, level9 = plexus_receiver.requests
+    assert not at_limit.gzip and at_limit.body_bytes == size
+    body = probe.encode(pts)
+    assert level1.gzip and level1.body_bytes == len(gzip.compress(body, 1, mtime=0))
+    assert level9.gzip and level9.body_bytes == len(gzip.compress(body, 9, mtime=0))
+    assert level1.body_bytes != level9.body_bytes
+
+
+def test_sending_before_open_or_after_close_is_a_programming_error(plexus_receiver):
+    sink = HttpSink(name="plexus", api_key=KEY, gateway_url=plexus_receiver.url)
+    with pytest.raises(AssertionError, match=r"open\(\) first"):
+        sink.send(points(1), "k")
+    sink.open("rig-01")
+    client = sink._client
+    assert client is not None
+    sink.close()
+    assert client.is_closed and sink._client is None
+    with pytest.raises(AssertionError, match=r"open\(\) first"):
+        sink.send(points(1), "k")
+    sink.close()  # twice is fine
+
+
+def test_the_sink_stores_ingest_bodies_for_its_source(plexus_receiver, open_sink):
+    codec = open_sink(plexus_receiver.url).codec("rig-07")
+    assert isinstance(codec, IngestCodec) and codec.tag == "ingest:rig-07"
+
+
+# --- connection options: TLS, warnings, headers, timeout, transport ----------------------------
+
+
+@pytest.fixture
+def tls_receiver(plexus_receiver_factory, tmp_path):  # type: ignore[no-untyped-def]
+    """The local receiver behind TLS with a self-signed certificate made by openssl."""
+    import ssl
+    import subprocess
+
+    from tests.support import require_binary
+
+    openssl = require_binary("openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    rx = plexus_receiver_factory()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = rx._server
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    return rx, rx.url.replace("http://", "https://")
+
+
+def test_tls_is_verified_by_default(tls_receiver):
+    rx, url = tls_receiver
+    sink = HttpSink(name="plexus", api_key=KEY, gateway_url=url)
+    sink.open("rig-01")
+    try:
+        with pytest.raises(RetryableSinkError, match="CERTIFICATE_VERIFY_FAILED"):
+            sink.send(points(1), "k")
+    finally:
+        sink.close()
+    assert rx.count == 0
+
+
+def test_verify_tls_off_accepts_a_self_signed_certificate_and_warns(tls_receiver, caplog):
+    rx, url = tls_receiver
+    sink = HttpSink(HttpSinkOptions(verify_tls=False), name="plexus", api_key=KEY,
+                    gateway_url=url)
+    with caplog.at_level("WARNING", logger="plexus.sinks.http"):
+        sink.open("rig-01")
+    try:
+        assert sink.send(points(2), "k").delivered == 2
+    finally:
+        sink.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"TLS certificate verification is OFF for {url}/ingest"]
+    assert rx.count == 2
+
+
+@pytest.mark.parametrize("url, key, warned", [
+    ("http://192.0.2.10:8080", KEY, True),
+    ("http://gateway.example", KEY, True),
+    ("http://127.0.0.1:8080", KEY, False),
+    ("http://localhost:8080", KEY, False),
+    ("http://[::1]:8080", KEY, False),
+    ("http://192.0.2.10:8080", None, False),
+    ("https://192.0.2.10:8080", KEY, False),
+])
+def test_a_key_over_plain_http_to_another_host_warns(caplog, url, key, warned):
+    sink = HttpSink(name="plexus", api_key=key, gateway_url=url)
+    with caplog.at_level("WARNING", logger="plexus.sinks.http"):
+        sink.open("rig-01")  # no request is made
+    sink.close()
+    host = url.split("//")[1].split(":")[0]
+    expected = [f"sending the API key over plain http:// to {host}; use https:// outside a lab"]
+    assert [r.getMessage() for r in caplog.records] == (expected if warned else [])
+
+
+def test_requests_name_the_client_and_the_content_type(plexus_receiver, open_sink):
+    sink = open_sink(plexus_receiver.url)
+    sink.send(points(1), "k")
+    headers = {k.lower(): v for k, v in plexus_receiver.requests[0].headers.items()}
+    assert headers["user-agent"] == "plexus-gateway/0.1"
+    assert headers["content-type"] == "application/json"
+    assert headers["x-api-key"] == KEY and headers["idempotency-key"] == "k"
+    assert sink.requests == 1
+
+
+def test_a_request_slower_than_the_timeout_is_retryable(plexus_receiver, open_sink):
+    plexus_receiver.delay_next(1, 1.0)
+    sink = open_sink(plexus_receiver.url, timeout=0.2)
+    with pytest.raises(RetryableSinkError, match="ReadTimeout"):
+        sink.send(points(1), "k")
+
+
+def test_a_refused_connection_is_retryable(plexus_receiver, open_sink):
+    sink = open_sink(plexus_receiver.url)
+    plexus_receiver.go_down()
+    try:
+        with pytest.raises(RetryableSinkError, match="ConnectError"):
+            sink.send(points(1), "k")
+    finally:
+        plexus_receiver.come_up()
+
+
+def test_options_name_the_platform_and_key_over_the_arguments(plexus_receiver_factory):
+    rx = plexus_receiver_factory(api_keys=["plx_from_options"])
+    sink = HttpSink(HttpSinkOptions(gateway_url=rx.url + "//", api_key="plx_from_options"),
+                    name="mine", api_key="plx_argument", gateway_url="http://127.0.0.1:9")
+    assert sink.name == "mine" and sink.url == rx.url + "/ingest"
+    sink.open("rig-01")
+    try:
+        assert sink.send(points(1), "k").delivered == 1
+    finally:
+        sink.close()
+    assert sink.source_id == "rig-01"
+    assert HttpSink(api_key=KEY).url == "https://gateway.plexus.company/ingest"
+    assert HttpSink(api_key=KEY).name == "plexus"
+
+
+def test_an_https_url_is_accepted_and_only_slashes_are_trimmed():
+    assert HttpSink(api_key=KEY, gateway_url="https://gw.example").url == \
+        "https://gw.example/ingest"
+    assert HttpSink(api_key=KEY, gateway_url="https://GW.EXAMPLEX/").url == \
+        "https://GW.EXAMPLEX/ingest"
+
+
+def test_a_transport_can_be_passed_in():
+    import httpx
+
+    seen: list[bytes] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request.content)
+        return httpx.Response(200, json={"count": 2})
+
+    sink = HttpSink(name="plexus", api_key=KEY, gateway_url="http://gw.example",
+                    transport=httpx.MockTransport(answer))
+    sink.open("rig-01")
+    try:
+        assert sink.send(points(2), "k").delivered == 2
+    finally:
+        sink.close()
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize("status, body, error, count", [
+    (200, b'{"count": 3}', "OK", 3),
+    (200, b"", "OK", -1),
+    (200, b"[1, 2]", "OK", -1),
+    (200, b"not json", "OK", -1),
+    (200, b'{"count": "3"}', "OK", -1),
+    (503, b'{"error": "overloaded"}', "overloaded", -1),
+    (503, b"", "Service Unavailable", -1),
+    (400, b'{"error": "' + b"e" * 600 + b'"}', "e" * 500, -1),
+    (599, b"", "", -1),
+])
+def test_answers_are_read_leniently(status, body, error, count):
+    import httpx
+
+    from plexus.sinks.http import _parse_response
+
+    response = httpx.Response(status, content=body)
+    assert _parse_response(response) == (error, count)
+
+
+def test_a_missing_key_error_says_where_to_put_one(plexus_receiver):
+    sink = HttpSink(name="plexus", gateway_url=plexus_receiver.url)
+    sink.open("rig-01")
+    try:
+        with pytest.raises(AuthenticationError) as info:
+            sink.send(points(1), "k")
+    finally:
+        sink.close()
+    assert str(info.value) == ("no API key: pass Plexus(api_key=...), set PLEXUS_API_KEY, or "
+                               'put {"api_key": ...} in ~/.plexus/config.json')

@@ -114,7 +114,8 @@ def test_ending_a_session_that_is_not_open_warns_and_changes_nothing(caplog):
     pipeline.begin_session("open")
     with caplog.at_level(logging.WARNING, logger="plexus.pipeline"):
         pipeline.end_session("never-begun")
-    assert "end_session('never-begun'): no such session is open" in caplog.text
+    assert [r.getMessage() for r in caplog.records] == [
+        "end_session('never-begun'): no such session is open"]
     assert pipeline.current_session == "open"
     pipeline.emit("m", 1.0)
     assert tags_of(pipeline) == [{"session_id": "open"}]
@@ -196,8 +197,10 @@ def test_emit_with_a_timestamp_and_tags_merges_them_point_tags_winning():
 ])
 def test_emit_refuses_a_bad_point_and_buffers_nothing(metric: Any, value: Any, error: type):
     pipeline = lane_pipeline()
-    with pytest.raises(error):
+    with pytest.raises(error) as info:
         pipeline.emit(metric, value)
+    if metric == "m":
+        assert str(info.value).startswith("value of 'm' ")
     assert len(pipeline) == 0
 
 
@@ -240,16 +243,17 @@ def test_emit_many_stamps_now_by_default():
 def test_emit_many_after_close_raises():
     pipeline = lane_pipeline()
     pipeline.close(timeout=0)
-    with pytest.raises(ClientClosedError, match="this client is closed"):
+    closed = "^this client is closed; create a new Plexus\\(\\) to send$"
+    with pytest.raises(ClientClosedError, match=closed):
         pipeline.emit_many([("a", 1)])
-    with pytest.raises(ClientClosedError):
+    with pytest.raises(ClientClosedError, match=closed):
         pipeline.emit("a", 1)
-    assert pipeline.closed
+    assert pipeline.closed is True
 
 
 def test_a_pipeline_without_a_sink_says_so():
     pipeline = Pipeline("rig-01")
-    with pytest.raises(PlexusError, match="the pipeline has no sink"):
+    with pytest.raises(PlexusError, match="^the pipeline has no sink$"):
         pipeline.emit("m", 1.0)
 
 
@@ -398,3 +402,76 @@ def test_the_adapter_tests_collecting_context_stamps_sessions_like_the_pipeline(
                 target.emit("m", 1.0)
         assert collector.current_session == pipeline.current_session
     assert [p[3] for p in collector.points] == tags_of(pipeline)
+
+
+
+# --- a running pipeline: lanes, codecs, close -------------------------------------------------
+
+
+def test_a_new_pipeline_is_open_and_a_lane_gets_its_options():
+    pipeline = Pipeline("rig-01")
+    assert pipeline.closed is False
+    sink = HttpSink(name="s", api_key=KEY, gateway_url="http://127.0.0.1:9")
+    lane = pipeline.add_lane(sink, MemoryBuffer(), batch_size=123, interval=4.5)
+    assert (lane.uploader.batch_size, lane.uploader.interval) == (123, 4.5)
+    assert lane.sink is sink and lane.buffer is pipeline.lanes[0].buffer
+
+
+def test_a_lane_buffer_stores_what_its_sink_sends(tmp_path):
+    from plexus.sqlite_buffer import SqliteBuffer
+
+    pipeline = Pipeline("rig-01")
+    buffer = SqliteBuffer(tmp_path / "b.db")
+    try:
+        pipeline.add_lane(HttpSink(name="s", api_key=KEY, gateway_url="http://127.0.0.1:9"),
+                          buffer)
+        assert buffer.codec.tag == "ingest:rig-01"
+    finally:
+        buffer.close()
+
+
+def test_close_delivers_every_lane_and_reports_nothing_lost(plexus_receiver_factory, caplog):
+    receivers = [plexus_receiver_factory() for _ in range(2)]
+    pipeline = Pipeline("rig-01")
+    for n, rx in enumerate(receivers):
+        pipeline.add_lane(HttpSink(name=f"s{n}", api_key=KEY, gateway_url=rx.url),
+                          MemoryBuffer(), interval=60.0)
+    pipeline.start()
+    for i in range(5):
+        pipeline.emit("m", i)
+    with caplog.at_level(logging.WARNING, logger="plexus.pipeline"):
+        pipeline.close(timeout=10)
+    assert [rx.count for rx in receivers] == [5, 5]
+    assert caplog.records == []
+    assert all(not lane.uploader.running for lane in pipeline.lanes)
+
+
+def test_close_gives_lanes_their_time_in_parallel_and_says_what_is_left(
+        plexus_receiver_factory, tmp_path, caplog):
+    from plexus.sqlite_buffer import SqliteBuffer
+    from plexus.uploader import RetryPolicy
+
+    dead = [plexus_receiver_factory() for _ in range(3)]
+    for rx in dead:
+        rx.go_down()
+    pipeline = Pipeline("rig-01")
+    retry = RetryPolicy(retries=100, base=0.05, max_delay=0.1)
+    for n, rx in enumerate(dead):
+        buffer = SqliteBuffer(tmp_path / f"b{n}.db") if n == 2 else MemoryBuffer()
+        pipeline.add_lane(HttpSink(name=f"s{n}", api_key=KEY, gateway_url=rx.url), buffer,
+                          interval=60.0, retry=retry)
+    pipeline.start()
+    for i in range(4):
+        pipeline.emit("m", i)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="plexus.pipeline"):
+        pipeline.close(timeout=1.0)
+    # One after another would take 3 s or more.
+    assert time.monotonic() - started < 2.7
+    assert sorted(r.getMessage() for r in caplog.records if r.name == "plexus.pipeline") == [
+        "4 points were not delivered to s0 before shutdown and are lost (memory buffer)",
+        "4 points were not delivered to s1 before shutdown and are lost (memory buffer)",
+        "4 points were not delivered to s2 before shutdown; they stay in the persistent buffer",
+    ]
+    for rx in dead:
+        rx.come_up()
