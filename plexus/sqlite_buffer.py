@@ -48,7 +48,7 @@ from typing import Any
 
 import orjson
 
-from plexus.adapters.base import RateLimitedLog
+from plexus.ratelimit import RateLimitedLog
 from plexus.buffer import Batch, Buffer, in_flight_limit
 from plexus.errors import BufferingError
 from plexus.point import Point

@@ -23,6 +23,7 @@ from types import ModuleType
 from typing import Any, ClassVar, Protocol
 
 from plexus.errors import AdapterError, PlexusError
+from plexus.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -62,31 +63,6 @@ class AdapterHealth:
     @property
     def connected(self) -> bool:
         return self.state == "connected"
-
-
-class RateLimitedLog:
-    """Log at most one line per ``interval`` seconds, counting what it skipped.
-
-    Garbage on a bus can arrive thousands of times a second; the log must stay
-    readable and cheap.
-    """
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self._logger = logger
-        self._interval = interval
-        self._next = 0.0
-        self._skipped = 0
-
-    def __call__(self, level: int, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._skipped += 1
-            return
-        if self._skipped:
-            message += f" ({self._skipped} similar messages suppressed)"
-            self._skipped = 0
-        self._next = now + self._interval
-        self._logger.log(level, message, *args)
 
 
 def require(module: str, extra: str) -> ModuleType:
