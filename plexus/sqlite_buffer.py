@@ -48,10 +48,10 @@ from typing import Any
 
 import orjson
 
-from plexus.ratelimit import RateLimitedLog
 from plexus.buffer import Batch, Buffer, in_flight_limit
 from plexus.errors import BufferingError
 from plexus.point import Point
+from plexus.ratelimit import RateLimitedLog
 
 log = logging.getLogger("plexus.buffer")
 
