@@ -37,19 +37,25 @@ log = logging.getLogger(__name__)
 
 
 def resolve_paths(options: Any, base_dir: Path) -> Any:
-    """Make the options marked ``metadata={"path": True}`` relative to the rig file's folder."""
-    if not dataclasses.is_dataclass(options):
+    """Make the options marked as paths relative to the rig file's folder."""
+    from plexus.config.options import field_specs
+
+    if not (dataclasses.is_dataclass(options) or hasattr(options, "model_copy")):
         return options
     changes: dict[str, Any] = {}
-    for f in dataclasses.fields(options):
-        if not f.metadata.get("path"):
+    for name, spec in field_specs(type(options)).items():
+        if not spec.path:
             continue
-        value = getattr(options, f.name)
+        value = getattr(options, name)
         if isinstance(value, str) and value:
-            changes[f.name] = _under(value, base_dir)
+            changes[name] = _under(value, base_dir)
         elif isinstance(value, list):
-            changes[f.name] = [_under(v, base_dir) if isinstance(v, str) else v for v in value]
-    return dataclasses.replace(options, **changes) if changes else options  # type: ignore[type-var]
+            changes[name] = [_under(v, base_dir) if isinstance(v, str) else v for v in value]
+    if not changes:
+        return options
+    if hasattr(options, "model_copy"):
+        return options.model_copy(update=changes)
+    return dataclasses.replace(options, **changes)
 
 
 def _under(value: str, base_dir: Path) -> str:
