@@ -93,7 +93,7 @@ class CallableAdapter(ThreadedAdapter):
         self.calls = 0
         self._func = func or resolve_function(options.function, base_dir)
         if options.interval <= 0:
-            raise AdapterError(f"{self.name}: interval must be > 0, got {options.interval}")
+            raise AdapterError(f"interval must be greater than 0, got {options.interval:g}")
 
     def connect(self) -> None:
         pass  # nothing to open; the function was resolved at construction

@@ -35,14 +35,16 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import orjson
 
-from plexus.adapters.base import Adapter, AdapterContext, require
+from plexus.adapters.base import Adapter, AdapterContext, describe_error, require
 from plexus.adapters.lineformats import LineError, timestamp_seconds
 from plexus.errors import AdapterError, ConfigError
 
@@ -76,10 +78,13 @@ class MqttOptions:
     port: int = field(default=1883, metadata={"help": "broker port (8883 is usual for TLS)"})
     tls: bool = field(default=False, metadata={"help": "connect with TLS"})
     ca_certs: str | None = field(
-        default=None, metadata={"help": "CA bundle (PEM) to verify the broker; None: system CAs"}
+        default=None, metadata={"help": "CA bundle (PEM) to verify the broker; None: system CAs",
+                                "path": True}
     )
-    certfile: str | None = field(default=None, metadata={"help": "client certificate (PEM)"})
-    keyfile: str | None = field(default=None, metadata={"help": "client private key (PEM)"})
+    certfile: str | None = field(default=None, metadata={"help": "client certificate (PEM)",
+                                                         "path": True})
+    keyfile: str | None = field(default=None, metadata={"help": "client private key (PEM)",
+                                                        "path": True})
     tls_insecure: bool = field(
         default=False,
         metadata={"help": "skip the broker host name check (logs a warning; testing only)"},
@@ -279,8 +284,65 @@ class MqttAdapter(Adapter):
     def start(self, ctx: AdapterContext) -> None:
         super().start(ctx)
         mqtt = require("paho.mqtt.client", "mqtt")
-        o = self.options
         self._stopping = False
+        client = self._make_client(mqtt)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        # connect_async only records the target: the first attempt happens in
+        # paho's thread, which retries it, so a broker that is down never fails start().
+        client.connect_async(self.options.host, self.options.port, **self._connect_kwargs())
+        self._client = client
+        self.state = "reconnecting"
+        client.loop_start()
+
+    def preflight(self) -> list[str]:
+        o = self.options
+        problems = []
+        for key in ("ca_certs", "certfile", "keyfile"):
+            path = getattr(o, key)
+            if path is not None and not os.path.isfile(path):
+                problems.append(f"{key}: file not found: {path}")
+            elif path is not None and not os.access(path, os.R_OK):
+                problems.append(f"{key}: cannot read {path} (permission denied)")
+        return problems
+
+    def preflight_online(self, timeout: float) -> list[str]:
+        mqtt = require("paho.mqtt.client", "mqtt")
+        o = self.options
+        answer: list[Any] = []
+        try:
+            client = self._make_client(mqtt)
+        except AdapterError as exc:
+            return [str(exc)]
+        client.on_connect = lambda _c, _u, _f, reason, _p=None: answer.append(reason)
+        where = f"the broker at {o.host}:{o.port}"
+        try:
+            client.connect(o.host, o.port, **self._connect_kwargs())
+        except Exception as exc:  # refused, unknown host, TLS handshake...
+            return [f"cannot connect to {where}: {describe_error(exc)}"]
+        deadline = time.monotonic() + timeout
+        try:
+            while not answer and time.monotonic() < deadline:
+                client.loop(timeout=0.1)
+        finally:
+            client.disconnect()
+        if not answer:
+            return [f"{where} did not answer within {timeout:g} s"]
+        if answer[0].is_failure:
+            return [f"{where} refused the connection: {answer[0]}"]
+        return []
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"keepalive": self.options.keepalive}
+        if self.options.protocol == "5":
+            kwargs["clean_start"] = self.options.clean_start
+        return kwargs
+
+    def _make_client(self, mqtt: Any) -> Any:
+        o = self.options
         v5 = o.protocol == "5"
         client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -296,27 +358,14 @@ class MqttAdapter(Adapter):
             try:
                 client.tls_set(ca_certs=o.ca_certs, certfile=o.certfile, keyfile=o.keyfile)
             except (OSError, ValueError) as exc:
-                raise AdapterError(f"{self.name}: cannot load the TLS files: {exc}") from exc
+                raise AdapterError(f"cannot load the TLS files: {exc}") from exc
             if o.tls_insecure:
                 self._log.warning(
                     "%s: tls_insecure is set: the broker's host name is not checked, "
                     "so a man in the middle can read this link", self.name)
                 client.tls_insecure_set(True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        connect_kwargs: dict[str, Any] = {"keepalive": o.keepalive}
-        if v5:
-            connect_kwargs["clean_start"] = o.clean_start
-        # connect_async only records the target: the first attempt happens in
-        # paho's thread, which retries it, so a broker that is down never fails start().
-        client.connect_async(o.host, o.port, **connect_kwargs)
-        self._client = client
-        self.state = "reconnecting"
-        client.loop_start()
+        return client
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True

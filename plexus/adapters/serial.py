@@ -68,7 +68,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, ClassVar, Literal
 
-from plexus.adapters.base import AdapterContext, ThreadedAdapter, require
+from plexus.adapters.base import AdapterContext, ThreadedAdapter, describe_error, require
 from plexus.adapters.lineformats import (
     ChecksumError,
     CsvParser,
@@ -279,9 +279,29 @@ class SerialAdapter(ThreadedAdapter):
         try:
             self._make_port(serial)
         except (ValueError, serial.SerialException) as exc:
-            raise AdapterError(f"{self.name}: cannot use port {self.options.port!r}: {exc}") from exc
+            raise AdapterError(f"cannot use port {self.options.port!r}: {exc}") from exc
         self._serial = serial
         super().start(ctx)
+
+    def preflight(self) -> list[str]:
+        try:
+            serial = require("serial", "serial")
+            self._make_port(serial)
+        except AdapterError as exc:
+            return [str(exc)]
+        except (ValueError, serial.SerialException) as exc:
+            return [f"cannot use port {self.options.port!r}: {exc}"]
+        return []
+
+    def preflight_online(self, timeout: float) -> list[str]:
+        serial = require("serial", "serial")
+        try:
+            port = self._make_port(serial)
+            port.open()
+        except Exception as exc:
+            return [f"cannot open {self.options.port}: {describe_error(exc)}"]
+        port.close()
+        return []
 
     def stop(self, timeout: float = 5.0) -> None:
         super().stop(timeout)
