@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from plexus.adapters.base import Adapter, require
+from plexus.adapters.base import Adapter, describe_error, require
 from plexus.buffer import DEFAULT_MAX_POINTS, Buffer, MemoryBuffer
 from plexus.client import config_path, read_user_config, resolve_source_id
-from plexus.config import RigConfig
-from plexus.errors import AdapterError, ConfigError, PlexusError
+from plexus.config import ComponentConfig, ConfigErrors, ConfigProblem, RigConfig
+from plexus.errors import AdapterError, PlexusError
 from plexus.pipeline import Pipeline, SourceContext
 from plexus.plugins import Registry
 from plexus.secret import Secret
@@ -43,7 +43,7 @@ def resolve_paths(options: Any, base_dir: Path) -> Any:
     if not (dataclasses.is_dataclass(options) or hasattr(options, "model_copy")):
         return options
     changes: dict[str, Any] = {}
-    for name, spec in field_specs(type(options)).items():
+    for name, spec in field_specs(type(options)).items():  # type: ignore[arg-type]
         if not spec.path:
             continue
         value = getattr(options, name)
@@ -69,43 +69,91 @@ class Gateway:
     Parameters:
         config: a loaded :class:`~plexus.config.RigConfig`.
         registry: the plugin registry the config was validated against.
-        dry_run: replace every sink with ``stdout``.
+        dry_run: replace every sink with ``stdout`` (and start no local receiver).
         check_only: for ``--check``: memory buffers, no local receiver.
 
     Raises:
-        ConfigError / AdapterError: something in the config cannot be built
-            (an invalid source id, a function that cannot be imported...).
+        ConfigErrors: something in the config cannot be built (an invalid
+            source id, a function that cannot be imported...): every such
+            problem, each with the file, line and entry.
     """
 
     def __init__(self, config: RigConfig, registry: Registry, *, dry_run: bool = False,
                  check_only: bool = False) -> None:
         self.config = config
         self.check_only = check_only  # build everything, but touch no buffer file
+        self.dry_run = dry_run
         self.registry = registry
         self.base_dir = Path(config.path).resolve().parent if config.path else Path.cwd()
+        problems: list[ConfigProblem] = []
         user = read_user_config()
         key = config.api_key or os.environ.get("PLEXUS_API_KEY") or user.get("api_key")
         self._api_key = Secret(key) if key else None
         self.gateway_url = (config.gateway_url or os.environ.get("PLEXUS_GATEWAY_URL")
                             or user.get("gateway_url"))
-        self.source_id = resolve_source_id(config.source_id, user, config_path())
+        try:
+            self.source_id = resolve_source_id(config.source_id, user, config_path())
+        except PlexusError as exc:
+            problems.append(config.problem("source_id", str(exc)))
+            self.source_id = "invalid-source-id"
         self.receiver: Any = None
-        self._start_local_receiver()
+        if not (dry_run or check_only):
+            self._start_local_receiver()
         try:
             self.pipeline = Pipeline(self.source_id, config.tags or None)
         except PlexusError as exc:
-            raise ConfigError(f"{config.path}: tags: {exc}") from None
-        self._build_lanes(dry_run)
+            problems.append(config.problem("tags", str(exc)))
+            self.pipeline = Pipeline(self.source_id)
+        #: (sink, the rig entry it comes from; None for the default sink)
+        self.sinks: list[tuple[Sink, ComponentConfig | None]] = []
+        self._build_lanes(dry_run, problems)
         self.adapters: list[tuple[Adapter, dict[str, str] | None]] = []
+        #: each adapter's rig entry, for messages that name its line
+        self.entries: dict[str, ComponentConfig] = {}
         for component in config.adapters:
-            options = resolve_paths(component.options, self.base_dir)
-            kwargs: dict[str, Any] = {}
-            if component.type == "callable":
-                kwargs["base_dir"] = self.base_dir
-            adapter = component.cls(options, name=component.name, **kwargs)
+            try:
+                options = resolve_paths(component.options, self.base_dir)
+                kwargs: dict[str, Any] = {}
+                if component.type == "callable":
+                    kwargs["base_dir"] = self.base_dir
+                adapter = component.cls(options, name=component.name, **kwargs)
+            except Exception as exc:  # a plugin's constructor may raise anything
+                problems.append(component.problem(config.path, describe_error(exc)))
+                continue
             self.adapters.append((adapter, component.tags or None))
+            self.entries[adapter.name] = component
+        if problems:
+            self._release()
+            raise ConfigErrors(problems)
         self._stop = threading.Event()
         self.started_at: float | None = None
+
+    def _release(self) -> None:
+        """Undo what __init__ started, when it cannot finish."""
+        if self.receiver is not None:
+            self.receiver.stop()
+            self.receiver = None
+
+    @property
+    def has_api_key(self) -> bool:
+        return self._api_key is not None
+
+    def missing_key_problems(self) -> list[ConfigProblem]:
+        """A Plexus sink with no API key anywhere: it could deliver nothing."""
+        problems: list[ConfigProblem] = []
+        if self.config.local_receiver.enabled:
+            return problems  # the bundled receiver takes any key
+        for sink, entry in self.sinks:
+            if not isinstance(sink, HttpSink) or self._api_key is not None:
+                continue
+            if entry is not None and getattr(entry.options, "api_key", None):
+                continue
+            message = ("no API key for the Plexus platform: set the environment variable "
+                       "PLEXUS_API_KEY, or write api_key: ${PLEXUS_API_KEY} in the rig file "
+                       "(or put {\"api_key\": ...} in ~/.plexus/config.json)")
+            problems.append(entry.problem(self.config.path, message) if entry is not None
+                            else self.config.problem("api_key", message))
+        return problems
 
     # Building ------------------------------------------------------------
     def _start_local_receiver(self) -> None:
@@ -120,30 +168,41 @@ class Gateway:
             self._api_key = Secret("plx_local")
         log.info("local receiver listening on %s", self.receiver.url)
 
-    def _sink_components(self, dry_run: bool) -> list[tuple[type[Sink], Any, str]]:
+    def _sink_components(
+        self, dry_run: bool,
+    ) -> list[tuple[type[Sink], Any, str, ComponentConfig | None]]:
         if dry_run:
-            return [(StdoutSink, StdoutSink.Options(), "stdout")]
+            return [(StdoutSink, StdoutSink.Options(), "stdout", None)]
         if not self.config.sinks:
-            return [(HttpSink, HttpSink.Options(), "plexus")]
-        return [(c.cls, resolve_paths(c.options, self.base_dir), c.name) for c in self.config.sinks]
+            return [(HttpSink, HttpSink.Options(), "plexus", None)]
+        return [(c.cls, resolve_paths(c.options, self.base_dir), c.name, c)
+                for c in self.config.sinks]
 
-    def _build_lanes(self, dry_run: bool) -> None:
+    def _build_lanes(self, dry_run: bool, problems: list[ConfigProblem]) -> None:
         cfg = self.config
         retry = RetryPolicy(retries=cfg.retry.retries, base=cfg.retry.base,
                             max_delay=cfg.retry.max_delay)
-        for index, (cls, options, name) in enumerate(self._sink_components(dry_run)):
+        for index, (cls, options, name, entry) in enumerate(self._sink_components(dry_run)):
             sink: Sink
-            if issubclass(cls, HttpSink):
-                options = dataclasses.replace(
-                    options,
-                    verify_tls=options.verify_tls and cfg.verify_tls,
-                    timeout=cfg.timeout if options.timeout == HttpSink.Options().timeout
-                    else options.timeout,
-                )
-                sink = cls(options, name=name, api_key=self._api_key,
-                           gateway_url=self.gateway_url)
-            else:
-                sink = cls(options, name=name)
+            try:
+                if issubclass(cls, HttpSink):
+                    options = dataclasses.replace(
+                        options,
+                        verify_tls=options.verify_tls and cfg.verify_tls,
+                        timeout=cfg.timeout if options.timeout == HttpSink.Options().timeout
+                        else options.timeout,
+                    )
+                    sink = cls(options, name=name, api_key=self._api_key,
+                               gateway_url=self.gateway_url)
+                else:
+                    sink = cls(options, name=name)
+            except Exception as exc:
+                problems.append(entry.problem(cfg.path, describe_error(exc)) if entry else
+                                cfg.problem("gateway_url", describe_error(exc)))
+                continue
+            self.sinks.append((sink, entry))
+            if problems:
+                continue  # nothing will run: open no buffer file
             self.pipeline.add_lane(
                 sink, self._make_buffer(index, name),
                 batch_size=cfg.batch.size, interval=cfg.batch.interval,
@@ -176,8 +235,17 @@ class Gateway:
                 adapter.start(SourceContext(self.pipeline, tags))
             except Exception as exc:  # one adapter failing never stops the others
                 adapter.state = "failed"
-                adapter.record_error(exc)
-                log.error("adapter %s failed to start: %s", adapter.name, exc)
+                adapter.errors += 1
+                adapter.last_error = describe_error(exc)
+                log.error("adapter %s failed to start: %s", adapter.name, adapter.last_error)
+
+    def failed_adapters(self) -> list[Adapter]:
+        return [adapter for adapter, _ in self.adapters if adapter.state == "failed"]
+
+    def nothing_left_to_run(self) -> bool:
+        """Every adapter has failed for good or finished (a capture replayed once)."""
+        return bool(self.adapters) and all(
+            adapter.state in ("failed", "finished") for adapter, _ in self.adapters)
 
     def request_stop(self) -> None:
         self._stop.set()

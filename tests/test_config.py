@@ -656,7 +656,7 @@ def test_top_level_must_be_a_mapping(tmp_path: Path, text: str, problem: str) ->
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "absent.yaml"
-    with pytest.raises(ConfigError, match="absent.yaml:1: cannot read the config file: "
+    with pytest.raises(ConfigError, match="absent.yaml: cannot read the rig file: "
                                           "No such file or directory"):
         load(path)
 

@@ -28,9 +28,10 @@ class ConfigProblem:
     message: str
 
     def __str__(self) -> str:
+        place = f"{self.file}:{self.line}" if self.line > 0 else self.file  # 0: no line
         if self.path:
-            return f"{self.file}:{self.line}: {self.path}: {self.message}"
-        return f"{self.file}:{self.line}: {self.message}"
+            return f"{place}: {self.path}: {self.message}"
+        return f"{place}: {self.message}"
 
 
 class ConfigErrors(ConfigError):

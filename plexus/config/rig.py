@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, PrivateAttr
 
 from plexus.config.options import field_specs, safe_repr, validate_into
 from plexus.config.problems import (
@@ -46,16 +46,23 @@ class ComponentConfig:
         options: the built instance of ``cls.Options``.
         cls: the adapter or sink class registered for ``type``.
         line: the entry's line in the file.
+        path: its key path (``adapters[2]``), for messages.
     """
 
     def __init__(self, type: str, name: str, tags: dict[str, str], options: Any,
-                 cls: builtins.type, line: int) -> None:
+                 cls: builtins.type, line: int, path: str = "") -> None:
         self.type = type
         self.name = name
         self.tags = tags
         self.options = options
         self.cls = cls
         self.line = line
+        self.path = path
+
+    def problem(self, file: str, message: str) -> ConfigProblem:
+        """A problem of this entry: ``file:line: adapters[2] (engine): message``."""
+        label = self.path + (f" ({self.name})" if self.name != self.type else "")
+        return ConfigProblem(file, self.line, label, message)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ComponentConfig) and vars(self) == vars(other)
@@ -79,6 +86,11 @@ class RigConfig(GatewaySettings):
     adapters: list[Any] = Field(default_factory=list)
     sinks: list[Any] = Field(default_factory=list)
     path: str = Field(default="<string>")
+    _lines: dict[str, int] = PrivateAttr(default_factory=dict)
+
+    def problem(self, key: str, message: str) -> ConfigProblem:
+        """A problem of a top-level key, at its line (line 1 when it is not in the file)."""
+        return ConfigProblem(self.path, self._lines.get(key, 1), key, message)
 
 
 def _tags(value: Any, where: Where, problems: list[ConfigProblem]) -> Any:
@@ -229,7 +241,7 @@ def _free_name(type_name: str, taken: Mapping[str, int]) -> str:
 def _component(entry: _Entry) -> ComponentConfig:
     assert entry.name is not None
     return ComponentConfig(entry.type, entry.name, entry.tags, entry.options, entry.cls,
-                           entry.where.line)
+                           entry.where.line, entry.where.path)
 
 
 # --------------------------------------------------------------------------
@@ -264,7 +276,7 @@ def load_config(
         text = Path(file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
-        raise ConfigErrors([ConfigProblem(file, 1, "", f"cannot read the config file: {reason}")]) \
+        raise ConfigErrors([ConfigProblem(file, 0, "", f"cannot read the rig file: {reason}")]) \
             from exc
     config, literal_key = _load(text, file, adapter_types, sink_types, environ)
     if literal_key:
@@ -309,6 +321,7 @@ def _load(
     values = {name: getattr(settings, name) for name in GatewaySettings.model_fields}
     config = RigConfig.model_construct(**values, adapters=[_component(e) for e in entries],
                                        sinks=[_component(e) for e in sink_entries], path=file)
+    config._lines = dict(doc.lines)
     literal_key = bool(config.api_key) and "api_key" not in doc.from_environment
     return config, literal_key
 
