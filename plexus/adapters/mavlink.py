@@ -65,7 +65,9 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
+
+from annotated_types import Interval
 
 from plexus.adapters.base import AdapterContext, ThreadedAdapter, describe_error, require
 from plexus.errors import AdapterError, PlexusError
@@ -186,7 +188,7 @@ class MavlinkOptions:
             "false reads and sends MAVLink 1"
         },
     )
-    source_system: int = field(
+    source_system: Annotated[int, Interval(ge=1, le=255)] = field(
         default=255, metadata={"help": "our system id in anything we send (1..255)"}
     )
     messages: list[str] = field(

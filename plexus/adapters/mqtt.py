@@ -40,9 +40,10 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
+from annotated_types import Ge, Interval
 
 from plexus.adapters.base import Adapter, AdapterContext, describe_error, require
 from plexus.adapters.lineformats import LineError, timestamp_seconds
@@ -75,7 +76,7 @@ class MqttOptions:
         metadata={"help": "topic filters to subscribe to: 'a/b/#' (QoS 0) or {topic, qos}"}
     )
     host: str = field(default="localhost", metadata={"help": "broker host name or address"})
-    port: int = field(default=1883, metadata={"help": "broker port (8883 is usual for TLS)"})
+    port: Annotated[int, Interval(ge=1, le=65535)] = field(default=1883, metadata={"help": "broker port (8883 is usual for TLS)"})
     tls: bool = field(default=False, metadata={"help": "connect with TLS"})
     ca_certs: str | None = field(
         default=None, metadata={"help": "CA bundle (PEM) to verify the broker; None: system CAs",
@@ -100,7 +101,7 @@ class MqttOptions:
     protocol: Literal["5", "3.1.1"] = field(
         default="3.1.1", metadata={"help": "MQTT version: '3.1.1' (any broker) or '5'"}
     )
-    keepalive: int = field(default=60, metadata={"help": "keepalive interval, seconds"})
+    keepalive: Annotated[int, Ge(1)] = field(default=60, metadata={"help": "keepalive interval, seconds"})
     clean_start: bool = field(
         default=True,
         metadata={"help": "start a fresh session on every connect; false keeps the "

@@ -66,7 +66,9 @@ import os
 import threading
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
+
+from annotated_types import Ge
 
 from plexus.adapters.base import AdapterContext, ThreadedAdapter, describe_error, require
 from plexus.adapters.lineformats import (
@@ -103,7 +105,7 @@ class SerialOptions:
         metadata={"help": "device path (/dev/ttyUSB0, COM3) or pyserial URL "
                   "(socket://host:port, rfc2217://host:port, loop://)"}
     )
-    baudrate: int = field(default=115200, metadata={"help": "bits per second"})
+    baudrate: Annotated[int, Ge(1)] = field(default=115200, metadata={"help": "bits per second"})
     bytesize: int = field(default=8, metadata={"help": "data bits: 5, 6, 7 or 8"})
     parity: Literal["N", "E", "O", "M", "S"] = field(
         default="N", metadata={"help": "parity: N none, E even, O odd, M mark, S space"}

@@ -8,6 +8,8 @@ or a **plain dataclass**; pydantic validates both. Either way:
   ``Literal[...]``, ``list[...]``, ``dict[str, ...]``, a nested options class);
 - limits are declared on the type, where pydantic and the JSON Schema see them:
   ``Annotated[float, Gt(0)]`` (``annotated_types``), or ``Field(gt=0)`` in a model;
+  a dataclass that must not import anything may write ``metadata={"gt": 0}``
+  (also ``ge``, ``lt``, ``le``), checked once the types are right;
 - help text is the model field's ``description``, or a dataclass field's
   ``metadata={"help": ...}``;
 - ``secret`` (the value never appears in errors or reprs) and ``path`` (a file
@@ -243,9 +245,37 @@ def field_specs(cls: type) -> dict[str, FieldSpec]:
             default, required = None, True
         specs[f.name] = FieldSpec(
             f.name, tp, required, default, help_text, bool(f.metadata.get("secret")),
-            bool(f.metadata.get("path")), _limits(metadata) or _union_limits(tp),
-            f.metadata.get("check"))
+            bool(f.metadata.get("path")),
+            {**(_limits(metadata) or _union_limits(tp)), **_metadata_limits(f.metadata)},
+            f.metadata.get("check") or _limit_check(f.metadata))
     return specs
+
+
+_LIMIT_KEYS: dict[str, tuple[str, Callable[[Any, Any], bool]]] = {
+    "gt": ("greater than", lambda v, x: v > x), "ge": ("at least", lambda v, x: v >= x),
+    "lt": ("less than", lambda v, x: v < x), "le": ("at most", lambda v, x: v <= x)}
+
+
+def _metadata_limits(metadata: Mapping[str, Any]) -> dict[str, float]:
+    return {key: metadata[key] for key in _LIMIT_KEYS if key in metadata}
+
+
+def _limit_check(metadata: Mapping[str, Any]) -> Check | None:
+    """A check for limits written in a dataclass field's metadata (``{"gt": 0}``)."""
+    limits = _metadata_limits(metadata)
+    if not limits:
+        return None
+
+    def check(value: Any) -> str | None:
+        if "ge" in limits and "le" in limits and not limits["ge"] <= value <= limits["le"]:
+            return f"must be between {_num(limits['ge'])} and {_num(limits['le'])}, got {value!r}"
+        for key, limit in limits.items():
+            words, ok = _LIMIT_KEYS[key]
+            if not ok(value, limit):
+                return f"must be {words} {_num(limit)}, got {value!r}"
+        return None
+
+    return check
 
 
 def _model_field(name: str, info: FieldInfo) -> FieldSpec:

@@ -103,6 +103,11 @@ def _describe(schema: dict[str, Any], cls: type) -> None:
             prop["description"] = spec.help
         if spec.secret:
             prop["writeOnly"] = True
+        if "type" in prop:  # limits written in metadata={"gt": 0}, unseen by pydantic
+            for key, keyword in (("gt", "exclusiveMinimum"), ("ge", "minimum"),
+                                 ("lt", "exclusiveMaximum"), ("le", "maximum")):
+                if key in spec.limits:
+                    prop.setdefault(keyword, spec.limits[key])
 
 
 def _rewrite_refs(node: Any, renames: Mapping[str, str]) -> Any:
