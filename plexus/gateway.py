@@ -91,8 +91,13 @@ class Gateway:
         self._api_key = Secret(key) if key else None
         self.gateway_url = (config.gateway_url or os.environ.get("PLEXUS_GATEWAY_URL")
                             or user.get("gateway_url"))
+        #: no source_id anywhere: one is generated and saved at the first real run
+        self.source_id_pending = check_only and not (
+            config.source_id or os.environ.get("PLEXUS_SOURCE_ID") or user.get("source_id"))
         try:
-            self.source_id = resolve_source_id(config.source_id, user, config_path())
+            # A check writes nothing, not even a generated id to ~/.plexus/config.json.
+            self.source_id = "source-not-yet-generated" if self.source_id_pending else \
+                resolve_source_id(config.source_id, user, config_path())
         except PlexusError as exc:
             problems.append(config.problem("source_id", str(exc)))
             self.source_id = "invalid-source-id"

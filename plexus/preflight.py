@@ -60,11 +60,13 @@ def check_gateway(gateway: Gateway, *, online: bool = False,
     problems += _writable_places(gateway)
     if online:
         for sink, sink_entry in gateway.sinks:
-            if isinstance(sink, HttpSink) and gateway.has_api_key:
+            if isinstance(sink, HttpSink) and gateway.has_api_key \
+                    and not config.local_receiver.enabled:
                 message = check_key_online(sink, gateway.source_id)
                 if message:
+                    key = "gateway_url" if message.startswith("cannot reach") else "api_key"
                     problems.append(sink_entry.problem(config.path, message) if sink_entry
-                                    else config.problem("api_key", message))
+                                    else config.problem(key, message))
         for adapter, component in ready:
             try:
                 found = adapter.preflight_online(timeout)

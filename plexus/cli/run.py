@@ -117,7 +117,9 @@ def _check(gateway: Any, registry: Any, online: bool) -> int:
 def _print_check(gateway: Any, online: bool) -> None:
     cfg = gateway.config
     print(f"{cfg.path}: OK{' (online checks passed)' if online else ''}")
-    print(f"  source_id: {gateway.source_id}")
+    print(f"  source_id: {gateway.source_id}" if not gateway.source_id_pending else
+          "  source_id: none set; one is generated and saved to ~/.plexus/config.json at the "
+          "first run")
     print(f"  buffer: {cfg.buffer.type}")
     for adapter, tags in gateway.adapters:
         print(f"  adapter {adapter.name} (type {adapter.type_name})"
@@ -142,8 +144,9 @@ def _run(gateway: Any, args: Any) -> int:
         gateway.shutdown(0)
         return ExitCode.UNAVAILABLE
     if len(gateway.failed_adapters()) == len(gateway.adapters):
+        summary = _failure_summary(gateway, "no adapter could start")
         gateway.shutdown(0)
-        print_error(PROG, _failure_summary(gateway, "no adapter could start"))
+        print_error(PROG, summary)
         return ExitCode.UNAVAILABLE
 
     view = make_status_view(gateway, gateway.config.status_interval,
@@ -163,15 +166,17 @@ def _run(gateway: Any, args: Any) -> int:
         gateway.wait(args.duration, on_tick=on_tick, tick=view.tick_seconds)
     finally:
         view.close()
+    all_failed = len(gateway.failed_adapters()) == len(gateway.adapters)
+    summary = _failure_summary(gateway, "every adapter failed")
     gateway.shutdown()
     view.final()
+    if all_failed:
+        print_error(PROG, summary)
+        return ExitCode.UNAVAILABLE
     return _outcome(gateway)
 
 
 def _outcome(gateway: Any) -> int:
-    if gateway.adapters and len(gateway.failed_adapters()) == len(gateway.adapters):
-        print_error(PROG, _failure_summary(gateway, "every adapter failed"))
-        return ExitCode.UNAVAILABLE
     for lane in gateway.pipeline.lanes:
         error = lane.uploader.auth_error
         if error is not None:

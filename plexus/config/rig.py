@@ -61,7 +61,7 @@ class ComponentConfig:
 
     def problem(self, file: str, message: str) -> ConfigProblem:
         """A problem of this entry: ``file:line: adapters[2] (engine): message``."""
-        label = self.path + (f" ({self.name})" if self.name != self.type else "")
+        label = f"{self.path} ({self.name})" if self.path else self.name
         return ConfigProblem(file, self.line, label, message)
 
     def __eq__(self, other: object) -> bool:

@@ -90,7 +90,24 @@ def _options_schema(cls: type, defs: dict[str, Any], prefix: str) -> dict[str, A
     for definition in [schema, *(defs[renames[name]] for name in local)]:
         if definition.get("type") == "object" and "properties" in definition:
             definition["additionalProperties"] = False
+            for name, prop in definition["properties"].items():
+                definition["properties"][name] = _allow_reference(prop)
     return schema
+
+
+#: ``${NAME}`` or ``${NAME:-default}``: the loader interpolates it, then checks the type.
+ENV_REFERENCE = {"type": "string", "pattern": r"^\$\{[A-Za-z_][A-Za-z0-9_]*(:-[^}]*)?\}$",
+                 "description": "an environment variable, typed after interpolation"}
+
+
+def _allow_reference(prop: dict[str, Any]) -> dict[str, Any]:
+    """Let a number or boolean key hold ``${VAR}``, as a rig file may (``port: ${PORT}``)."""
+    kinds = {prop.get("type")} | {item.get("type") for item in prop.get("anyOf", [])}
+    if not kinds & {"integer", "number", "boolean"}:
+        return prop
+    keep = {k: prop[k] for k in ("title", "description", "default", "writeOnly") if k in prop}
+    typed = {k: v for k, v in prop.items() if k not in keep}
+    return {**keep, "anyOf": [typed, ENV_REFERENCE]}
 
 
 def _describe(schema: dict[str, Any], cls: type) -> None:

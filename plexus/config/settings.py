@@ -77,7 +77,7 @@ class GatewaySettings(OptionsModel):
     """The rig file's top-level settings (everything but ``adapters`` and ``sinks``)."""
 
     source_id: str | None = option(
-        None, help="This gateway's id on the platform (letters, digits, '.', '_', '-'). "
+        None, help="This gateway's id on the platform (lower-case letters, digits, '.', '_', '-'). "
                    "Default: null, then PLEXUS_SOURCE_ID, ~/.plexus/config.json, or a "
                    "generated id.")
     api_key: str | None = option(
@@ -107,6 +107,19 @@ class GatewaySettings(OptionsModel):
     local_receiver: LocalReceiverConfig = option(
         default_factory=LocalReceiverConfig,
         help="A local receiver for running without a Plexus account (demo).")
+
+    @field_validator("source_id")
+    @classmethod
+    def _valid_source_id(cls, value: str | None) -> str | None:
+        from plexus.errors import ValidationError
+        from plexus.point import validate_source_id
+
+        if value is not None:
+            try:
+                validate_source_id(value)
+            except ValidationError as exc:
+                raise PydanticCustomError("source_id", "{reason}", {"reason": str(exc)}) from None
+        return value
 
     @field_validator("log_level")
     @classmethod
