@@ -1,4 +1,4 @@
-"""Points and their validation against the ingest protocol (PROTOCOL.md).
+"""Points and their validation against the ingest protocol (docs/protocol.md).
 
 A point travels through the pipeline as a plain tuple, because tuples are the
 cheapest thing Python can build on the hot path::

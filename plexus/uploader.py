@@ -4,7 +4,7 @@ One uploader thread per sink. It takes a batch when ``batch_size`` points
 wait or ``interval`` seconds have passed (or a flush is asked for), hands it
 to the sink, and acknowledges it in the buffer once the sink says it is done.
 
-Failures, as PROTOCOL.md asks:
+Failures, as docs/protocol.md asks:
 
 - retryable (5xx, timeouts, resets): ``retries`` more attempts with
   exponential backoff and jitter (1 s, 2 s, 4 s, each +-25%, capped at

@@ -1,4 +1,4 @@
-"""Validation of points against PROTOCOL.md, as a caller of send() sees it."""
+"""Validation of points against docs/protocol.md, as a caller of send() sees it."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""The Plexus HTTP sink: speaks PROTOCOL.md's ``POST {gateway_url}/ingest``.
+"""The Plexus HTTP sink: speaks docs/protocol.md's ``POST {gateway_url}/ingest``.
 
-Status handling (PROTOCOL.md, "Responses"):
+Status handling (docs/protocol.md, "Responses"):
 
 - 200 with ``count`` equal to the points sent: delivered.
 - 200 with a lower ``count``: the platform's per-source rate ceiling dropped
