@@ -310,7 +310,7 @@ def test_callable_without_metric_for_a_scalar_is_counted(tmp_path, plexus_receiv
 def test_callable_function_that_cannot_be_imported_is_a_clear_error(tmp_path):
     from plexus.config import ConfigErrors
 
-    with pytest.raises(ConfigErrors, match=r"rig.yaml:2: adapters\[0\]: cannot load function "
+    with pytest.raises(ConfigErrors, match=r"rig.yaml:2: adapters\[0\] \(callable\): cannot load function "
                                            "'no_such_module:f': ModuleNotFoundError"):
         build("adapters:\n  - type: callable\n    function: no_such_module:f\n", tmp_path)
 

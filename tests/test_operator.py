@@ -478,7 +478,7 @@ def test_readme_says_it_replaces_the_official_sdk_and_installs_from_a_clone():
 def test_readme_embed_snippet_runs_as_pasted_against_the_local_receiver(plexus_receiver):
     readme = (REPO / "README.md").read_text()
     snippet = readme.split("## Embed it", 1)[1].split("```python", 1)[1].split("```", 1)[0]
-    env = {**os.environ, "PLEXUS_API_KEY": "plx_readme", "PLEXUS_GATEWAY_URL": plexus_receiver.url,
+    env = {**os.environ, "PLEXUS_API_KEY": "plx_test", "PLEXUS_GATEWAY_URL": plexus_receiver.url,
            "PLEXUS_SOURCE_ID": "readme-1"}
     result = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True,
                             timeout=60, env=env, cwd=REPO)
