@@ -141,8 +141,9 @@ class HttpSink(Sink):
     def send(self, points: list[Point], key: str) -> SendResult:
         if self._api_key is None:
             raise AuthenticationError(
-                "no API key: pass Plexus(api_key=...), set PLEXUS_API_KEY, or put "
-                '{"api_key": ...} in ~/.plexus/config.json'
+                "no API key: set the environment variable PLEXUS_API_KEY (or api_key in the "
+                'rig file, {"api_key": ...} in ~/.plexus/config.json, or Plexus(api_key=...) '
+                "in Python)"
             )
         rejected: list[tuple[int, str]] = []
         delivered = 0
