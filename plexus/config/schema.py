@@ -105,7 +105,8 @@ def _allow_reference(prop: dict[str, Any]) -> dict[str, Any]:
     kinds = {prop.get("type")} | {item.get("type") for item in prop.get("anyOf", [])}
     if not kinds & {"integer", "number", "boolean"}:
         return prop
-    keep = {k: prop[k] for k in ("title", "description", "default", "writeOnly") if k in prop}
+    keep: dict[str, Any] = {k: prop[k] for k in ("title", "description", "default", "writeOnly")
+                            if k in prop}
     typed = {k: v for k, v in prop.items() if k not in keep}
     return {**keep, "anyOf": [typed, ENV_REFERENCE]}
 
