@@ -6,8 +6,9 @@ WAL mode on ext4), far over our 12 µs budget for ``send()``. A single
 against ``kill -9``: once ``write`` returns, the bytes belong to the kernel,
 not to our process. So:
 
-- ``put`` frames the point (length + CRC32 + JSON) and appends it to the
-  current inbox file ``<path>.inbox.<N>`` in one ``write`` before returning.
+- ``put`` frames the point (magic + length + CRC32 over both and the JSON)
+  and appends it to the current inbox file ``<path>.inbox.<N>`` in one
+  ``write`` before returning.
 - A background thread, every ``sync_interval`` seconds, fsyncs the inbox,
   moves its records into SQLite (recording the generation and offset reached
   in the same transaction), checkpoints (fsyncs) SQLite, and starts inbox
@@ -15,11 +16,14 @@ not to our process. So:
   holds about one round of points however long the stream, and a WAL lost to
   a power cut never points past a file that still exists. ``take`` also
   moves the inbox first, so the uploader never waits for that thread.
-- On open, records past the recorded position are replayed into SQLite. A
-  torn record at the end (power cut mid-write) fails its CRC and is dropped,
-  with everything after it, and logged.
-- The batch in flight is recorded; after a restart it is taken first,
-  unchanged, so it keeps its Idempotency-Key.
+- On open, records past the recorded position are replayed into SQLite. The
+  first invalid record (a torn write, or the zeros a power cut leaves where
+  a file's size reached the disk before its data) ends the readable part of
+  that file; the rest is discarded, counted and logged once.
+- The batch in flight is recorded (once it has decoded); after a restart it
+  is taken first, unchanged, so it keeps its Idempotency-Key. A stored row
+  that does not decode is moved to the ``set_aside`` table, counted in
+  ``lost`` and skipped: nothing on disk can stop delivery.
 
 Guarantees: ``kill -9`` loses nothing whose ``put`` returned. A power cut
 loses at most the last ``sync_interval`` seconds (default 1 s). Files that
@@ -56,33 +60,69 @@ from plexus.ratelimit import RateLimitedLog
 log = logging.getLogger("plexus.buffer")
 
 DEFAULT_SQLITE_MAX_POINTS = 1_000_000
-SCHEMA_VERSION = "2"
-_HEADER = struct.Struct("<II")  # payload length, CRC32 of the payload
+SCHEMA_VERSION = "3"
+# An inbox record: magic, payload length, CRC32 of (magic + length + payload), payload.
+# The magic and a checksum that covers the length make a block of zeros (what a
+# file's tail holds when its new size reached the disk before its data) or any
+# other garbage invalid: with a bare (length, crc) header, 8 zero bytes read as
+# a valid empty record, since crc32(b"") == 0.
+_MAGIC = b"\xa7\x5e"
+_HEADER = struct.Struct("<2sII")
 _MAX_RECORD = 1 << 20
 _MOVE_CHUNK = 1 << 20  # bytes of inbox moved per transaction (bounds the transient memory)
 
 
 def encode_record(point: Point) -> bytes:
     data = orjson.dumps(point)
-    return _HEADER.pack(len(data), zlib.crc32(data)) + data
+    size = len(data).to_bytes(4, "little")
+    return _HEADER.pack(_MAGIC, len(data), zlib.crc32(data, zlib.crc32(_MAGIC + size))) + data
 
 
 def decode_records(blob: bytes) -> tuple[list[bytes], int, bool]:
-    """Split inbox bytes into payloads; return (payloads, bytes used, torn tail?)."""
+    """Split inbox bytes into payloads; return (payloads, bytes used, invalid tail?).
+
+    A record is valid only when its magic matches, its length is 1.._MAX_RECORD,
+    it is complete and its checksum holds. The first invalid record ends the
+    readable part: what follows it cannot be trusted to start on a record.
+    """
     payloads = []
     pos, end = 0, len(blob)
     header = _HEADER.size
+    unpack, crc32 = _HEADER.unpack_from, zlib.crc32
     while pos + header <= end:
-        length, crc = _HEADER.unpack_from(blob, pos)
+        magic, length, crc = unpack(blob, pos)
         stop = pos + header + length
-        if length > _MAX_RECORD or stop > end:
+        if magic != _MAGIC or not 0 < length <= _MAX_RECORD or stop > end:
             break
         data = blob[pos + header:stop]
-        if zlib.crc32(data) != crc:
+        if crc32(data, crc32(blob[pos:pos + 6])) != crc:
             break
         payloads.append(data)
         pos = stop
     return payloads, pos, pos != end
+
+
+def _decode_v2_records(blob: bytes) -> tuple[list[bytes], int, bool]:
+    """The inbox format of schema 2 (length + CRC of the payload), read once on upgrade."""
+    payloads = []
+    pos, end = 0, len(blob)
+    while pos + 8 <= end:
+        length, crc = struct.unpack_from("<II", blob, pos)
+        stop = pos + 8 + length
+        if not 0 < length <= _MAX_RECORD or stop > end or zlib.crc32(blob[pos + 8:stop]) != crc:
+            break
+        payloads.append(blob[pos + 8:stop])
+        pos = stop
+    return payloads, pos, pos != end
+
+
+def decode_point(data: bytes) -> Point:
+    """A stored point back as a tuple; ValueError when the bytes are not one."""
+    row = orjson.loads(data)
+    if type(row) is not list or len(row) != 4 or type(row[0]) is not str \
+            or type(row[2]) is not int or not (row[3] is None or type(row[3]) is dict):
+        raise ValueError(f"not a stored point: {data[:60]!r}")
+    return tuple(row)  # type: ignore[return-value]
 
 
 class _WrongSchema(Exception):
@@ -109,7 +149,8 @@ class SqliteBuffer(Buffer):
         self.path = Path(path).expanduser()
         self.sync_interval = sync_interval
         self.spilled = 0  # points kept in memory because the disk was full
-        self.torn_records = 0  # records lost to a torn write found at open
+        self.torn_records = 0  # inbox files that ended in an invalid record at open
+        self.lost: dict[str, int] = {}  # points that could not be read back, by reason
         self._lock = threading.Lock()  # the inbox fd and the counters
         self._db_lock = threading.Lock()  # the SQLite connection; taken before _lock
         self._spill: deque[tuple[bytes, int]] = deque()  # (framed records, point count)
@@ -190,14 +231,21 @@ class SqliteBuffer(Buffer):
             # drops duplicate Idempotency-Keys never drops new data.
             conn.execute("CREATE TABLE IF NOT EXISTS points "
                          "(id INTEGER PRIMARY KEY AUTOINCREMENT, data BLOB NOT NULL)")
+            # Rows that could not be decoded: kept for inspection, counted as lost,
+            # never in the way of the rows after them.
+            conn.execute("CREATE TABLE IF NOT EXISTS set_aside "
+                         "(id INTEGER PRIMARY KEY, reason TEXT NOT NULL, data BLOB)")
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             if not meta:
                 conn.execute("INSERT INTO meta VALUES ('schema', ?), ('uuid', ?), "
                              "('inbox_gen', '0'), ('inbox_offset', '0')",
                              (SCHEMA_VERSION, uuid.uuid4().hex[:12]))
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            if meta.get("schema") != SCHEMA_VERSION or "uuid" not in meta:
+            # Schema 2 differs only in the inbox framing: its inbox files are read
+            # with the old decoder once, then the schema is raised (in _replay_inboxes).
+            if meta.get("schema") not in (SCHEMA_VERSION, "2") or "uuid" not in meta:
                 raise _WrongSchema(f"unexpected schema {meta.get('schema')!r}")
+            self._old_inbox = meta["schema"] == "2"
             columns = [r[1] for r in conn.execute("PRAGMA table_info(points)")]
             if columns != ["id", "data"]:
                 raise _WrongSchema(f"unexpected columns {columns}")
@@ -248,6 +296,7 @@ class SqliteBuffer(Buffer):
     def _open_inbox(self, gen: int) -> tuple[int, int]:
         path = self.inbox_file(gen)
         write_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        _fsync_dir(path.parent)  # the new name must survive a power cut as its data does
         return write_fd, os.open(path, os.O_RDONLY)
 
     def _set_position(self, gen: int, offset: int) -> None:
@@ -273,11 +322,13 @@ class SqliteBuffer(Buffer):
                             path, exc, aside)
                 continue
             start = min(self._replay_from, len(blob)) if gen == self._replay_gen else 0
-            payloads, used, torn = decode_records(blob[start:])
+            decode = _decode_v2_records if self._old_inbox else decode_records
+            payloads, used, torn = decode(blob[start:])
             if torn:
                 self.torn_records += 1
-                log.warning("%s: %d bytes at the end were a torn or corrupt record (a power "
-                            "cut mid-write) and were discarded", path, len(blob) - start - used)
+                log.warning("%s: the last %d bytes are not whole records (a write cut by a "
+                            "crash or power cut, or a tail the disk never received) and "
+                            "were discarded", path, len(blob) - start - used)
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany("INSERT INTO points (data) VALUES (?)", [(p,) for p in payloads])
             self._set_position(gen, start + used)
@@ -286,7 +337,9 @@ class SqliteBuffer(Buffer):
         next_gen = max([*gens, self._replay_gen]) + 1
         conn.execute("BEGIN IMMEDIATE")
         self._set_position(next_gen, 0)
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
         conn.execute("COMMIT")
+        self._old_inbox = False
         conn.execute("PRAGMA wal_checkpoint(FULL)")  # on disk before the inbox files go
         for gen in gens:
             self.inbox_file(gen).unlink(missing_ok=True)
@@ -391,7 +444,14 @@ class SqliteBuffer(Buffer):
             return
         gen, write_fd, read_fd, size, moved = self._swapped_out
         self._swapped_out = None
-        os.close(write_fd)
+        try:
+            # Records written since this round's fsync would otherwise reach the disk
+            # only by chance, while the new file is fsynced next round: a power cut
+            # then keeps newer points and loses older ones (a hole, found by the
+            # power-cut trials). Durable in order means this file first.
+            os.fsync(write_fd)
+        finally:
+            os.close(write_fd)
         try:
             # The old file is frozen now: move its tail and record the new generation
             # in one transaction.
@@ -517,17 +577,23 @@ class SqliteBuffer(Buffer):
                 self._resume = None
             else:
                 rows = []
-            if not rows:
+            points = self._decode_rows(rows)
+            limit = min(max_points, in_flight_limit(self.max_points))
+            while not rows:
                 where, params = self._not_taken()
                 order = "DESC" if newest else "ASC"
-                limit = min(max_points, in_flight_limit(self.max_points))
                 rows = self._conn.execute(
                     f"SELECT id, data FROM points WHERE {where} ORDER BY id {order} LIMIT ?",
                     (*params, limit)).fetchall()
+                if not rows:
+                    break
                 if newest:
                     rows.reverse()
+                points = self._decode_rows(rows)  # empty only if every row was set aside
             if not rows:
                 return self._take_spilled(min(max_points, in_flight_limit(self.max_points)))
+            # Recorded only now that every row decoded: a batch that cannot be read
+            # must never be the first thing every restart tries to send.
             first, last = rows[0][0], rows[-1][0]
             self._in_flight = (first, last)
             try:
@@ -535,9 +601,43 @@ class SqliteBuffer(Buffer):
                                    (f"{first}-{last}",))
             except sqlite3.Error as exc:  # only costs a possible duplicate after a crash
                 log.debug("recording the batch in flight failed: %s", exc)
-        loads = orjson.loads
-        points: list[Point] = [tuple(loads(data)) for _, data in rows]  # type: ignore[misc]
         return Batch(f"{self._uuid}-{first}-{last}-{len(rows)}", points, (first, last))
+
+    def _decode_rows(self, rows: list[tuple[int, bytes]]) -> list[Point]:
+        """Decode rows in place; rows that do not decode are set aside (and removed
+        from ``rows``), so one bad row never stops delivery. Caller holds _db_lock."""
+        points: list[Point] = []
+        bad: list[tuple[int, bytes, str]] = []
+        for row_id, data in rows:
+            try:
+                points.append(decode_point(data))
+            except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
+                bad.append((row_id, data, str(exc)))
+        if bad:
+            self._set_aside(bad)
+            ids = {b[0] for b in bad}
+            rows[:] = [r for r in rows if r[0] not in ids]
+        return points
+
+    def _set_aside(self, bad: list[tuple[int, bytes, str]]) -> None:
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT OR REPLACE INTO set_aside (id, reason, data) VALUES (?, ?, ?)",
+                             [(i, f"undecodable: {reason}"[:200], data) for i, data, reason in bad])
+            conn.executemany("DELETE FROM points WHERE id = ?", [(i,) for i, _, _ in bad])
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            # Still skip them in this run; the next open tries again.
+            self._undeleted += [(i, i) for i, _, _ in bad]
+            log.warning("could not set aside undecodable rows of %s: %s", self.path, exc)
+        self._removed += len(bad)
+        self.lost["undecodable"] = self.lost.get("undecodable", 0) + len(bad)
+        log.error("%d points in %s could not be decoded; they were set aside (table "
+                  "set_aside, ids %d..%d) and counted as lost; delivery goes on", len(bad),
+                  self.path, bad[0][0], bad[-1][0])
 
     def _take_spilled(self, limit: int) -> Batch | None:
         # The disk is full and SQLite is drained: deliver from memory meanwhile.
@@ -554,7 +654,7 @@ class SqliteBuffer(Buffer):
         self._in_flight = (0, 0)
         blob = b"".join(blobs)
         payloads, _, _ = decode_records(blob)
-        points: list[Point] = [tuple(orjson.loads(p)) for p in payloads]  # type: ignore[misc]
+        points = [decode_point(p) for p in payloads]  # our own bytes, never on disk
         return Batch(f"{self._uuid}-mem-{uuid.uuid4().hex[:8]}", points, ("spill", blob, n))
 
     def ack(self, batch: Batch) -> None:
@@ -626,6 +726,16 @@ class SqliteBuffer(Buffer):
             os.close(self._lock_fd)  # releases the lock
 
 
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a directory; nothing more to do
+        pass
+    finally:
+        os.close(fd)
+
+
 def buffer_stats(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Describe a persistent buffer without taking it over (for ``plexus-gateway buffer``)."""
     p = Path(path).expanduser()
@@ -634,8 +744,8 @@ def buffer_stats(path: str | os.PathLike[str]) -> dict[str, Any]:
         count, first, last = conn.execute(
             "SELECT COUNT(*), MIN(id), MAX(id) FROM points").fetchone()
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        stamps = [orjson.loads(conn.execute("SELECT data FROM points WHERE id = ?",
-                                            (i,)).fetchone()[0])[2]
+        stamps = [_stamp(conn.execute("SELECT data FROM points WHERE id = ?",
+                                      (i,)).fetchone()[0])
                   for i in (first, last) if i is not None]
     finally:
         conn.close()
@@ -649,9 +759,18 @@ def buffer_stats(path: str | os.PathLike[str]) -> dict[str, Any]:
             continue
         blob = f.read_bytes()
         size += len(blob)
-        payloads, _, _ = decode_records(blob[offset:] if int(gen) == meta_gen else blob)
+        decode = _decode_v2_records if meta.get("schema") == "2" else decode_records
+        payloads, _, _ = decode(blob[offset:] if int(gen) == meta_gen else blob)
         pending += len(payloads)
-        stamps += [orjson.loads(x)[2] for x in (payloads[:1] + payloads[-1:])]
+        stamps += [_stamp(x) for x in (payloads[:1] + payloads[-1:])]
+    known = [s for s in stamps if s is not None]
     return {"path": str(p), "points": count + pending,
-            "oldest_ms": min(stamps) if stamps else None,
-            "newest_ms": max(stamps) if stamps else None, "bytes": size}
+            "oldest_ms": min(known) if known else None,
+            "newest_ms": max(known) if known else None, "bytes": size}
+
+
+def _stamp(data: bytes) -> int | None:
+    try:
+        return decode_point(data)[2]
+    except ValueError:
+        return None

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from plexus.adapters.base import RateLimitedLog
 from plexus.buffer import Batch, Buffer
 from plexus.errors import (
     AuthenticationError,
@@ -132,6 +133,7 @@ class Uploader:
         self._sleep = sleep or self._interruptible_sleep
         self._last_request = 0.0
         self._newest_turn = False
+        self._crash_log = RateLimitedLog(log, interval=30.0)
         self._thread = threading.Thread(target=self._run, name=f"plexus-uploader:{sink.name}",
                                         daemon=True)
         buffer.set_ready_callback(self._wake.set, batch_size)
@@ -204,25 +206,41 @@ class Uploader:
             while True:
                 if self._stop.is_set() and (len(self.buffer) == 0 or self._past_deadline()):
                     break
-                batch = self._held or self._next_batch()
-                if batch is None:
-                    continue
-                self._held = None
-                if self._deliver(batch):
-                    self._ack(batch)
-                else:
-                    self._held = batch
+                try:
+                    if not self._cycle():
+                        break
+                except Exception as exc:
+                    # A bug or a broken buffer must neither kill this thread (the
+                    # points would wait forever) nor spin it: log, pause, go on.
+                    self._crash_log(logging.ERROR, "uploader for %s hit an unexpected error "
+                                    "and goes on after a pause: %s", self.sink.name,
+                                    f"{type(exc).__name__}: {exc}")
+                    log.debug("uploader error", exc_info=True)
+                    self.stats.last_error = f"{type(exc).__name__}: {exc}"
                     if self._stop.is_set():
-                        break  # retries were already spent within the grace period
-                    self._wait_after_failure()
-        except Exception:  # a bug here must not pass silently
-            log.exception("uploader for %s crashed", self.sink.name)
+                        break
+                    self._stop.wait(1.0)
         finally:
             if self._held is not None:
                 self.buffer.release(self._held)
                 self._held = None
             with self._state:
                 self._state.notify_all()
+
+    def _cycle(self) -> bool:
+        """Take (or keep) one batch and try to deliver it; False when the thread should end."""
+        batch = self._held or self._next_batch()
+        if batch is None:
+            return True
+        self._held = None
+        if self._deliver(batch):
+            self._ack(batch)
+            return True
+        self._held = batch
+        if self._stop.is_set():
+            return False  # retries were already spent within the grace period
+        self._wait_after_failure()
+        return True
 
     def _ack(self, batch: Batch) -> None:
         try:
