@@ -70,11 +70,12 @@ class Gateway:
         config: a loaded :class:`~plexus.config.RigConfig`.
         registry: the plugin registry the config was validated against.
         dry_run: replace every sink with ``stdout`` (and start no local receiver).
-        check_only: for ``--check``: memory buffers, no local receiver.
+        check_only: for ``--check``: memory buffers, no local receiver; what
+            cannot be built is kept in ``build_problems`` instead of raised.
 
     Raises:
-        ConfigErrors: something in the config cannot be built (an invalid
-            source id, a function that cannot be imported...): every such
+        ConfigErrors: something in the config cannot be built (a function
+            that cannot be imported, a sink's bad URL...): every such
             problem, each with the file, line and entry.
     """
 
@@ -127,7 +128,9 @@ class Gateway:
                 continue
             self.adapters.append((adapter, component.tags or None))
             self.entries[adapter.name] = component
-        if problems:
+        #: for --check: what could not be built; the rest is still checked
+        self.build_problems = problems
+        if problems and not check_only:
             self._release()
             raise ConfigErrors(problems)
         self._stop = threading.Event()

@@ -39,7 +39,7 @@ def check_gateway(gateway: Gateway, *, online: bool = False,
                   timeout: float = 5.0) -> list[ConfigProblem]:
     """Every problem found in a built (not started) gateway; see the module docstring."""
     config = gateway.config
-    problems: list[ConfigProblem] = list(gateway.missing_key_problems())
+    problems: list[ConfigProblem] = [*gateway.build_problems, *gateway.missing_key_problems()]
     ready = []
     for adapter, _ in gateway.adapters:
         entry = gateway.entries[adapter.name]
