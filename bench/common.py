@@ -95,8 +95,9 @@ class ReceiverProcess:
     """
 
     def __init__(self, kind: str = "plexus", rate_limit: float | None = 0.0005,
-                 validate: bool = False, cpu: int | None = None) -> None:
-        args = {"kind": kind, "rate_limit": rate_limit, "validate": validate, "cpu": cpu}
+                 validate: bool = False, cpu: int | None = None, store: bool = False) -> None:
+        args = {"kind": kind, "rate_limit": rate_limit, "validate": validate, "cpu": cpu,
+                "store": store}
         self.proc = subprocess.Popen(
             [PYTHON, str(BENCH / "receiver_proc.py"), json.dumps(args)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
@@ -120,6 +121,10 @@ class ReceiverProcess:
 
     def clear(self) -> dict[str, Any]:
         return self._ask("clear")
+
+    def ask(self, command: str) -> dict[str, Any]:
+        """Any other command receiver_proc.py answers (down, up, timeline, stored)."""
+        return self._ask(command)
 
     def close(self) -> None:
         try:

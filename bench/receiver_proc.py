@@ -78,10 +78,10 @@ class InfluxReceiver:
 
 
 class PlexusReceiver:
-    def __init__(self, rate_limit: float | None, validate: bool) -> None:
+    def __init__(self, rate_limit: float | None, validate: bool, store: bool = False) -> None:
         from plexus.testing import Receiver
 
-        self.rx = Receiver(api_keys=None, rate_limit_interval=rate_limit, store=False,
+        self.rx = Receiver(api_keys=None, rate_limit_interval=rate_limit, store=store,
                            validate=validate).start()
         self.port = self.rx.port
 
@@ -109,6 +109,29 @@ class PlexusReceiver:
     def stop(self) -> None:
         self.rx.stop()
 
+    # For bench/fleet.py: an outage, and what arrived when.
+    def down(self) -> dict[str, Any]:
+        self.rx.go_down()
+        return {"ok": True}
+
+    def up(self) -> dict[str, Any]:
+        self.rx.come_up()
+        return {"ok": True}
+
+    def timeline(self) -> dict[str, Any]:
+        """Every request: [received_at, status, points stored, source id]."""
+        return {"requests": [[r.received_at, r.status, r.count,
+                              r.source_ids[0] if r.source_ids else None]
+                             for r in self.rx.requests]}
+
+    def stored(self) -> dict[str, Any]:
+        """Points stored per source, and how many of them were stored twice."""
+        per: dict[str, list[Any]] = {}
+        for p in self.rx.points:
+            per.setdefault(p["source_id"], []).append(p["value"])
+        return {"per_source": {s: len(v) for s, v in per.items()},
+                "duplicates": sum(len(v) - len(set(v)) for v in per.values())}
+
 
 def main() -> None:
     args = json.loads(sys.argv[1])
@@ -119,7 +142,8 @@ def main() -> None:
     if args["kind"] == "influx":
         server: Any = InfluxReceiver()
     else:
-        server = PlexusReceiver(args.get("rate_limit"), bool(args.get("validate")))
+        server = PlexusReceiver(args.get("rate_limit"), bool(args.get("validate")),
+                                bool(args.get("store")))
     print(f"READY {server.port}", flush=True)
     for line in sys.stdin:
         command = line.strip()
@@ -128,6 +152,8 @@ def main() -> None:
         elif command == "clear":
             server.clear()
             print(json.dumps({"ok": True}), flush=True)
+        elif command in ("down", "up", "timeline", "stored"):
+            print(json.dumps(getattr(server, command)()), flush=True)
         elif command == "quit":
             print(json.dumps({"ok": True}), flush=True)
             break

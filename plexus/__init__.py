@@ -10,11 +10,13 @@ from __future__ import annotations
 import pluggy
 
 from plexus.client import Plexus
+from plexus.commands import Cancelled, Run
 from plexus.errors import (
     AdapterError,
     AuthenticationError,
     BufferingError,
     ClientClosedError,
+    CommandDeclarationError,
     ConfigError,
     DeliveryError,
     PlexusError,
@@ -35,7 +37,9 @@ __all__ = [
     "AdapterError",
     "AuthenticationError",
     "BufferingError",
+    "Cancelled",
     "ClientClosedError",
+    "CommandDeclarationError",
     "ConfigError",
     "DeliveryError",
     "Plexus",
@@ -44,6 +48,7 @@ __all__ = [
     "PointTypeError",
     "RetryPolicy",
     "RetryableSinkError",
+    "Run",
     "SinkError",
     "ValidationError",
     "__version__",

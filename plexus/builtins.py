@@ -1,4 +1,4 @@
-"""The built-in adapters and sinks: a plugin like any other.
+"""The built-in adapters, sinks and gateway commands: a plugin like any other.
 
 Driver libraries (python-can, paho-mqtt, ...) are not imported here; each
 adapter imports its driver only when a rig file uses it.
@@ -28,7 +28,18 @@ def plexus_register_adapters(register: Callable[[type[Any]], None]) -> None:
 def plexus_register_sinks(register: Callable[[type[Any]], None]) -> None:
     from plexus.sinks.file import FileSink
     from plexus.sinks.http import HttpSink
+    from plexus.sinks.influxdb import InfluxdbSink
+    from plexus.sinks.mqtt import MqttSink
+    from plexus.sinks.nats import NatsSink
     from plexus.sinks.stdout import StdoutSink
 
-    for cls in (HttpSink, FileSink, StdoutSink):
+    for cls in (HttpSink, FileSink, StdoutSink, MqttSink, InfluxdbSink, NatsSink):
         register(cls)
+
+
+@hookimpl
+def plexus_register_commands(register: Callable[[Any], None], control: Any) -> None:
+    from plexus.control import builtin_commands
+
+    for cmd in builtin_commands(control):
+        register(cmd)

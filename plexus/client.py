@@ -7,6 +7,9 @@ Settings are resolved, highest priority first:
   else a generated ``source-xxxxxxxx`` saved to the config file.
 - gateway URL: ``gateway_url=``, ``PLEXUS_GATEWAY_URL``, config file
   ``gateway_url``, else ``https://gateway.plexus.company``.
+- device link URL (remote commands only): ``ws_url=``,
+  ``PLEXUS_GATEWAY_WS_URL``, config file ``gateway_ws_url``, else
+  ``wss://gateway.plexus.company``; never derived from the gateway URL.
 
 The config file's location can be moved with ``PLEXUS_CONFIG``.
 """
@@ -17,6 +20,7 @@ import atexit
 import logging
 import os
 import secrets
+import signal
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -26,8 +30,9 @@ from typing import Any
 import orjson
 
 from plexus.adapters.callable import CallableAdapter, CallableOptions
-from plexus.buffer import DEFAULT_MAX_POINTS, Buffer, MemoryBuffer
-from plexus.errors import AuthenticationError, ConfigError, PlexusError
+from plexus.buffer import DEFAULT_MAX_POINTS, WHEN_FULL, Buffer, MemoryBuffer
+from plexus.commands import CommandCenter, declare
+from plexus.errors import AuthenticationError, ClientClosedError, ConfigError, PlexusError
 from plexus.pipeline import Pipeline, SourceContext
 from plexus.point import validate_source_id
 from plexus.secret import Secret
@@ -113,8 +118,14 @@ class Plexus:
         persistent_buffer: keep points in SQLite until delivered (survives
             crashes and restarts) instead of in memory.
         buffer_path: the SQLite file; default ``~/.plexus/buffer/<source_id>.db``.
-        max_buffer_points: buffer cap, oldest dropped beyond it (default 10,000
-            in memory, 1,000,000 on disk).
+        max_buffer_points: buffer cap (default 10,000 in memory; on disk no
+            practical limit, ``max_buffer_bytes`` governs).
+        max_buffer_bytes: persistent buffer only: cap on stored bytes
+            (compressed), default 2 GiB.
+        when_full: what a full buffer does: ``"block"`` (default) makes
+            ``send()`` wait for room while the platform is accepting data, and
+            drop the oldest points only while delivery fails (an outage);
+            ``"drop_oldest"`` never waits.
         batch_size: this many waiting points start an upload at once.
         flush_interval: otherwise upload every this many seconds.
         retry: the backoff policy (default 3 retries, 1 s, 2 s, 4 s, +-25%).
@@ -125,6 +136,8 @@ class Plexus:
             the most a power cut can lose.
         transport: an ``httpx`` transport, for tests.
         sleep: the retry clock, for tests.
+        ws_url: the device link (remote commands), opened only once a command
+            is declared; see :meth:`command`.
 
     Raises:
         ConfigError: an invalid ``source_id``, ``gateway_url`` or option.
@@ -140,6 +153,8 @@ class Plexus:
         persistent_buffer: bool = False,
         buffer_path: str | os.PathLike[str] | None = None,
         max_buffer_points: int | None = None,
+        max_buffer_bytes: int | None = None,
+        when_full: str = "block",
         batch_size: int = 1000,
         flush_interval: float = 1.0,
         retry: RetryPolicy | None = None,
@@ -149,6 +164,7 @@ class Plexus:
         sync_interval: float = 1.0,
         transport: Any = None,
         sleep: Callable[[float], object] | None = None,
+        ws_url: str | None = None,
     ) -> None:
         path = config_path()
         file_config = read_user_config(path)
@@ -159,22 +175,39 @@ class Plexus:
             gateway_url or os.environ.get("PLEXUS_GATEWAY_URL")
             or file_config.get("gateway_url") or DEFAULT_GATEWAY_URL
         )
+        self.ws_url = (ws_url or os.environ.get("PLEXUS_GATEWAY_WS_URL")
+                       or file_config.get("gateway_ws_url") or None)
+        self._verify_tls = verify_tls
+        self._commands: CommandCenter | None = None
+        self._link: Any = None
+        self._serving = threading.Event()
         self.close_timeout = close_timeout
+        self._close_done = threading.Event()
+        self._closer: threading.Thread | None = None
         self._closed = False
         self._pollers: list[CallableAdapter] = []
         self._close_lock = threading.Lock()
 
+        if when_full not in WHEN_FULL:
+            raise ConfigError(f"when_full must be one of {', '.join(WHEN_FULL)}, got {when_full!r}")
         buffer: Buffer
         if persistent_buffer:
-            from plexus.sqlite_buffer import DEFAULT_SQLITE_MAX_POINTS, SqliteBuffer
+            from plexus.sqlite_buffer import (
+                DEFAULT_SQLITE_MAX_BYTES,
+                DEFAULT_SQLITE_MAX_POINTS,
+                SqliteBuffer,
+            )
 
             path_ = Path(buffer_path) if buffer_path else (
                 Path.home() / ".plexus" / "buffer" / f"{self.source_id}.db"
             )
             buffer = SqliteBuffer(path_, max_buffer_points or DEFAULT_SQLITE_MAX_POINTS,
-                                  sync_interval=sync_interval)
+                                  sync_interval=sync_interval,
+                                  max_bytes=max_buffer_bytes or DEFAULT_SQLITE_MAX_BYTES,
+                                  when_full=when_full)  # type: ignore[arg-type]
         else:
-            buffer = MemoryBuffer(max_buffer_points or DEFAULT_MAX_POINTS)
+            buffer = MemoryBuffer(max_buffer_points or DEFAULT_MAX_POINTS,
+                                  when_full)  # type: ignore[arg-type]
 
         try:
             self._pipeline = Pipeline(self.source_id, tags)
@@ -300,6 +333,106 @@ class Plexus:
         self._pollers.append(adapter)
         return adapter
 
+    # Remote commands -----------------------------------------------------
+    def command(
+        self,
+        name: str,
+        *,
+        title: str | None = None,
+        description: str | None = None,
+        danger: str = "normal",
+        idempotent: bool = False,
+        expires_in: float = 30.0,
+        concurrency: str = "accept",
+        params: dict[str, dict[str, Any]] | None = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Declare a command the dashboard can run; use as a decorator.
+
+        The handler is called as ``handler(run, **params)`` on its own thread
+        with the parameters checked and converted; its return value becomes
+        the result (None gives ``{}``, a non-dict ``v`` gives ``{"value": v}``)
+        and an exception a failure (raise :class:`plexus.Cancelled` to stop
+        early). ``run`` offers ``progress(percent, message)``,
+        ``time_remaining`` and ``cancel_requested``. The first declaration
+        opens the device link in the background. See docs/commands.md.
+
+        Raises:
+            CommandDeclarationError: (a ValueError) the declaration breaks a
+                rule; ConfigError: the source id cannot be used on the link.
+        """
+
+        def register(handler: Callable[..., Any]) -> Callable[..., Any]:
+            cmd = declare(name, handler, title=title, description=description, danger=danger,
+                          idempotent=idempotent, expires_in=expires_in,
+                          concurrency=concurrency, params=params)
+            self._command_center().add(cmd)
+            self._open_link()
+            return handler
+
+        return register
+
+    def on_command(self, name: str, handler: Callable[[str, dict[str, Any]], Any],
+                   concurrency: str = "accept") -> None:
+        """Answer legacy ``typed_command`` frames named ``name`` with
+        ``handler(command, params)`` (the open-source gateway's commands)."""
+        self._command_center().add_legacy(name, handler, concurrency)
+        self._open_link()
+
+    def serve(self, timeout: float | None = None) -> None:
+        """Answer commands until SIGINT or SIGTERM (or :meth:`close` from another
+        thread, or ``timeout`` seconds), then close the client, delivering what
+        is buffered. Sending from other threads goes on meanwhile."""
+        if self._commands is None or not self._commands.wants_link:
+            log.warning("serve(): no command is declared, so there is nothing to answer")
+        previous: dict[Any, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            def on_signal(signum: int, _frame: Any) -> None:
+                log.info("received %s: closing", signal.Signals(signum).name)
+                self._serving.set()
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, on_signal)
+        try:
+            self._serving.wait(timeout)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.close()
+
+    @property
+    def clock_offset(self) -> float | None:
+        """Seconds to add to this computer's clock to match the platform's, as
+        measured when the device link last authenticated; None before that.
+        (Timestamps are not corrected with it yet.)"""
+        return None if self._link is None else self._link.clock_offset
+
+    @property
+    def link_state(self) -> str:
+        """The device link: ``off`` (no command declared), ``connecting``, ``up``,
+        ``waiting`` (to reconnect) or ``stopped``."""
+        return "off" if self._link is None else self._link.state
+
+    def _command_center(self) -> CommandCenter:
+        if self._commands is None:
+            self._commands = CommandCenter()
+        return self._commands
+
+    def _open_link(self) -> None:
+        if self._closed:
+            raise ClientClosedError("this client is closed; create a new Plexus() to serve "
+                                    "commands")
+        if self._link is not None:
+            self._link.reannounce()
+            return
+        from plexus import __version__
+        from plexus.link import DEFAULT_WS_URL, DeviceLink
+
+        assert self._commands is not None
+        self._link = DeviceLink(self.ws_url or DEFAULT_WS_URL, self._api_key, self.source_id,
+                                self._commands, agent_version=__version__,
+                                platform="python-sdk", verify_tls=self._verify_tls)
+        self._link.start()
+
     # Buffer --------------------------------------------------------------
     def buffer_size(self) -> int:
         """Points not yet acknowledged by the platform (in-flight batches included)."""
@@ -337,12 +470,29 @@ class Plexus:
         persistent buffer. Idempotent."""
         with self._close_lock:
             if self._closed:
-                return
-            self._closed = True
+                closing_elsewhere = True
+            else:
+                closing_elsewhere = False
+                self._closed = True
+        if closing_elsewhere:
+            # serve() returning while another thread's close() still runs would let
+            # a script end before its buffered points are delivered.
+            if threading.current_thread() is not self._closer:
+                self._close_done.wait(self.close_timeout + 10.0)
+            return
+        self._closer = threading.current_thread()
+        self._serving.set()
+        if self._link is not None:
+            self._link.stop()
+        if self._commands is not None:
+            self._commands.close()
         for poller in self._pollers:
             poller.stop()
-        self._pipeline.close(self.close_timeout if timeout is None else timeout)
-        _live_clients.discard(self)
+        try:
+            self._pipeline.close(self.close_timeout if timeout is None else timeout)
+        finally:
+            _live_clients.discard(self)
+            self._close_done.set()
 
     def __enter__(self) -> Plexus:
         return self

@@ -14,6 +14,7 @@ already handles those built-ins keeps working::
     ├── BufferingError         a point could not be buffered
     │   └── ClientClosedError  send() after close()
     ├── PluginError            a plugin failed to load or registered a bad name
+    ├── CommandDeclarationError (also ValueError) a remote command declared wrongly
     ├── AdapterError           a source failed (missing driver, bad option...)
     └── SinkError              a sink failed to send a batch
         └── RetryableSinkError the failure is temporary: retry the same batch
@@ -58,6 +59,10 @@ class ClientClosedError(BufferingError):
 
 class PluginError(PlexusError):
     """A plugin could not be loaded or registered something invalid."""
+
+
+class CommandDeclarationError(PlexusError, ValueError):
+    """A remote command's declaration breaks a rule (name, params, danger, expiry...)."""
 
 
 class AdapterError(PlexusError):

@@ -19,18 +19,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from plexus.adapters.base import Adapter, describe_error, require
+from plexus.adapters.base import Adapter, describe_error
 from plexus.buffer import DEFAULT_MAX_POINTS, Buffer, MemoryBuffer
 from plexus.client import config_path, read_user_config, resolve_source_id
 from plexus.config import ComponentConfig, ConfigErrors, ConfigProblem, RigConfig
-from plexus.errors import AdapterError, PlexusError
+from plexus.errors import PlexusError
 from plexus.pipeline import Pipeline, SourceContext
 from plexus.plugins import Registry
 from plexus.secret import Secret
 from plexus.sinks.base import Sink
 from plexus.sinks.http import HttpSink
 from plexus.sinks.stdout import StdoutSink
-from plexus.sqlite_buffer import DEFAULT_SQLITE_MAX_POINTS, SqliteBuffer
+from plexus.sqlite_buffer import (
+    DEFAULT_SQLITE_MAX_BYTES,
+    DEFAULT_SQLITE_MAX_POINTS,
+    SqliteBuffer,
+)
 from plexus.uploader import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -103,6 +107,7 @@ class Gateway:
             problems.append(config.problem("source_id", str(exc)))
             self.source_id = "invalid-source-id"
         self.receiver: Any = None
+        self.ws_url: str | None = None  # set by a local receiver
         if not (dry_run or check_only):
             self._start_local_receiver()
         try:
@@ -128,6 +133,11 @@ class Gateway:
                 continue
             self.adapters.append((adapter, component.tags or None))
             self.entries[adapter.name] = component
+            if getattr(adapter, "acknowledges_upstream", False) and config.buffer.type == "memory":
+                log.warning(
+                    "adapter %s acknowledges messages once they are buffered, but the buffer "
+                    "is in memory: a crash loses what was acknowledged and not yet sent; use "
+                    "buffer: {type: sqlite}", adapter.name)
         #: for --check: what could not be built; the rest is still checked
         self.build_problems = problems
         if problems and not check_only:
@@ -135,6 +145,15 @@ class Gateway:
             raise ConfigErrors(problems)
         self._stop = threading.Event()
         self.started_at: float | None = None
+        self.commands: Any = None  # plexus.control.GatewayCommands when the rig turns them on
+        if config.commands.enabled:
+            from plexus.control import GatewayCommands
+
+            self.commands = GatewayCommands(self, check_only=check_only)
+
+    @property
+    def api_key(self) -> Secret | None:
+        return self._api_key
 
     def _release(self) -> None:
         """Undo what __init__ started, when it cannot finish."""
@@ -172,6 +191,7 @@ class Gateway:
 
         self.receiver = Receiver(port=local.port, api_keys=None).start()
         self.gateway_url = self.receiver.url
+        self.ws_url = self.receiver.ws_url
         if self._api_key is None:
             self._api_key = Secret("plx_local")
         log.info("local receiver listening on %s", self.receiver.url)
@@ -220,7 +240,7 @@ class Gateway:
     def _make_buffer(self, index: int, sink_name: str) -> Buffer:
         opts = self.config.buffer
         if opts.type == "memory" or self.check_only:
-            return MemoryBuffer(opts.max_points or DEFAULT_MAX_POINTS)
+            return MemoryBuffer(opts.max_points or DEFAULT_MAX_POINTS, opts.when_full)
         path = Path(opts.path).expanduser() if opts.path else (
             Path.home() / ".plexus" / "buffer" / f"{self.source_id}.db"
         )
@@ -229,7 +249,9 @@ class Gateway:
         if index > 0:  # each sink keeps its own cursor: its own file beside the first
             path = path.with_name(f"{path.stem}.{sink_name}{path.suffix}")
         return SqliteBuffer(path, opts.max_points or DEFAULT_SQLITE_MAX_POINTS,
-                            sync_interval=opts.sync_interval)
+                            sync_interval=opts.sync_interval,
+                            max_bytes=opts.max_bytes or DEFAULT_SQLITE_MAX_BYTES,
+                            when_full=opts.when_full)
 
     # Running -------------------------------------------------------------
     def start(self) -> None:
@@ -246,6 +268,8 @@ class Gateway:
                 adapter.errors += 1
                 adapter.last_error = describe_error(exc)
                 log.error("adapter %s failed to start: %s", adapter.name, adapter.last_error)
+        if self.commands is not None:
+            self.commands.start()
 
     def failed_adapters(self) -> list[Adapter]:
         return [adapter for adapter, _ in self.adapters if adapter.state == "failed"]
@@ -273,6 +297,8 @@ class Gateway:
     def shutdown(self, grace_period: float | None = None) -> None:
         """Stop adapters, deliver for up to ``grace_period`` seconds, close everything."""
         grace = self.config.grace_period if grace_period is None else grace_period
+        if self.commands is not None:  # no command may start while adapters stop
+            self.commands.stop()
         stoppers = [threading.Thread(target=a.stop, args=(2.0,)) for a, _ in self.adapters]
         for thread in stoppers:
             thread.start()
@@ -306,16 +332,6 @@ class Gateway:
             })
         return {"source_id": self.source_id, "session": self.pipeline.current_session,
                 "uptime": round(now - (self.started_at or now), 1),
-                "adapters": adapters, "sinks": sinks}
+                "adapters": adapters, "sinks": sinks,
+                "link": None if self.commands is None else self.commands.status()}
 
-
-def missing_drivers(gateway: Gateway) -> list[str]:
-    """For ``--check``: import each adapter's driver libraries without starting anything."""
-    problems = []
-    for adapter, _ in gateway.adapters:
-        for module in type(adapter).requires:
-            try:
-                require(module, type(adapter).extra or type(adapter).type_name)
-            except AdapterError as exc:
-                problems.append(f"adapter {adapter.name}: {exc}")
-    return problems

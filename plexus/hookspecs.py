@@ -40,3 +40,16 @@ def plexus_register_adapters(register: Callable[[type[Any]], None]) -> None:
 @hookspec
 def plexus_register_sinks(register: Callable[[type[Any]], None]) -> None:
     """Register sink classes (subclasses of ``plexus.sinks.base.Sink``), as above."""
+
+
+@hookspec
+def plexus_register_commands(register: Callable[[Any], None], control: Any) -> None:
+    """Register remote commands the dashboard can run on a gateway.
+
+    Called when a rig turns commands on (``commands: {enabled: true}``).
+    Call ``register(cmd)`` once per :class:`plexus.commands.Command` (build
+    it with ``@plexus.commands.command(...)``); ``control`` is the running
+    gateway as commands see it (:class:`plexus.control.Control`: its
+    adapters, ``emit``...). A hook may take only ``register``. An invalid or
+    duplicate command is reported (``--check`` lists it) and skipped.
+    """

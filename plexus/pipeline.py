@@ -80,6 +80,7 @@ class Pipeline:
     # Building ------------------------------------------------------------
     def add_lane(self, sink: Sink, buffer: Buffer, **uploader_options: Any) -> Lane:
         """Add a sink with its own buffer; ``uploader_options`` go to :class:`Uploader`."""
+        buffer.set_codec(sink.codec(self.source_id))  # a persistent buffer stores what is sent
         lane = Lane(sink, buffer, Uploader(buffer, sink, **uploader_options))
         self.lanes.append(lane)
         if len(self.lanes) == 1:

@@ -52,6 +52,8 @@ class Registry:
     plugins: dict[str, Provider] = field(default_factory=dict)
     disabled: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    #: (provider, hook implementation) of each plugin's plexus_register_commands.
+    command_hooks: list[tuple[Provider, Any]] = field(default_factory=list)
 
     def rows(self) -> list[tuple[str, str, str, str]]:
         """(kind, type, package, version) for every registered type, sorted."""
@@ -121,7 +123,38 @@ def load_plugins(
 
     _collect(pm, registry, "adapter", "plexus_register_adapters", Adapter, registry.adapters)
     _collect(pm, registry, "sink", "plexus_register_sinks", Sink, registry.sinks)
+    # Commands need the running gateway, so they are collected when one is built.
+    registry.command_hooks = [(registry.plugins[impl.plugin_name], impl)
+                              for impl in pm.hook.plexus_register_commands.get_hookimpls()]
     return registry
+
+
+def collect_commands(registry: Registry, register: Callable[[Any], None],
+                     control: Any) -> list[str]:
+    """Call every plugin's ``plexus_register_commands``; return the problems found.
+
+    ``register`` raises (TypeError/ValueError) for a bad or duplicate command;
+    that command is skipped and reported, the plugin's others still count.
+    """
+    problems: list[str] = []
+    for provider, impl in registry.command_hooks:
+        def checked(cmd: Any, provider: Provider = provider) -> None:
+            try:
+                register(cmd)
+            except (TypeError, ValueError) as exc:
+                message = f"plugin {provider.plugin!r} ({provider.package}): {exc}; skipped"
+                problems.append(message)
+                log.error("%s", message)
+
+        kwargs = {"register": checked, "control": control}
+        try:
+            impl.function(**{name: kwargs[name] for name in impl.argnames if name in kwargs})
+        except Exception as exc:
+            message = (f"plugin {provider.plugin!r} ({provider.package}) raised in "
+                       f"plexus_register_commands: {type(exc).__name__}: {exc}")
+            problems.append(message)
+            log.error("%s", message)
+    return problems
 
 
 def _collect(

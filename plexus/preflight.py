@@ -57,6 +57,14 @@ def check_gateway(gateway: Gateway, *, online: bool = False,
         problems += [entry.problem(config.path, message) for message in found]
         if not found:
             ready.append((adapter, entry))
+    for sink, sink_entry in gateway.sinks:
+        sink_cls = type(sink)
+        for module in getattr(sink_cls, "requires", ()):
+            try:
+                require(module, getattr(sink_cls, "extra", None) or sink_cls.type_name)
+            except AdapterError as exc:
+                problems.append(sink_entry.problem(config.path, str(exc)) if sink_entry
+                                else config.problem("sinks", str(exc)))
     problems += _writable_places(gateway)
     if online:
         for sink, sink_entry in gateway.sinks:

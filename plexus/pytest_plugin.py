@@ -6,6 +6,16 @@ Fixtures:
     A started receiver that accepts the key ``plx_test``; stopped after the
     test. Point a client at ``plexus_receiver.url``.
 
+``plexus_device``
+    The started receiver's device WebSocket (``plexus_receiver.device``):
+    inject commands, read back every frame a device sent.
+
+``plexus_run_command``
+    One call runs a command on the connected device and returns its final
+    status: ``plexus_run_command("power_off", {"outlet": 3}).state``. It
+    waits for a device to connect first; ``legacy=True`` sends a
+    ``typed_command`` instead and returns the ``command_result`` frames.
+
 ``plexus_receiver_factory``
     Call it with :class:`~plexus.testing.Receiver` keyword arguments to get
     more (started) receivers; all are stopped at teardown::
@@ -29,7 +39,8 @@ import pytest
 if TYPE_CHECKING:
     from plexus.testing import Receiver
 
-__all__ = ["plexus_receiver", "plexus_receiver_factory"]
+__all__ = ["plexus_device", "plexus_receiver", "plexus_receiver_factory",
+           "plexus_run_command"]
 
 
 @pytest.fixture
@@ -56,3 +67,29 @@ def plexus_receiver_factory() -> Iterator[Callable[..., Receiver]]:
     yield make
     for receiver in made:
         receiver.stop()
+
+
+@pytest.fixture
+def plexus_device(plexus_receiver: Receiver) -> Any:
+    """The device WebSocket of ``plexus_receiver`` (a DeviceServer)."""
+    return plexus_receiver.device
+
+
+@pytest.fixture
+def plexus_run_command(plexus_receiver: Receiver) -> Callable[..., Any]:
+    """``run(command, params=None, *, source_id=None, legacy=False, timeout=10, **run_options)``:
+    wait for the device, run the command, return its final status (a RunResult,
+    or a LegacyResult with ``legacy=True``)."""
+    device = plexus_receiver.device
+
+    def run(command: str, params: dict[str, Any] | None = None, *,
+            source_id: str | None = None, legacy: bool = False, timeout: float = 10.0,
+            **options: Any) -> Any:
+        if not device.wait_connected(source_id, timeout):
+            raise AssertionError(f"no device connected to {plexus_receiver.ws_url} within "
+                                 f"{timeout:g} s")
+        if legacy:
+            return device.call(command, params, source_id, timeout)
+        return device.run(command, params, source_id=source_id, timeout=timeout, **options)
+
+    return run

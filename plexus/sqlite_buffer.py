@@ -1,41 +1,47 @@
-"""The persistent buffer: an append-only inbox file in front of a SQLite table.
+"""The persistent buffer: a mapped inbox in front of compressed blocks in SQLite.
 
-Why two files: a committed SQLite transaction costs 20-70 µs here (40 µs in
-WAL mode on ext4), far over our 12 µs budget for ``send()``. A single
-``os.write`` to an append-only file costs about 2 µs and is just as safe
-against ``kill -9``: once ``write`` returns, the bytes belong to the kernel,
-not to our process. So:
+Why two stores: a committed SQLite transaction costs 20-70 µs, far over the
+budget of ``send()``. So:
 
-- ``put`` frames the point (magic + length + CRC32 over both and the JSON)
-  and appends it to the current inbox file ``<path>.inbox.<N>`` in one
-  ``write`` before returning.
-- A background thread, every ``sync_interval`` seconds, fsyncs the inbox,
-  moves its records into SQLite (recording the generation and offset reached
-  in the same transaction), checkpoints (fsyncs) SQLite, and starts inbox
-  ``N+1``; file ``N`` is deleted after the next checkpoint. So the inbox
-  holds about one round of points however long the stream, and a WAL lost to
-  a power cut never points past a file that still exists. ``take`` also
-  moves the inbox first, so the uploader never waits for that thread.
-- On open, records past the recorded position are replayed into SQLite. The
-  first invalid record (a torn write, or the zeros a power cut leaves where
-  a file's size reached the disk before its data) ends the readable part of
-  that file; the rest is discarded, counted and logged once.
-- The batch in flight is recorded (once it has decoded); after a restart it
-  is taken first, unchanged, so it keeps its Idempotency-Key. A stored row
-  that does not decode is moved to the ``set_aside`` table, counted in
-  ``lost`` and skipped: nothing on disk can stop delivery.
+- ``put`` encodes the point once, with the codec of the lane's sink (for the
+  Plexus sink, the point object of an ``/ingest`` body), frames it and copies
+  it into the current inbox segment, a preallocated memory-mapped file (see
+  :mod:`plexus.inbox`), before returning; the record is also kept in memory.
+- A background thread, every ``sync_interval`` seconds, fsyncs the inbox
+  segments written since the last round (oldest first), moves the records
+  into SQLite as **blocks** (up to 10,000 points each: the records joined
+  into what the sink sends, gzipped; for the Plexus sink a whole request
+  body) together with the inbox position reached, in one transaction, and
+  checkpoints the WAL. Segments whose records are all in SQLite are deleted
+  after that checkpoint. ``take`` moves first too, so the uploader never
+  waits for that thread, and the blocks are as big as the backlog allows.
+- ``take`` returns whole blocks, oldest first (or newest, to let live data
+  overtake a backlog). A single block goes on the wire as it was stored;
+  several are joined into one body. A block's CRC is checked before it is
+  taken; a block that fails is set aside (kept in the table ``set_aside``),
+  counted in ``lost`` and skipped: nothing stored can stop delivery.
+- The batch in flight is recorded; after a restart it is taken first,
+  unchanged, with the same key.
 
 Guarantees: ``kill -9`` loses nothing whose ``put`` returned. A power cut
-loses at most the last ``sync_interval`` seconds (default 1 s). Files that
-cannot be opened as our buffer are moved aside with a timestamped name and a
-fresh buffer starts. If the disk fills up, points are kept in memory
-(counted in ``spilled``, a warning logged) and written to disk again when
-space returns.
+loses at most what was put after the last completed sync began (about
+``sync_interval``, 1 s by default), and what it keeps is an exact prefix.
+
+Caps: ``max_points`` and ``max_bytes`` (compressed bytes in SQLite plus the
+records not yet moved). When full, producers wait while the sink delivers
+(``when_full="block"``); otherwise the oldest blocks not in flight are
+dropped, whole, counted in ``dropped``. If the disk fills up, points are
+kept in memory (``spilled``, at most 100,000, the oldest dropped beyond) and
+stored once there is room; blocks already on disk keep being delivered, and
+while SQLite cannot take more, records are sent straight from memory.
+
+Files that cannot be opened as our buffer are moved aside with a
+timestamped name and a fresh buffer starts. Buffers of earlier schemas (one
+SQLite row per point) are converted to blocks when opened.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
@@ -46,83 +52,32 @@ import threading
 import time
 import uuid
 import zlib
-from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from plexus.buffer import Batch, Buffer, in_flight_limit
+from plexus import inbox
+from plexus.buffer import Batch, Buffer, WhenFull, in_flight_limit
+from plexus.codec import POINTS, PointCodec, codec_for_tag, compress, decompress
 from plexus.errors import BufferingError
 from plexus.point import Point
 from plexus.ratelimit import RateLimitedLog
 
 log = logging.getLogger("plexus.buffer")
 
-DEFAULT_SQLITE_MAX_POINTS = 1_000_000
-SCHEMA_VERSION = "3"
-# An inbox record: magic, payload length, CRC32 of (magic + length + payload), payload.
-# The magic and a checksum that covers the length make a block of zeros (what a
-# file's tail holds when its new size reached the disk before its data) or any
-# other garbage invalid: with a bare (length, crc) header, 8 zero bytes read as
-# a valid empty record, since crc32(b"") == 0.
-_MAGIC = b"\xa7\x5e"
-_HEADER = struct.Struct("<2sII")
-_MAX_RECORD = 1 << 20
-_MOVE_CHUNK = 1 << 20  # bytes of inbox moved per transaction (bounds the transient memory)
-
-
-def encode_record(point: Point) -> bytes:
-    data = orjson.dumps(point)
-    size = len(data).to_bytes(4, "little")
-    return _HEADER.pack(_MAGIC, len(data), zlib.crc32(data, zlib.crc32(_MAGIC + size))) + data
-
-
-def decode_records(blob: bytes) -> tuple[list[bytes], int, bool]:
-    """Split inbox bytes into payloads; return (payloads, bytes used, invalid tail?).
-
-    A record is valid only when its magic matches, its length is 1.._MAX_RECORD,
-    it is complete and its checksum holds. The first invalid record ends the
-    readable part: what follows it cannot be trusted to start on a record.
-    """
-    payloads = []
-    pos, end = 0, len(blob)
-    header = _HEADER.size
-    unpack, crc32 = _HEADER.unpack_from, zlib.crc32
-    while pos + header <= end:
-        magic, length, crc = unpack(blob, pos)
-        stop = pos + header + length
-        if magic != _MAGIC or not 0 < length <= _MAX_RECORD or stop > end:
-            break
-        data = blob[pos + header:stop]
-        if crc32(data, crc32(blob[pos:pos + 6])) != crc:
-            break
-        payloads.append(data)
-        pos = stop
-    return payloads, pos, pos != end
-
-
-def _decode_v2_records(blob: bytes) -> tuple[list[bytes], int, bool]:
-    """The inbox format of schema 2 (length + CRC of the payload), read once on upgrade."""
-    payloads = []
-    pos, end = 0, len(blob)
-    while pos + 8 <= end:
-        length, crc = struct.unpack_from("<II", blob, pos)
-        stop = pos + 8 + length
-        if not 0 < length <= _MAX_RECORD or stop > end or zlib.crc32(blob[pos + 8:stop]) != crc:
-            break
-        payloads.append(blob[pos + 8:stop])
-        pos = stop
-    return payloads, pos, pos != end
-
-
-def decode_point(data: bytes) -> Point:
-    """A stored point back as a tuple; ValueError when the bytes are not one."""
-    row = orjson.loads(data)
-    if type(row) is not list or len(row) != 4 or type(row[0]) is not str \
-            or type(row[2]) is not int or not (row[3] is None or type(row[3]) is dict):
-        raise ValueError(f"not a stored point: {data[:60]!r}")
-    return tuple(row)  # type: ignore[return-value]
+SCHEMA_VERSION = "4"
+DEFAULT_SQLITE_MAX_POINTS = 1_000_000_000
+#: 2 GiB: a week of a 1,000-point/s stream needs about 4 GB at ~7 bytes a point;
+#: the default keeps a 16 GB SD card far from full. Raise it for longer outages.
+DEFAULT_SQLITE_MAX_BYTES = 2 << 30
+BLOCK_POINTS = 10_000  # the most points a request may carry
+BLOCK_RAW_BYTES = 2 << 20  # uncompressed bytes per block; a request may carry 5 MiB
+_MOVE_AT_RECORDS = 50_000  # records waiting in memory that wake the sync thread
+_SPILL_MAX_POINTS = 100_000  # points kept in memory while the disk is full
+_BATCH_RAW_BYTES = 4 << 20  # blocks joined into one request stay under 5 MiB
+_SEAL_ROOM = inbox.HEADER_SIZE + len(inbox.SEAL)  # kept free at a segment's end
+_MAGIC, _HEADER_SIZE, _pack_header, _crc32 = (inbox.MAGIC, inbox.HEADER_SIZE,
+                                              inbox._HEADER.pack, zlib.crc32)
 
 
 class _WrongSchema(Exception):
@@ -133,10 +88,12 @@ class SqliteBuffer(Buffer):
     """A persistent buffer that survives crashes, restarts and power cuts.
 
     Parameters:
-        path: the SQLite file; the inbox lives beside it as ``<path>.inbox``.
-        max_points: cap on stored points; beyond it the oldest waiting ones are
-            deleted and counted in ``dropped``.
-        sync_interval: seconds between fsyncs: the most a power cut can lose.
+        path: the SQLite file; the inbox segments live beside it as ``<path>.inbox.<N>``.
+        max_points: cap on stored points (default: no practical limit, the
+            byte cap governs).
+        sync_interval: seconds between fsyncs: about the most a power cut can lose.
+        max_bytes: cap on stored bytes (compressed), default 2 GiB.
+        when_full: ``"block"`` or ``"drop_oldest"`` (see :mod:`plexus.buffer`).
     """
 
     def __init__(
@@ -144,50 +101,68 @@ class SqliteBuffer(Buffer):
         path: str | os.PathLike[str],
         max_points: int = DEFAULT_SQLITE_MAX_POINTS,
         sync_interval: float = 1.0,
+        *,
+        max_bytes: int = DEFAULT_SQLITE_MAX_BYTES,
+        when_full: WhenFull = "block",
     ) -> None:
-        super().__init__(max_points)
+        super().__init__(max_points, when_full)
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
         self.path = Path(path).expanduser()
+        self.max_bytes = max_bytes
         self.sync_interval = sync_interval
+        self.block_points = max(1, min(BLOCK_POINTS, max_points // 4))
         self.spilled = 0  # points kept in memory because the disk was full
-        self.torn_records = 0  # inbox files that ended in an invalid record at open
+        self.torn_records = 0  # inbox segments whose readable part ended early at open
         self.lost: dict[str, int] = {}  # points that could not be read back, by reason
-        self._lock = threading.Lock()  # the inbox fd and the counters
+        self._lock = threading.Lock()  # producers: the segment, the pending records
+        self._room = threading.Condition(self._lock)
         self._db_lock = threading.Lock()  # the SQLite connection; taken before _lock
-        self._spill: deque[tuple[bytes, int]] = deque()  # (framed records, point count)
-        self._spill_points = 0
-        self._in_flight: tuple[int, int] | None = None
-        self._resume: tuple[int, int] | None = None  # the batch in flight when the last run ended
-        self._undeleted: list[tuple[int, int]] = []  # acknowledged ranges a full disk kept
-        self._retired: list[int] = []  # moved inbox generations, deleted after a checkpoint
-        self._closed = False
         self._warn = RateLimitedLog(log, interval=30.0)  # a full disk fails every round
+        self._closed = False
+
+        # Producer side (under _lock).
+        self._segment: inbox.Segment | None = None  # written now; made at the first put
+        self._sealed: list[inbox.Segment] = []  # older ones still on disk, oldest first
+        self._spare: inbox.Segment | None = None  # the next one, made ahead of time
+        self._half_kicked = False  # the sync thread was asked to make the spare
+        self._pending: list[bytes] = []  # records not in SQLite yet, oldest first
+        self._pending_bytes = 0
+        self._spilling = False
+        self._spilled_now = 0  # pending records that are in no segment
+        self._wake_next = False
+        self._attention = 0  # pending records that need put's slow path
+        self._record: Callable[[Point], bytes] = POINTS.record
+        # Uploader side (under _db_lock).
+        self._in_flight: Any = None  # what the batch in flight holds (see take)
+        self._in_flight_memory = 0  # points of it taken straight from memory
+        self._resume: tuple[int, int, int] | None = None  # (first, last, count) to take first
+        self._undeleted: list[int] = []  # delivered blocks a full disk would not let us delete
+        self._retired: list[inbox.Segment] = []  # moved segments, deleted after a checkpoint
+        self._block_points = self._block_bytes = 0
+        self._moving = 0  # records between the pending list and SQLite
 
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_fd = self._lock_file()
         try:
             self._conn = self._open_or_replace()
-            self._gen = self._replay_inboxes()  # the inbox generation producers write to
+            self._gen = self._recover()  # the next segment's number
         except BaseException:
             os.close(self._lock_fd)
             raise
-        self._inbox_fd, self._inbox_read_fd = self._open_inbox(self._gen)
-        self._inbox_size = 0  # bytes written to the current inbox file
-        self._moved = 0  # bytes of it already in SQLite
-        # len() = puts - removed - spill_removed. Each counter has one writer at a
-        # time (producers under _lock; ack and trim under _db_lock), so removing
-        # points never waits for _lock, which busy producers could starve.
-        self._puts = self._conn.execute("SELECT COUNT(*) FROM points").fetchone()[0]
-        self._removed = 0
-        self._spill_removed = 0
-        self._swap_wanted = False  # the sync thread asks the next put to start a new inbox
-        self._swap_done = threading.Event()
-        self._swapped_out: tuple[int, int, int, int, int] | None = None
+        self._block_points, self._block_bytes = self._conn.execute(
+            "SELECT COALESCE(SUM(count), 0), COALESCE(SUM(LENGTH(data)), 0) FROM blocks"
+        ).fetchone()
+        self._update_attention()
 
         self._stop = threading.Event()
         self._kick = threading.Event()
         self._thread = threading.Thread(target=self._sync_loop, daemon=True,
                                         name=f"plexus-buffer-sync:{self.path.name}")
         self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"SqliteBuffer({str(self.path)!r}, points={len(self)})"
 
     # Opening ---------------------------------------------------------------
     def _lock_file(self) -> int:
@@ -222,32 +197,35 @@ class SqliteBuffer(Buffer):
             # No fsync per commit: our sync thread checkpoints every sync_interval.
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA wal_autocheckpoint=0")
-            # Rows are written once and read once, in id order: a big page cache
+            # Blocks are written once and read once, in id order: a big page cache
             # buys nothing, and the buffer must stay small on a Raspberry Pi.
             conn.execute("PRAGMA cache_size=-512")
             conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            # AUTOINCREMENT: ids are never reused, even after the table empties,
-            # so batch keys (built from ids) never repeat and a receiver that
-            # drops duplicate Idempotency-Keys never drops new data.
-            conn.execute("CREATE TABLE IF NOT EXISTS points "
-                         "(id INTEGER PRIMARY KEY AUTOINCREMENT, data BLOB NOT NULL)")
-            # Rows that could not be decoded: kept for inspection, counted as lost,
-            # never in the way of the rows after them.
-            conn.execute("CREATE TABLE IF NOT EXISTS set_aside "
-                         "(id INTEGER PRIMARY KEY, reason TEXT NOT NULL, data BLOB)")
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            tables = {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")} - {"sqlite_sequence"}
+            if not meta and tables != {"meta"}:
+                raise _WrongSchema(f"a database of something else (tables {sorted(tables)})")
             if not meta:
                 conn.execute("INSERT INTO meta VALUES ('schema', ?), ('uuid', ?), "
                              "('inbox_gen', '0'), ('inbox_offset', '0')",
                              (SCHEMA_VERSION, uuid.uuid4().hex[:12]))
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            # Schema 2 differs only in the inbox framing: its inbox files are read
-            # with the old decoder once, then the schema is raised (in _replay_inboxes).
-            if meta.get("schema") not in (SCHEMA_VERSION, "2") or "uuid" not in meta:
-                raise _WrongSchema(f"unexpected schema {meta.get('schema')!r}")
-            self._old_inbox = meta["schema"] == "2"
-            columns = [r[1] for r in conn.execute("PRAGMA table_info(points)")]
-            if columns != ["id", "data"]:
+            schema = meta.get("schema")
+            if schema not in (SCHEMA_VERSION, "2") or "uuid" not in meta:
+                raise _WrongSchema(f"unexpected schema {schema!r}")
+            # AUTOINCREMENT: ids are never reused, even after the table empties,
+            # so batch keys (built from ids) never repeat and a receiver that
+            # drops duplicate Idempotency-Keys never drops new data.
+            conn.execute("CREATE TABLE IF NOT EXISTS blocks (id INTEGER PRIMARY KEY "
+                         "AUTOINCREMENT, count INTEGER NOT NULL, raw_bytes INTEGER NOT NULL, "
+                         "codec TEXT NOT NULL, crc INTEGER NOT NULL, data BLOB NOT NULL)")
+            # What could not be read back: kept for inspection, counted as lost,
+            # never in the way of what comes after it.
+            conn.execute("CREATE TABLE IF NOT EXISTS set_aside "
+                         "(id INTEGER PRIMARY KEY, reason TEXT NOT NULL, data BLOB)")
+            columns = [r[1] for r in conn.execute("PRAGMA table_info(blocks)")]
+            if columns != ["id", "count", "raw_bytes", "codec", "crc", "data"]:
                 raise _WrongSchema(f"unexpected columns {columns}")
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
@@ -256,11 +234,13 @@ class SqliteBuffer(Buffer):
             conn.close()
             raise
         self._uuid = meta["uuid"]
+        self._schema = schema
         self._replay_gen = int(meta.get("inbox_gen", "0") or 0)
         self._replay_from = int(meta.get("inbox_offset", "0") or 0)
         if meta.get("in_flight"):
-            first, last = meta["in_flight"].split("-")
-            self._resume = (int(first), int(last))
+            parts = meta["in_flight"].split("-")
+            if len(parts) == 3:
+                self._resume = (int(parts[0]), int(parts[1]), int(parts[2]))
         for suffix in ("-wal", "-shm"):
             side = Path(f"{self.path}{suffix}")
             if side.exists():
@@ -284,268 +264,394 @@ class SqliteBuffer(Buffer):
                     src.unlink(missing_ok=True)
         return aside
 
-    def inbox_file(self, gen: int) -> Path:
-        """Inbox files are numbered: a new one starts once the last is all in SQLite."""
-        return Path(f"{self.path}.inbox.{gen}")
+    def _recover(self) -> int:
+        """Store what earlier runs left behind as blocks; return the next segment number."""
+        if self._schema == "2":
+            self._convert_point_rows()
+        gens = inbox.segment_gens(self.path)
+        chain_broken = False
+        recovered = 0
+        for gen in gens:
+            if gen < self._replay_gen:
+                continue  # already in SQLite; deleted below
+            path = inbox.segment_path(self.path, gen)
+            start = self._replay_from if gen == self._replay_gen else 0
+            try:
+                if self._schema == "2":
+                    tag, records, sealed, damaged = self._read_old_inbox(path, start)
+                else:
+                    seg = inbox.read_segment(path, gen, start)
+                    tag, records, sealed, damaged = (seg.codec_tag or POINTS.tag, seg.records,
+                                                     seg.sealed, seg.damaged_bytes)
+            except OSError as exc:  # unreadable: set it aside, the buffer must come up
+                aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+                os.replace(path, aside)
+                log.warning("buffer inbox %s cannot be read (%s); moved it aside to %s",
+                            path, exc, aside)
+                chain_broken = True
+                continue
+            if chain_broken:
+                if records:
+                    self._count_lost("after a gap", len(records))
+                    log.warning("%s: %d records follow a segment a power cut cut short; "
+                                "they were discarded so that what is kept stays in order",
+                                path, len(records))
+                continue
+            if damaged:
+                self.torn_records += 1
+                log.warning("%s: %d bytes after the last whole record are not records (a "
+                            "write cut by a crash or power cut, or data the disk never "
+                            "received) and were discarded", path, damaged)
+            if records:
+                self._insert_blocks(tag, records, (gen + 1, 0))
+                recovered += len(records)
+            # Every segment but the newest ends in its seal; one that does not lost
+            # its tail to a power cut, and whatever came later must go with it.
+            chain_broken = not sealed and gen != gens[-1]
+        next_gen = max([*gens, self._replay_gen - 1]) + 1
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        self._set_position(next_gen, 0)
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(FULL)")  # on disk before the inbox files go
+        for gen in gens:
+            inbox.segment_path(self.path, gen).unlink(missing_ok=True)
+        self._schema = SCHEMA_VERSION
+        if recovered:
+            log.info("recovered %d points from the inbox of %s", recovered, self.path)
+        return next_gen
 
-    def _inbox_gens(self) -> list[int]:
-        prefix = f"{self.path.name}.inbox."
-        return sorted(int(f.name[len(prefix):]) for f in self.path.parent.glob(prefix + "*")
-                      if f.name[len(prefix):].isdigit())
+    def _read_old_inbox(self, path: Path, start: int) -> tuple[str, list[bytes], bool, int]:
+        """An inbox file of schema 2: records of (length, CRC of the payload, payload)."""
+        blob = path.read_bytes()[start:]
+        records, used = [], 0
+        while used + 8 <= len(blob):
+            length, crc = struct.unpack_from("<II", blob, used)
+            stop = used + 8 + length
+            if not 0 < length <= inbox.MAX_RECORD or stop > len(blob) \
+                    or zlib.crc32(blob[used + 8:stop]) != crc:
+                break
+            records.append(blob[used + 8:stop])
+            used = stop
+        return POINTS.tag, records, True, len(blob) - used
 
-    def _open_inbox(self, gen: int) -> tuple[int, int]:
-        path = self.inbox_file(gen)
-        write_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        _fsync_dir(path.parent)  # the new name must survive a power cut as its data does
-        return write_fd, os.open(path, os.O_RDONLY)
+    def _convert_point_rows(self) -> None:
+        """Schema 2 kept one row per point (the JSON of its tuple): make blocks."""
+        conn = self._conn
+        if "points" not in {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}:
+            return
+        last = 0
+        while True:
+            rows = conn.execute("SELECT id, data FROM points WHERE id > ? ORDER BY id LIMIT ?",
+                                (last, self.block_points)).fetchall()
+            if not rows:
+                break
+            last = rows[-1][0]
+            self._insert_blocks(POINTS.tag, [bytes(r[1]) for r in rows], None)
+        conn.execute("DROP TABLE points")
+        self._resume = None  # row ids of the old table mean nothing now
+        log.info("converted the buffer %s to schema %s", self.path, SCHEMA_VERSION)
+
+    # Blocks ------------------------------------------------------------------
+    def _make_blocks(self, codec: PointCodec, records: list[bytes]) -> list[tuple[Any, ...]]:
+        rows = []
+        start, n = 0, len(records)
+        while start < n:
+            stop, size = start, 0
+            while stop < n and stop - start < self.block_points and (
+                    stop == start or size + len(records[stop]) < BLOCK_RAW_BYTES):
+                size += len(records[stop]) + 1
+                stop += 1
+            raw = codec.block(records[start:stop])
+            data = compress(raw)
+            rows.append((stop - start, len(raw), codec.tag, zlib.crc32(data), data))
+            start = stop
+        return rows
+
+    def _insert_blocks(self, tag: str, records: list[bytes],
+                       position: tuple[int, int] | None) -> None:
+        """Store records as blocks (and the inbox position reached) in one transaction."""
+        rows = self._make_blocks(codec_for_tag(tag) if tag != self.codec.tag else self.codec,
+                                 records)
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("INSERT INTO blocks (count, raw_bytes, codec, crc, data) "
+                             "VALUES (?, ?, ?, ?, ?)", rows)
+            if position is not None:
+                self._set_position(*position)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:  # SQLite may have rolled back already (disk full)
+                conn.execute("ROLLBACK")
+            raise
+        self._block_points += len(records)
+        self._block_bytes += sum(len(r[4]) for r in rows)
 
     def _set_position(self, gen: int, offset: int) -> None:
         """Record how far the inbox is in SQLite. Part of the caller's transaction."""
         self._conn.execute("UPDATE meta SET value = ? WHERE key = 'inbox_gen'", (str(gen),))
         self._conn.execute("UPDATE meta SET value = ? WHERE key = 'inbox_offset'", (str(offset),))
 
-    def _replay_inboxes(self) -> int:
-        """Move into SQLite what earlier runs left in inbox files; return the next generation."""
-        gens = self._inbox_gens()
-        recovered = 0
-        conn = self._conn
-        for gen in gens:
-            if gen < self._replay_gen:
-                continue  # already in SQLite; deleted below
-            path = self.inbox_file(gen)
-            try:
-                blob = path.read_bytes()
-            except OSError as exc:  # unreadable: set it aside, the buffer must come up
-                aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
-                os.replace(path, aside)
-                log.warning("buffer inbox %s cannot be read (%s); moved it aside to %s",
-                            path, exc, aside)
-                continue
-            start = min(self._replay_from, len(blob)) if gen == self._replay_gen else 0
-            decode = _decode_v2_records if self._old_inbox else decode_records
-            payloads, used, torn = decode(blob[start:])
-            if torn:
-                self.torn_records += 1
-                log.warning("%s: the last %d bytes are not whole records (a write cut by a "
-                            "crash or power cut, or a tail the disk never received) and "
-                            "were discarded", path, len(blob) - start - used)
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany("INSERT INTO points (data) VALUES (?)", [(p,) for p in payloads])
-            self._set_position(gen, start + used)
-            conn.execute("COMMIT")
-            recovered += len(payloads)
-        next_gen = max([*gens, self._replay_gen]) + 1
-        conn.execute("BEGIN IMMEDIATE")
-        self._set_position(next_gen, 0)
-        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
-        conn.execute("COMMIT")
-        self._old_inbox = False
-        conn.execute("PRAGMA wal_checkpoint(FULL)")  # on disk before the inbox files go
-        for gen in gens:
-            self.inbox_file(gen).unlink(missing_ok=True)
-        if recovered:
-            log.info("recovered %d points from the inbox of %s", recovered, self.path)
-        return next_gen
-
     # Producer side ------------------------------------------------------------
+    def set_codec(self, codec: PointCodec) -> None:
+        with self._db_lock:
+            if self._pending:
+                self._move()  # records already put keep the codec they were written with
+            with self._lock:
+                super().set_codec(codec)
+                self._record = codec.record
+                if self._segment is not None and self._segment.codec_tag != codec.tag:
+                    self._switch_segment()  # a segment's records all share one codec
+
     def put(self, point: Point) -> None:
-        record = encode_record(point)
+        record = self._record(point)
+        n = len(record)
+        framed = _pack_header(_MAGIC, n, _crc32(record)) + record  # inbox.frame, inlined
+        n += _HEADER_SIZE
         with self._lock:
-            self._write(record, 1)
-            if len(self) >= self._wake_at and self._on_ready is not None:
-                self._on_ready()
+            seg = self._segment
+            if seg is not None and seg.pos + n + _SEAL_ROOM <= seg.size and not self._spilling:
+                pos = seg.pos
+                seg.map[pos:pos + n] = framed
+                seg.pos = pos + n
+                seg.dirty = True
+                self._pending.append(record)
+                self._pending_bytes += n
+            else:
+                self._append(framed, record)
+            if len(self._pending) >= self._attention:
+                self._attend(1)
 
     def put_many(self, points: list[Point]) -> None:
-        blob = b"".join(encode_record(p) for p in points)
+        encode = self._record
+        records = [encode(p) for p in points]
+        framed = b"".join([inbox.frame(r) for r in records])
         with self._lock:
-            self._write(blob, len(points))
-            if len(self) >= self._wake_at and self._on_ready is not None:
-                self._on_ready()
+            if self._full(len(records)) and self._should_wait():
+                self._wait_for_room(len(records))
+            seg = self._segment
+            if seg is not None and seg.room(len(framed)) and not self._spilling:
+                seg.map[seg.pos:seg.pos + len(framed)] = framed
+                seg.pos += len(framed)
+                seg.dirty = True
+                self._pending += records
+                self._pending_bytes += len(framed)
+            else:  # across a segment's end, or the first write: one at a time
+                for record in records:
+                    self._append(inbox.frame(record), record)
+            if len(self._pending) >= self._attention:
+                self._attend(len(records))
 
-    def _write(self, blob: bytes, n: int) -> None:
-        """Append framed records to the inbox, or to memory if the disk is full. Holds _lock."""
-        if self._swap_wanted:
-            self._swap_inbox()
-        if not self._spill:
+    def _update_attention(self) -> None:
+        """How many pending records send put() down its slow path: enough to wake
+        the uploader, reach a cap, or hold too much in memory; or the very next one."""
+        if self._wake_next:
+            self._attention = 0
+            return
+        stored = self._block_points + self._in_flight_memory
+        self._attention = max(0, min(self._wake_at - stored, self.max_points - stored,
+                                     _MOVE_AT_RECORDS))
+
+    def _append(self, framed: bytes, record: bytes) -> None:
+        """Copy one framed record into a segment with room. Holds _lock."""
+        seg = self._segment
+        if seg is None or not seg.room(len(framed)) or self._spilling:
+            seg = self._switch_segment()
+        if seg is None:
+            self._spill(record)
+            return
+        pos = seg.pos
+        seg.map[pos:pos + len(framed)] = framed
+        seg.pos = pos + len(framed)
+        seg.dirty = True
+        self._pending.append(record)
+        self._pending_bytes += len(framed)
+
+    def _switch_segment(self) -> inbox.Segment | None:
+        """Seal the current segment and start the next one. Holds _lock.
+
+        Returns None when no segment can be made (disk full): points are then
+        kept in memory until the sync thread manages to make one.
+        """
+        new, self._spare = self._spare, None
+        if new is not None and new.codec_tag != self.codec.tag:
+            new.close()
+            new.path.unlink(missing_ok=True)
+            new = None
+        if new is None:
+            if self._spilling:
+                return None  # the sync thread retries making a segment every round
             try:
-                written = os.write(self._inbox_fd, blob)
-                if written == len(blob):
-                    self._inbox_size += written
-                    self._puts += n
-                    if len(self) > self.max_points:
-                        self._kick.set()  # the sync thread trims the oldest
-                    return
-                # A short write means the disk filled up mid-record: cut it off so
-                # the inbox stays a clean sequence of whole records.
-                os.ftruncate(self._inbox_fd, self._inbox_size)
-                raise OSError(errno.ENOSPC, "short write: disk full")
+                new = self._new_segment()
             except OSError as exc:
-                log.warning("cannot write the buffer file %s (%s): keeping points in memory "
-                            "until the disk has room again", self.inbox_file(self._gen), exc)
-        self._spill.append((blob, n))
-        self._spill_points += n
-        self.spilled += n
-        self._puts += n
-        while self._spill_points > self.max_points:  # memory stays bounded too
-            _, dropped = self._spill.popleft()
-            self._spill_points -= dropped
-            self._spill_removed += dropped
-            self._count_drops(dropped)
+                self._start_spilling(exc)
+                return None
+        old = self._segment
+        if old is not None:
+            old.seal()
+            self._sealed.append(old)  # fsynced before the new one, every round
+        self._segment = new
+        self._half_kicked = False
+        if self._spilling:
+            self._spilling = False
+            log.warning("the buffer %s is writable again: points go to disk", self.path)
+        return new
+
+    def _new_segment(self) -> inbox.Segment:
+        # The number is taken before the file exists, so the sync thread making a
+        # spare and a producer making one inline never pick the same.
+        gen, self._gen = self._gen, self._gen + 1
+        return inbox.Segment(self.path, gen, self.codec.tag)
+
+    def _start_spilling(self, exc: OSError) -> None:
+        if not self._spilling:
+            self._spilling = True
+            log.warning("cannot make a buffer file beside %s (%s): keeping points in memory "
+                        "(at most %d) until the disk has room again", self.path, exc,
+                        _SPILL_MAX_POINTS)
+
+    def _spill(self, record: bytes) -> None:
+        self._pending.append(record)
+        self._pending_bytes += len(record) + inbox.HEADER_SIZE
+        self.spilled += 1
+        self._spilled_now += 1
+        if self._spilled_now > _SPILL_MAX_POINTS:  # memory stays bounded too
+            self._drop_pending(self._spilled_now - _SPILL_MAX_POINTS)
+
+    def _drop_pending(self, n: int) -> None:
+        dropped = self._pending[:n]
+        del self._pending[:n]
+        self._pending_bytes -= sum(len(r) + inbox.HEADER_SIZE for r in dropped)
+        self._spilled_now = max(0, self._spilled_now - len(dropped))
+        self._count_drops(len(dropped))
+
+    def _full(self, adding: int = 0) -> bool:
+        size = len(self)
+        return (size + adding > self.max_points or self._bytes() > self.max_bytes) and size > 0
+
+    def _bytes(self) -> int:
+        return self._block_bytes + self._pending_bytes
+
+    def _attend(self, added: int) -> None:
+        """The slow path of put: room, memory, the uploader's wake-up. Holds _lock."""
+        if self._full() and self._should_wait():
+            self._wait_for_room()
+        seg = self._segment
+        if self._full() or len(self._pending) >= _MOVE_AT_RECORDS or (
+                seg is not None and not self._half_kicked and seg.pos > seg.size // 2):
+            self._half_kicked = True
+            self._kick.set()  # the sync thread moves, trims and makes the next segment
+        if self._on_ready is not None and (self._wake_next or len(self) >= self._wake_at):
+            self._wake_next = False
+            self._on_ready()
+        self._update_attention()
+
+    def _wait_for_room(self, adding: int = 0) -> None:
+        self.waited += 1
+        while self._full(adding) and self._should_wait():
+            self._room.wait(0.25)
+
+    def _notify_room(self) -> None:
+        with self._lock:
+            self._room.notify_all()
+
+    def set_ready_callback(self, callback: Callable[[], None], at_points: int) -> None:
+        super().set_ready_callback(callback, at_points)
+        with self._lock:
+            self._update_attention()
+
+    def wake_on_next_put(self) -> None:
+        with self._lock:
+            self._wake_next = True
+            self._update_attention()
 
     # Moving the inbox into SQLite ----------------------------------------------
-    def _move_inbox(self) -> None:
-        """Copy the current inbox file's records past ``_moved`` into SQLite.
-
-        Caller holds ``_db_lock``.
-        """
-        conn = self._conn
-        # Up to what is written now, not what producers add meanwhile: a fast
-        # producer would otherwise keep this loop (and _db_lock) busy forever.
-        end = self._inbox_size  # writes are whole records: end is a record boundary
-        while True:
-            size = min(end - self._moved, _MOVE_CHUNK)
-            payloads: list[bytes] = []
-            used = 0
-            if size > 0:
-                payloads, used, _ = decode_records(
-                    os.pread(self._inbox_read_fd, size, self._moved))
-            if not payloads:
-                return
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany("INSERT INTO points (data) VALUES (?)", [(p,) for p in payloads])
-                self._set_position(self._gen, self._moved + used)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:  # SQLite may have rolled back already (disk full)
-                    conn.execute("ROLLBACK")
-                raise
-            self._moved += used
-
-    def _rotate(self) -> None:
-        """Start a new inbox file; the old one is deleted after the next checkpoint.
-
-        This is what keeps the inbox small under a steady stream: a file is
-        never appended to again once it is retired. Busy producers would
-        starve a thread waiting for ``_lock``, so the next ``put`` makes the
-        switch itself (under the lock it holds anyway); only when no put comes
-        does this thread take the lock. Caller holds ``_db_lock``.
-        """
-        if self._inbox_size == 0:
-            return
-        self._move_inbox()  # catch up first: only a short tail is left after the switch
-        self._swap_done.clear()
-        self._swap_wanted = True
-        if not self._swap_done.wait(0.02):
-            with self._lock:  # no producer came by, so the lock is free
-                if self._swap_wanted:
-                    self._swap_inbox()
-        if self._swapped_out is None:  # no new file could be made
-            return
-        gen, write_fd, read_fd, size, moved = self._swapped_out
-        self._swapped_out = None
-        try:
-            # Records written since this round's fsync would otherwise reach the disk
-            # only by chance, while the new file is fsynced next round: a power cut
-            # then keeps newer points and loses older ones (a hole, found by the
-            # power-cut trials). Durable in order means this file first.
-            os.fsync(write_fd)
-        finally:
-            os.close(write_fd)
-        try:
-            # The old file is frozen now: move its tail and record the new generation
-            # in one transaction.
-            tail, used, _ = decode_records(os.pread(read_fd, size - moved, moved))
-            conn = self._conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany("INSERT INTO points (data) VALUES (?)", [(p,) for p in tail])
-                self._set_position(gen + 1, 0)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        finally:
-            os.close(read_fd)
-        self._retired.append(gen)
-
-    def _swap_inbox(self) -> None:
-        """Point producers at a new inbox file. Caller holds ``_lock``."""
-        self._swap_wanted = False
-        try:
-            fds = self._open_inbox(self._gen + 1)
-        except OSError as exc:  # keep writing the current file; the next round tries again
-            self._warn(logging.WARNING, "cannot start a new inbox file for %s: %s",
-                       self.path, exc)
-        else:
-            self._swapped_out = (self._gen, self._inbox_fd, self._inbox_read_fd,
-                                 self._inbox_size, self._moved)
-            self._gen += 1
-            self._inbox_fd, self._inbox_read_fd = fds
-            self._inbox_size = self._moved = 0
-        self._swap_done.set()
-
-    def _restore_spill(self) -> None:
+    def _move(self) -> None:
+        """Store the pending records as blocks. Caller holds ``_db_lock``."""
         with self._lock:
-            while self._spill:
-                blob, n = self._spill[0]
-                try:
-                    written = os.write(self._inbox_fd, blob)
-                except OSError:
-                    return
-                if written != len(blob):
-                    os.ftruncate(self._inbox_fd, self._inbox_size)
-                    return
-                self._inbox_size += written
-                self._spill.popleft()
-                self._spill_points -= n
-            log.warning("the buffer file %s is writable again: points go to disk",
-                        self.inbox_file(self._gen))
-
-    def _trim(self) -> None:
-        """Drop the oldest waiting points beyond the cap. Caller holds ``_db_lock``."""
-        excess = len(self) - self.max_points
-        if excess <= 0:
+            records, self._pending = self._pending, []
+            self._moving = len(records)  # still counted by len() while on their way
+            pending_bytes, self._pending_bytes = self._pending_bytes, 0
+            spilled, self._spilled_now = self._spilled_now, 0
+            seg = self._segment
+            # Everything written so far: to the end of the current segment.
+            position = (seg.gen, seg.pos) if seg is not None else (self._gen, 0)
+            finished = list(self._sealed)
+        if not records:
             return
-        where, params = self._not_taken()
-        cur = self._conn.execute(
-            f"DELETE FROM points WHERE id IN (SELECT id FROM points WHERE {where} "
-            "ORDER BY id LIMIT ?)", (*params, excess))
-        if cur.rowcount > 0:
-            self._removed += cur.rowcount
-            self._count_drops(cur.rowcount)
+        try:
+            self._insert_blocks(self.codec.tag, records, position)
+        except BaseException:
+            with self._lock:  # back in front, in order
+                self._pending[:0] = records
+                self._pending_bytes += pending_bytes
+                self._spilled_now += spilled
+                self._moving = 0
+            raise
+        self._moving = 0  # _insert_blocks counted them in _block_points
+        # Sealed segments hold nothing SQLite does not now: delete them once a
+        # checkpoint has made the move durable.
+        self._retired += [s for s in finished if s not in self._retired]
+        with self._lock:
+            self._update_attention()
 
-    def _not_taken(self) -> tuple[str, tuple[int, ...]]:
-        """SQL for the rows neither in flight nor acknowledged-but-undeleted."""
-        ranges = [*self._undeleted, *([self._in_flight] if self._in_flight else [])]
-        if not ranges:
-            return "1", ()
-        return (" AND ".join("id NOT BETWEEN ? AND ?" for _ in ranges),
-                tuple(v for r in ranges for v in r))
+    def _fsync_inbox(self) -> None:
+        """fsync what producers wrote, oldest segment first: durable in order."""
+        with self._lock:
+            segments = [*self._sealed, *([self._segment] if self._segment else [])]
+        for seg in segments:
+            if seg.dirty:
+                seg.fsync()
 
-    def _retry_deletes(self) -> None:
-        for first, last in list(self._undeleted):
-            self._conn.execute("DELETE FROM points WHERE id BETWEEN ? AND ?", (first, last))
-            self._undeleted.remove((first, last))
+    def _prepare_spare(self) -> None:
+        """Make the next segment ahead of time, so a producer's switch is cheap."""
+        with self._lock:
+            seg = self._segment
+            wanted = self._spare is None and (self._spilling or (
+                seg is not None and seg.pos > seg.size // 2))
+            if not wanted:
+                return
+            gen, self._gen = self._gen, self._gen + 1
+            tag = self.codec.tag
+        try:
+            spare = inbox.Segment(self.path, gen, tag)
+        except OSError as exc:
+            with self._lock:
+                self._start_spilling(exc)
+            return
+        with self._lock:
+            if self._spare is None and spare.codec_tag == self.codec.tag:
+                self._spare = spare
+                if self._spilling:
+                    self._switch_segment()
+                return
+        spare.close()
+        spare.path.unlink(missing_ok=True)
 
     def sync(self) -> None:
-        """Make everything buffered so far durable: fsync, move, checkpoint, rotate."""
+        """Make everything buffered so far durable: fsync, move, trim, checkpoint."""
         with self._db_lock:
             if self._closed:
                 return
-            os.fsync(self._inbox_fd)
-            if self._spill:
-                self._restore_spill()
-            self._move_inbox()
+            self._fsync_inbox()
+            self._move()
             self._retry_deletes()
             self._trim()
             busy = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0]
-            if not busy:  # the WAL is fsynced: what retired inbox files held is safe
-                for gen in self._retired:
-                    self.inbox_file(gen).unlink(missing_ok=True)
-                self._retired.clear()
-            self._rotate()
+            if not busy:  # the WAL is fsynced: what retired segments held is safe
+                self._delete_retired()
+        self._prepare_spare()
+
+    def _delete_retired(self) -> None:
+        retired, self._retired = self._retired, []
+        with self._lock:
+            self._sealed = [s for s in self._sealed if s not in retired]
+        for seg in retired:
+            seg.close()
+            seg.path.unlink(missing_ok=True)
 
     def _sync_loop(self) -> None:
         while not self._stop.is_set():
@@ -558,144 +664,269 @@ class SqliteBuffer(Buffer):
             except (sqlite3.Error, OSError) as exc:  # keep going: the next round may succeed
                 self._warn(logging.WARNING, "buffer sync of %s failed: %s", self.path, exc)
 
+    # Dropping --------------------------------------------------------------------
+    def _trim(self) -> None:
+        """Drop the oldest whole blocks beyond the caps. Caller holds ``_db_lock``."""
+        if not self._full() or self._should_wait():
+            return
+        taken = self._taken_ids()
+        doomed, points, size = [], 0, 0
+        for row_id, count, nbytes in self._conn.execute(
+                "SELECT id, count, LENGTH(data) FROM blocks ORDER BY id"):
+            if row_id in taken:
+                continue
+            if (len(self) - points <= self.max_points
+                    and self._bytes() - size <= self.max_bytes):
+                break
+            doomed.append(row_id)
+            points += count
+            size += nbytes
+        if doomed:
+            self._delete_blocks(doomed)
+            self._block_points -= points
+            self._block_bytes -= size
+            self._count_drops(points)
+        if self._full() and self._pending:
+            # Still over while SQLite takes nothing (a full disk): the oldest records
+            # waiting in memory go. Their inbox copy is replayed only after a crash.
+            with self._lock:
+                excess = len(self) - self.max_points
+                self._drop_pending(max(0, min(excess, len(self._pending))))
+
+    def _taken_ids(self) -> set[int]:
+        ids = set(self._undeleted)
+        if isinstance(self._in_flight, list):
+            ids.update(self._in_flight)
+        return ids
+
+    def _delete_blocks(self, ids: list[int]) -> None:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("DELETE FROM blocks WHERE id = ?", [(i,) for i in ids])
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _retry_deletes(self) -> None:
+        if self._undeleted:
+            self._delete_blocks(self._undeleted)
+            self._undeleted.clear()
+
+    def _count_lost(self, reason: str, n: int) -> None:
+        self.lost[reason] = self.lost.get(reason, 0) + n
+
     # Uploader side -------------------------------------------------------------
     def take(self, max_points: int, newest: bool = False) -> Batch | None:
         with self._db_lock:
             if self._in_flight is not None:
                 raise RuntimeError("SqliteBuffer holds one batch in flight at a time")
+            moved = True
             try:
-                self._move_inbox()
+                self._move()
                 self._trim()  # never put points beyond the cap into flight
             except (sqlite3.Error, OSError) as exc:
+                moved = False
                 self._warn(logging.WARNING, "moving the inbox of %s failed: %s", self.path, exc)
-            if self._resume is not None:
-                # The batch in flight when the last run ended goes first, exactly as it
-                # was, so it keeps its Idempotency-Key and a receiver can drop a repeat.
-                rows = self._conn.execute(
-                    "SELECT id, data FROM points WHERE id BETWEEN ? AND ? ORDER BY id",
-                    self._resume).fetchall()
-                self._resume = None
-            else:
-                rows = []
-            points = self._decode_rows(rows)
-            limit = min(max_points, in_flight_limit(self.max_points))
-            while not rows:
-                where, params = self._not_taken()
-                order = "DESC" if newest else "ASC"
-                rows = self._conn.execute(
-                    f"SELECT id, data FROM points WHERE {where} ORDER BY id {order} LIMIT ?",
-                    (*params, limit)).fetchall()
-                if not rows:
-                    break
-                if newest:
-                    rows.reverse()
-                points = self._decode_rows(rows)  # empty only if every row was set aside
-            if not rows:
-                return self._take_spilled(min(max_points, in_flight_limit(self.max_points)))
-            # Recorded only now that every row decoded: a batch that cannot be read
-            # must never be the first thing every restart tries to send.
-            first, last = rows[0][0], rows[-1][0]
-            self._in_flight = (first, last)
-            try:
-                self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('in_flight', ?)",
-                                   (f"{first}-{last}",))
-            except sqlite3.Error as exc:  # only costs a possible duplicate after a crash
-                log.debug("recording the batch in flight failed: %s", exc)
-        return Batch(f"{self._uuid}-{first}-{last}-{len(rows)}", points, (first, last))
+            limit = max(1, min(max_points, in_flight_limit(self.max_points)))
+            batch = self._take_blocks(limit, newest)
+            if batch is None and not moved:
+                batch = self._take_pending(limit)
+            return batch
 
-    def _decode_rows(self, rows: list[tuple[int, bytes]]) -> list[Point]:
-        """Decode rows in place; rows that do not decode are set aside (and removed
-        from ``rows``), so one bad row never stops delivery. Caller holds _db_lock."""
-        points: list[Point] = []
-        bad: list[tuple[int, bytes, str]] = []
-        for row_id, data in rows:
-            try:
-                points.append(decode_point(data))
-            except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
-                bad.append((row_id, data, str(exc)))
+    def _take_blocks(self, limit: int, newest: bool) -> Batch | None:
+        rows = None
+        if self._resume is not None:
+            # The batch in flight when the last run ended (or the last one given
+            # back) goes first, exactly as it was, so it keeps its Idempotency-Key
+            # and a receiver can drop a repeat. If any block of it is gone, it is
+            # a different batch now and gets a new key.
+            first, last, count = self._resume
+            self._resume = None
+            rows = self._conn.execute(
+                "SELECT id, count, raw_bytes, codec FROM blocks WHERE id BETWEEN ? AND ? "
+                "ORDER BY id", (first, last)).fetchall()
+            if sum(r[1] for r in rows) != count or (rows and rows[0][0] != first):
+                rows = None
+        if not rows:
+            rows = self._choose_blocks(limit, newest)
+        while rows:
+            batch = self._load(rows)
+            if batch is not None:
+                return batch
+            rows = self._choose_blocks(limit, newest)  # what failed was set aside
+        return None
+
+    def _choose_blocks(self, limit: int, newest: bool) -> list[tuple[int, int, int, str]]:
+        taken = self._taken_ids()
+        order = "DESC" if newest else "ASC"
+        chosen: list[tuple[int, int, int, str]] = []
+        points = raw = 0
+        for row in self._conn.execute(
+                f"SELECT id, count, raw_bytes, codec FROM blocks ORDER BY id {order}"):
+            if row[0] in taken:
+                continue
+            if chosen and (points + row[1] > limit or raw + row[2] > _BATCH_RAW_BYTES
+                           or row[3] != chosen[0][3]):
+                break
+            chosen.append(row)
+            points += row[1]
+            raw += row[2]
+        if newest:
+            chosen.reverse()
+        return chosen
+
+    def _load(self, rows: list[tuple[int, int, int, str]]) -> Batch | None:
+        """Read and check the chosen blocks, then record them in flight.
+
+        Blocks that fail their check are set aside and None is returned.
+        """
+        ids = [r[0] for r in rows]
+        marks = ",".join("?" * len(ids))
+        data = {i: (crc, bytes(blob)) for i, crc, blob in self._conn.execute(
+            f"SELECT id, crc, data FROM blocks WHERE id IN ({marks})", ids)}
+        bad = [(i, data[i][1], "CRC mismatch") for i in ids
+               if i in data and zlib.crc32(data[i][1]) != data[i][0]]
+        tag = rows[0][3]
+        try:
+            codec = self.codec if tag == self.codec.tag else codec_for_tag(tag)
+        except ValueError as exc:
+            bad = [(i, data[i][1], str(exc)) for i in ids if i in data]
         if bad:
-            self._set_aside(bad)
-            ids = {b[0] for b in bad}
-            rows[:] = [r for r in rows if r[0] not in ids]
-        return points
+            self._set_aside(bad, {r[0]: r[1] for r in rows})
+            return None
+        count = sum(r[1] for r in rows)
+        if len(rows) == 1:
+            body = data[ids[0]][1]
+            raw_cache: list[bytes] = []
 
-    def _set_aside(self, bad: list[tuple[int, bytes, str]]) -> None:
+            def decode() -> list[Point]:
+                if not raw_cache:
+                    raw_cache.append(decompress(body))
+                return codec.points(raw_cache[0])
+        else:
+            try:
+                raw = codec.block([codec.body(decompress(data[i][1])) for i in ids])
+            except ValueError as exc:
+                self._set_aside([(i, data[i][1], str(exc)) for i in ids],
+                                {r[0]: r[1] for r in rows})
+                return None
+            body = compress(raw)
+
+            def decode() -> list[Point]:
+                return codec.points(raw)
+        first, last = ids[0], ids[-1]
+        self._in_flight = ids
+        try:
+            self._conn.execute("INSERT OR REPLACE INTO meta VALUES ('in_flight', ?)",
+                               (f"{first}-{last}-{count}",))
+        except sqlite3.Error as exc:  # only costs a possible duplicate after a crash
+            log.debug("recording the batch in flight failed: %s", exc)
+        size = sum(len(data[i][1]) for i in ids)
+        return Batch(f"{self._uuid}-{first}-{last}-{count}", handle=("blocks", ids, count, size),
+                     count=count, body=body, codec_tag=tag, decode=decode)
+
+    def _set_aside(self, bad: list[tuple[int, bytes, str]], counts: dict[int, int]) -> None:
         conn = self._conn
+        ids = [b[0] for b in bad]
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany("INSERT OR REPLACE INTO set_aside (id, reason, data) VALUES (?, ?, ?)",
-                             [(i, f"undecodable: {reason}"[:200], data) for i, data, reason in bad])
-            conn.executemany("DELETE FROM points WHERE id = ?", [(i,) for i, _, _ in bad])
+                             [(i, f"unreadable block: {reason}"[:200], data)
+                              for i, data, reason in bad])
+            conn.executemany("DELETE FROM blocks WHERE id = ?", [(i,) for i in ids])
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            # Still skip them in this run; the next open tries again.
-            self._undeleted += [(i, i) for i, _, _ in bad]
-            log.warning("could not set aside undecodable rows of %s: %s", self.path, exc)
-        self._removed += len(bad)
-        self.lost["undecodable"] = self.lost.get("undecodable", 0) + len(bad)
-        log.error("%d points in %s could not be decoded; they were set aside (table "
-                  "set_aside, ids %d..%d) and counted as lost; delivery goes on", len(bad),
-                  self.path, bad[0][0], bad[-1][0])
+            self._undeleted += ids  # still skipped in this run
+            log.warning("could not set aside unreadable blocks of %s: %s", self.path, exc)
+        points = sum(counts.get(i, 0) for i in ids)
+        self._block_points -= points
+        self._block_bytes -= sum(len(b[1]) for b in bad)
+        self._count_lost("unreadable", points)
+        log.error("%d points in %s could not be read back; their blocks were set aside "
+                  "(table set_aside, ids %s) and counted as lost; delivery goes on",
+                  points, self.path, ids)
 
-    def _take_spilled(self, limit: int) -> Batch | None:
-        # The disk is full and SQLite is drained: deliver from memory meanwhile.
-        blobs: list[bytes] = []
-        n = 0
+    def _take_pending(self, limit: int) -> Batch | None:
+        """SQLite cannot take more (a full disk): send records straight from memory."""
         with self._lock:
-            while self._spill and n < limit:
-                blob, count = self._spill.popleft()
-                blobs.append(blob)
-                n += count
-            self._spill_points -= n
-        if not blobs:
+            records = self._pending[:min(limit, self.block_points)]
+            del self._pending[:len(records)]
+            size = sum(len(r) + inbox.HEADER_SIZE for r in records)
+            self._pending_bytes -= size
+        if not records:
             return None
-        self._in_flight = (0, 0)
-        blob = b"".join(blobs)
-        payloads, _, _ = decode_records(blob)
-        points = [decode_point(p) for p in payloads]  # our own bytes, never on disk
-        return Batch(f"{self._uuid}-mem-{uuid.uuid4().hex[:8]}", points, ("spill", blob, n))
+        codec = self.codec
+        raw = codec.block(records)
+        self._in_flight = ("pending", records, size)
+        self._in_flight_memory = len(records)
+        return Batch(f"{self._uuid}-mem-{uuid.uuid4().hex[:8]}", handle=self._in_flight,
+                     count=len(records), body=compress(raw), codec_tag=codec.tag,
+                     decode=lambda: codec.points(raw))
 
     def ack(self, batch: Batch) -> None:
-        if batch.handle[0] == "spill":
-            with self._db_lock:
-                self._in_flight = None
-                self._removed += batch.handle[2]
-            return
-        first, last = batch.handle
+        kind = batch.handle[0]
         with self._db_lock:
-            conn = self._conn
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute("DELETE FROM points WHERE id BETWEEN ? AND ?", (first, last))
-                conn.execute("DELETE FROM meta WHERE key = 'in_flight'")
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                # A full disk can refuse even a DELETE (the WAL must grow). The points
-                # are delivered: skip them from now on and delete them later.
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                self._undeleted.append((first, last))
-                log.warning("could not delete delivered points from %s (%s); will retry",
-                            self.path, exc)
             self._in_flight = None
-            self._removed += len(batch.points)
+            if kind == "pending":
+                # Sent straight from memory: the next move records an inbox
+                # position past these records.
+                self._in_flight_memory = 0
+            else:
+                _, ids, count, size = batch.handle
+                conn = self._conn
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.executemany("DELETE FROM blocks WHERE id = ?", [(i,) for i in ids])
+                    conn.execute("DELETE FROM meta WHERE key = 'in_flight'")
+                    conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    # A full disk can refuse even a DELETE (the WAL must grow). The
+                    # points are delivered: skip them from now on, delete them later.
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    self._undeleted += ids
+                    log.warning("could not delete delivered points from %s (%s); will retry",
+                                self.path, exc)
+                self._block_points -= count
+                self._block_bytes -= size
+            with self._lock:
+                self._update_attention()
+                self._room.notify_all()
         if len(self) <= self.max_points // 2:
             self._end_overflow_episode()
 
     def release(self, batch: Batch) -> None:
         # The record of the batch in flight stays: its outcome may be unknown (a
-        # timed-out request), so the next run sends exactly it again, same key.
+        # timed-out request), so it is sent again first, same key, while intact.
         with self._db_lock:
             self._in_flight = None
-            if batch.handle[0] == "spill":
+            handle = batch.handle
+            if handle[0] == "pending":
                 with self._lock:
-                    self._spill.appendleft((batch.handle[1], batch.handle[2]))
-                    self._spill_points += batch.handle[2]
+                    self._pending[:0] = handle[1]
+                    self._pending_bytes += handle[2]
+                    self._in_flight_memory = 0
+                    self._update_attention()
+                return
+            ids = handle[1]
+            self._resume = (ids[0], ids[-1], handle[2])
+            try:
+                self._trim()  # given back, its blocks can be dropped like any waiting ones
+            except (sqlite3.Error, OSError) as exc:
+                self._warn(logging.WARNING, "trimming %s failed: %s", self.path, exc)
 
     def __len__(self) -> int:
-        return self._puts - self._removed - self._spill_removed
+        return self._block_points + len(self._pending) + self._in_flight_memory + self._moving
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes the buffer holds: compressed blocks plus records not yet moved."""
+        return self._bytes()
 
     def close(self) -> None:
         if self._closed:
@@ -709,31 +940,25 @@ class SqliteBuffer(Buffer):
             log.warning("final sync of %s failed: %s", self.path, exc)
         with self._db_lock:
             self._closed = True
-            if self._spill:
-                log.warning("%d points could not be written to %s (disk full) and are lost",
-                            self._spill_points, self.path)
             try:
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                for gen in self._retired:
-                    self.inbox_file(gen).unlink(missing_ok=True)
+                self._delete_retired()
             except sqlite3.Error as exc:
                 log.warning("final checkpoint of %s failed: %s", self.path, exc)
             self._conn.close()
-            os.close(self._inbox_fd)
-            os.close(self._inbox_read_fd)
-            if self._inbox_size == 0:  # nothing was written since the last rotation
-                self.inbox_file(self._gen).unlink(missing_ok=True)
+            with self._lock:
+                segments = [s for s in (*self._sealed, self._segment, self._spare) if s]
+                for seg in segments:
+                    seg.close()
+                if self._pending:
+                    if self._spilled_now:
+                        log.warning("%d points could not be written to %s (disk full) and "
+                                    "are lost", self._spilled_now, self.path)
+                else:
+                    # Everything the segments held is in SQLite, checkpointed.
+                    for seg in segments:
+                        seg.path.unlink(missing_ok=True)
             os.close(self._lock_fd)  # releases the lock
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on a directory; nothing more to do
-        pass
-    finally:
-        os.close(fd)
 
 
 def buffer_stats(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -741,36 +966,46 @@ def buffer_stats(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path).expanduser()
     conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
     try:
-        count, first, last = conn.execute(
-            "SELECT COUNT(*), MIN(id), MAX(id) FROM points").fetchone()
-        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        stamps = [_stamp(conn.execute("SELECT data FROM points WHERE id = ?",
-                                      (i,)).fetchone()[0])
-                  for i in (first, last) if i is not None]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "blocks" in tables:
+            count, first, last = conn.execute(
+                "SELECT COALESCE(SUM(count), 0), MIN(id), MAX(id) FROM blocks").fetchone()
+            edges = [conn.execute("SELECT codec, data FROM blocks WHERE id = ?", (i,)).fetchone()
+                     for i in (first, last) if i is not None]
+            stamps = [s for tag, data in edges for s in _block_stamps(tag, data)]
+        else:  # an older schema, converted when a client opens it
+            count = conn.execute("SELECT COUNT(*) FROM points").fetchone()[0]
+            stamps = []
     finally:
         conn.close()
-    meta_gen, offset = int(meta.get("inbox_gen", 0) or 0), int(meta.get("inbox_offset", 0) or 0)
-    prefix = f"{p.name}.inbox."
-    pending = 0
     size = sum(Path(f"{p}{s}").stat().st_size for s in ("", "-wal") if Path(f"{p}{s}").exists())
-    for f in sorted(p.parent.glob(prefix + "*")):
-        gen = f.name[len(prefix):]
-        if not gen.isdigit() or int(gen) < meta_gen:
+    pending = 0
+    for gen in inbox.segment_gens(p):
+        try:
+            seg = inbox.read_segment(inbox.segment_path(p, gen), gen)
+        except OSError:
             continue
-        blob = f.read_bytes()
-        size += len(blob)
-        decode = _decode_v2_records if meta.get("schema") == "2" else decode_records
-        payloads, _, _ = decode(blob[offset:] if int(gen) == meta_gen else blob)
-        pending += len(payloads)
-        stamps += [_stamp(x) for x in (payloads[:1] + payloads[-1:])]
-    known = [s for s in stamps if s is not None]
+        size += seg.end
+        pending += len(seg.records)
+        if seg.codec_tag:
+            codec = codec_for_tag(seg.codec_tag)
+            stamps += [pt[2] for r in seg.records[:1] + seg.records[-1:]
+                       for pt in _safe_points(codec, codec.block([r]))]
     return {"path": str(p), "points": count + pending,
-            "oldest_ms": min(known) if known else None,
-            "newest_ms": max(known) if known else None, "bytes": size}
+            "oldest_ms": min(stamps) if stamps else None,
+            "newest_ms": max(stamps) if stamps else None, "bytes": size}
 
 
-def _stamp(data: bytes) -> int | None:
+def _block_stamps(tag: str, data: bytes) -> list[int]:
     try:
-        return decode_point(data)[2]
+        points = codec_for_tag(tag).points(decompress(data))
     except ValueError:
-        return None
+        return []
+    return [p[2] for p in points[:1] + points[-1:]]
+
+
+def _safe_points(codec: PointCodec, raw: bytes) -> list[Point]:
+    try:
+        return codec.points(raw)
+    except ValueError:
+        return []

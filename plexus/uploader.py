@@ -4,17 +4,25 @@ One uploader thread per sink. It takes a batch when ``batch_size`` points
 wait or ``interval`` seconds have passed (or a flush is asked for), hands it
 to the sink, and acknowledges it in the buffer once the sink says it is done.
 
-Failures, as docs/protocol.md asks:
+Failures, as the ingest protocol asks (docs/protocol.md):
 
-- retryable (5xx, timeouts, resets): ``retries`` more attempts with
-  exponential backoff and jitter (1 s, 2 s, 4 s, each +-25%, capped at
-  ``max_delay``). When they are exhausted the batch stays in flight (same
-  points, same idempotency key) and the next cycle, ``max_delay`` later or on
-  a flush, tries again. Nothing is dropped.
+- retryable (5xx, timeouts, resets): a delivery cycle tries the batch, then
+  retries ``retries`` times after 1 s, 2 s, 4 s (``base * 2**n``, each
+  +-25%, capped at ``max_delay``). Between attempts the batch goes back to
+  the buffer, so during an outage it can be dropped like any waiting point
+  (drop-oldest means the oldest), and while its points are intact it keeps
+  its idempotency key. When a cycle gives up, ``flush()`` raises; the next
+  cycle starts at the next ``put`` (the next reading) or after one jittered
+  ``interval`` for a quiet source, or on a flush. No pause is a fixed value,
+  so a fleet that failed at the same moment does not come back in step.
 - the platform's rate ceiling (``retry_after`` set by the sink): a short
-  jittered pause, then the same batch again.
+  jittered pause, then the same batch again; not a failure.
 - authentication: no retry storm; the batch is kept and tried again every
-  ``auth_retry_interval`` seconds or on a flush (a 401 can be transient).
+  ``auth_retry_interval`` seconds (+-25%) or on a flush (a 401 can be transient).
+
+While the last attempt succeeded the uploader tells its buffer the sink is
+healthy, so a full buffer makes producers wait instead of dropping; the
+first failure ends that (see :mod:`plexus.buffer`).
 """
 
 from __future__ import annotations
@@ -34,9 +42,21 @@ from plexus.errors import (
     PlexusError,
     RetryableSinkError,
 )
-from plexus.sinks.base import Sink
+from plexus.sinks.base import SendResult, Sink
 
 log = logging.getLogger(__name__)
+
+#: Every pause is moved by up to this fraction, so devices that failed together
+#: spread out when the platform returns.
+JITTER = 0.25
+# The rate ceiling's "send again soon" may repeat; beyond this many in a row the
+# batch is treated as failed, so a permanently throttled source still backs off.
+_MAX_RATE_LIMITED = 100
+
+
+def jittered(seconds: float, rng: random.Random | None = None) -> float:
+    """``seconds`` +-``JITTER``."""
+    return seconds * (rng or random).uniform(1 - JITTER, 1 + JITTER)
 
 
 @dataclass(frozen=True)
@@ -44,7 +64,7 @@ class RetryPolicy:
     """Exponential backoff with jitter: ``base * 2**n``, +-``jitter``, capped at ``max_delay``.
 
     Parameters:
-        retries: attempts after the first one (3 → 4 attempts in all).
+        retries: attempts after the first one (3 → 4 attempts in a cycle).
         base: the first delay in seconds.
         max_delay: no delay is longer than this.
         jitter: the fraction each delay is randomly moved by (0.25 → +-25%).
@@ -55,10 +75,11 @@ class RetryPolicy:
     max_delay: float = 30.0
     jitter: float = 0.25
 
-    def delay(self, retry: int) -> float:
+    def delay(self, retry: int, rng: random.Random | None = None) -> float:
         """The pause before retry number ``retry`` (0 for the first retry)."""
         nominal = self.base * (2**retry)
-        return min(self.max_delay, nominal * random.uniform(1 - self.jitter, 1 + self.jitter))
+        spread = (rng or random).uniform(1 - self.jitter, 1 + self.jitter)
+        return min(self.max_delay, nominal * spread)
 
 
 @dataclass
@@ -66,7 +87,9 @@ class UploaderStats:
     delivered: int = 0
     rejected: int = 0
     requests_ok: int = 0
-    failures: int = 0
+    failures: int = 0  # failed attempts (each retry counts)
+    retries: int = 0  # attempts that repeated a failed one
+    cycles_given_up: int = 0
     last_error: str | None = None
     last_success: float | None = None
     last_rejection: str | None = None
@@ -83,11 +106,12 @@ class Uploader:
         max_batch: at most this many points per ``sink.send`` (the protocol allows 10,000).
         retry: the backoff policy for retryable failures.
         auth_retry_interval: seconds between attempts while the key is refused;
-            default: ``retry.max_delay`` (30 s).
+            default: ``retry.max_delay`` (30 s); jittered.
         min_request_interval: at least this long between two requests, which keeps
             far below the platform's per-source ceiling of one request per 0.5 ms.
         sleep: waits between retries; injectable so tests need not wait for real.
             Defaults to a wait that ``stop`` interrupts.
+        rng: the source of jitter; injectable so a test can assert the schedule.
         on_auth_change: called with the AuthenticationError when the key starts
             being refused, and with None once it is accepted again.
     """
@@ -104,6 +128,7 @@ class Uploader:
         auth_retry_interval: float | None = None,
         min_request_interval: float = 0.002,
         sleep: Callable[[float], object] | None = None,
+        rng: random.Random | None = None,
         on_auth_change: Callable[[AuthenticationError | None], None] | None = None,
     ) -> None:
         self.buffer = buffer
@@ -119,6 +144,7 @@ class Uploader:
         self.stats = UploaderStats()
         self.auth_error: AuthenticationError | None = None
         self._on_auth_change = on_auth_change
+        self._rng = rng or random.Random()
 
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -129,7 +155,11 @@ class Uploader:
         self._flush_calls = 0  # flush() calls ever made
         self._flushes_at_failure = 0
         self._deadline: float | None = None  # when stopping: give up after this
-        self._held: Batch | None = None  # a batch whose delivery failed, kept for the next cycle
+        self._retry = 0  # retries made in the current delivery cycle
+        self._take_now = False  # a retry or a new cycle is due: do not wait for a batch
+        self._sink_ok = True  # the last attempt succeeded (or none failed yet)
+        self._attempt_error: PlexusError = PlexusError("no attempt yet")
+        self._rate_limited = 0  # rate-ceiling answers in a row
         self._sleep = sleep or self._interruptible_sleep
         self._last_request = 0.0
         self._newest_turn = False
@@ -140,14 +170,15 @@ class Uploader:
 
     # Control -------------------------------------------------------------
     def start(self) -> None:
+        self.buffer.set_consumer_running(True)
         self._thread.start()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Send everything buffered now; block until the buffer is empty.
 
         Returns True when empty. Raises AuthenticationError if the key is
-        missing or refused, DeliveryError if delivery failed after retries or
-        ``timeout`` passed; the data stays buffered either way.
+        missing or refused, DeliveryError if a delivery cycle failed after
+        its retries or ``timeout`` passed; the data stays buffered either way.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._state:
@@ -184,10 +215,16 @@ class Uploader:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout + 5.0)
+        self.buffer.set_consumer_running(False)
 
     @property
     def running(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def healthy(self) -> bool:
+        """True while the last attempt succeeded (or none has failed yet)."""
+        return self._sink_ok
 
     # The thread ----------------------------------------------------------
     def _interruptible_sleep(self, seconds: float) -> None:
@@ -221,25 +258,55 @@ class Uploader:
                         break
                     self._stop.wait(1.0)
         finally:
-            if self._held is not None:
-                self.buffer.release(self._held)
-                self._held = None
+            self.buffer.set_consumer_running(False)
             with self._state:
                 self._state.notify_all()
 
     def _cycle(self) -> bool:
-        """Take (or keep) one batch and try to deliver it; False when the thread should end."""
-        batch = self._held or self._next_batch()
+        """One attempt at one batch, and the wait that follows a failure.
+
+        Returns False when the thread should end.
+        """
+        batch = self._next_batch()
         if batch is None:
             return True
-        self._held = None
-        if self._deliver(batch):
+        try:
+            result = self._attempt(batch)
+        except BaseException:
+            self.buffer.release(batch)
+            raise
+        if result is not None:
             self._ack(batch)
             return True
-        self._held = batch
+        # Back to the buffer while we wait: droppable like any waiting point, and
+        # taken again first (same key) while intact.
+        self.buffer.release(batch)
+        error = self._attempt_error
+        if isinstance(error, AuthenticationError):
+            self._give_up(error)
+            return self._wait_after_auth_failure()
+        if self._stop.is_set() and self._past_deadline():
+            self._give_up(error)
+            return False
+        if self._retry < self.retry.retries:
+            delay = self.retry.delay(self._retry, self._rng)
+            log.info("sending to %s failed (%s); retry %d/%d in %.1f s", self.sink.name,
+                     error, self._retry + 1, self.retry.retries, delay)
+            self._retry += 1
+            self.stats.retries += 1
+            self._sleep(delay)
+            self._take_now = True
+            return True
         if self._stop.is_set():
-            return False  # retries were already spent within the grace period
-        self._wait_after_failure()
+            self._give_up(error)
+            return False  # retries were spent within the grace period
+        # Armed before flush() hears of the failure, so a reading sent right after
+        # it starts the next cycle.
+        self._wake.clear()
+        self.buffer.wake_on_next_put()
+        self._give_up(error)
+        self._wait(jittered(self.interval, self._rng))
+        self._take_now = True
         return True
 
     def _ack(self, batch: Batch) -> None:
@@ -251,7 +318,8 @@ class Uploader:
                           self.sink.name)
 
     def _next_batch(self) -> Batch | None:
-        urgent = self._stop.is_set() or self._flush_requests > 0
+        urgent = self._stop.is_set() or self._flush_requests > 0 or self._take_now
+        self._take_now = False
         if not urgent and len(self.buffer) < self.batch_size:
             self._wake.wait(self.interval)
             self._wake.clear()
@@ -263,26 +331,31 @@ class Uploader:
         self._newest_turn = not self._newest_turn
         batch = self.buffer.take(self.max_batch, newest=newest)
         if batch is None:
+            self._retry = 0  # nothing left to retry (dropped, or delivered elsewhere)
             with self._state:
                 self._state.notify_all()
             if self._stop.is_set() or self._flush_requests > 0:
                 self._wake.wait(0.01)  # nothing left: let flush()/stop() notice
         return batch
 
-    def _wait_after_failure(self) -> None:
+    def _wait_after_auth_failure(self) -> bool:
         if self._stop.is_set():
-            return
-        pause = (
-            self.auth_retry_interval
-            if isinstance(self._last_failure, AuthenticationError)
-            else self.retry.max_delay
-        )
-        deadline = time.monotonic() + pause
+            return False
+        self._wake.clear()
+        self._wait(jittered(self.auth_retry_interval, self._rng), wake_on_put=False)
+        self._take_now = True
+        return True
+
+    def _wait(self, seconds: float, wake_on_put: bool = True) -> None:
+        """Wait ``seconds``; a flush ends it, and (``wake_on_put``) the buffer's wake-up."""
+        deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and not self._stop.is_set():
             if self._flush_calls != self._flushes_at_failure:  # a later flush(): try now
                 return
-            self._wake.wait(min(0.1, deadline - time.monotonic()))
-            self._wake.clear()
+            if self._wake.wait(min(0.1, deadline - time.monotonic())):
+                self._wake.clear()
+                if wake_on_put:
+                    return
 
     def _pace(self) -> None:
         gap = self._last_request + self.min_request_interval - time.monotonic()
@@ -290,40 +363,48 @@ class Uploader:
             time.sleep(gap)
         self._last_request = time.monotonic()
 
-    def _deliver(self, batch: Batch) -> bool:
-        """Try one batch with retries; True when done with it (delivered or rejected)."""
-        retry = 0
-        rate_limited = 0
+    def _attempt(self, batch: Batch) -> SendResult | None:
+        """Send one batch once (the rate ceiling's quick resends included).
+
+        Returns the result when the batch is done with (delivered or rejected),
+        None when it failed; the error is then in ``_attempt_error``.
+        """
         while True:
             self._pace()
             try:
-                result = self.sink.send(batch.points, batch.key)
+                result = self.sink.send_batch(batch)
             except AuthenticationError as exc:
                 self._set_auth_error(exc)
-                return self._give_up(exc)
+                self._failed(exc)
+                return None
             except RetryableSinkError as exc:
-                error: PlexusError = exc
-                if exc.retry_after is not None and rate_limited < 100:
-                    rate_limited += 1
-                    self._sleep(exc.retry_after)
-                    if self._stop.is_set() and self._past_deadline():
-                        return self._give_up(exc)
-                    continue
+                if exc.retry_after is not None and self._rate_limited < _MAX_RATE_LIMITED:
+                    self._rate_limited += 1
+                    self._sleep(jittered(exc.retry_after, self._rng))
+                    if not (self._stop.is_set() and self._past_deadline()):
+                        continue
+                self._failed(exc)
+                return None
             except Exception as exc:  # any other failure of a sink is treated as temporary
-                error = PlexusError(f"{type(exc).__name__}: {exc}")
                 log.debug("sink %s raised", self.sink.name, exc_info=True)
-            else:
-                self._record_success(batch, result.delivered, result.rejected)
-                return True
-            self.stats.failures += 1
-            self.stats.last_error = str(error)
-            if retry >= self.retry.retries or (self._stop.is_set() and self._past_deadline()):
-                return self._give_up(error)
-            delay = self.retry.delay(retry)
-            log.info("sending to %s failed (%s); retry %d/%d in %.1f s", self.sink.name,
-                     error, retry + 1, self.retry.retries, delay)
-            self._sleep(delay)
-            retry += 1
+                self._failed(PlexusError(f"{type(exc).__name__}: {exc}"))
+                return None
+            self._rate_limited = 0
+            self._retry = 0
+            self._record_success(batch, result.delivered, result.rejected)
+            if not self._sink_ok:
+                self._take_now = True  # back from a failure: what waited goes out now
+            self._sink_ok = True
+            self.buffer.set_healthy(True)
+            return result
+
+    def _failed(self, error: PlexusError) -> None:
+        self._rate_limited = 0
+        self._attempt_error = error
+        self.stats.failures += 1
+        self.stats.last_error = str(error)
+        self._sink_ok = False
+        self.buffer.set_healthy(False)
 
     def _set_auth_error(self, error: AuthenticationError | None) -> None:
         changed = (error is None) != (self.auth_error is None)
@@ -340,14 +421,16 @@ class Uploader:
         stats.last_error = None
         if rejected:
             stats.rejected += len(rejected)
+            points = batch.points
             for index, reason in rejected:
-                metric = batch.points[index][0] if index < len(batch.points) else "?"
+                metric = points[index][0] if index < len(points) else "?"
                 stats.last_rejection = f"{metric}: {reason}"
                 log.warning("%s rejected point %r and it was dropped: %s",
                             self.sink.name, metric, reason)
 
-    def _give_up(self, error: PlexusError) -> bool:
-        self.stats.last_error = str(error)
+    def _give_up(self, error: PlexusError) -> None:
+        self._retry = 0
+        self.stats.cycles_given_up += 1
         log.warning("delivery to %s failed, keeping %d points buffered: %s",
                     self.sink.name, len(self.buffer), error)
         with self._state:
@@ -355,4 +438,3 @@ class Uploader:
             self._failures_seen += 1
             self._flushes_at_failure = self._flush_calls
             self._state.notify_all()
-        return False

@@ -48,15 +48,35 @@ def test_cap_counts_the_batch_in_flight():
     assert len(buffer) == 6
 
 
-def test_release_puts_the_batch_back_first_in_line():
+def test_release_puts_the_batch_back_first_in_line_with_its_key():
     buffer = MemoryBuffer(100)
     buffer.put_many([point(i) for i in range(5)])
     batch = buffer.take(3)
     buffer.put(point(5))
     assert batch is not None
     buffer.release(batch)
+    # The same points again, under the same key: a receiver that stored the first
+    # attempt (an unknown outcome) drops the repeat.
     again = buffer.take(10)
-    assert again is not None and [p[1] for p in again.points] == [0, 1, 2, 3, 4, 5]
+    assert again is not None and [p[1] for p in again.points] == [0, 1, 2]
+    assert again.key == batch.key
+    buffer.ack(again)
+    rest = buffer.take(10)
+    assert rest is not None and [p[1] for p in rest.points] == [3, 4, 5]
+
+
+def test_a_released_batch_that_lost_points_gets_a_new_key():
+    buffer = MemoryBuffer(6, when_full="drop_oldest")
+    buffer.put_many([point(i) for i in range(3)])
+    batch = buffer.take(3)
+    assert batch is not None
+    buffer.release(batch)  # waiting again: the oldest, so the first to be dropped
+    for i in range(3, 7):
+        buffer.put(point(i))
+    assert buffer.dropped == 1
+    again = buffer.take(3)
+    assert again is not None and [p[1] for p in again.points] == [1, 2, 3]
+    assert again.key != batch.key
 
 
 def test_ready_callback_fires_once_per_take_cycle():
@@ -101,16 +121,30 @@ def test_a_persistent_buffer_has_one_owner(tmp_path):
 def test_take_newest_returns_the_newest_in_time_order(tmp_path):
     from plexus.sqlite_buffer import SqliteBuffer
 
-    for buffer in (MemoryBuffer(100), SqliteBuffer(tmp_path / "b.db")):
-        buffer.put_many([point(i) for i in range(10)])
-        newest = buffer.take(3, newest=True)
-        assert newest is not None and [p[1] for p in newest.points] == [7, 8, 9]
-        buffer.ack(newest)
-        oldest = buffer.take(3)
-        assert oldest is not None and [p[1] for p in oldest.points] == [0, 1, 2]
-        buffer.ack(oldest)
-        assert len(buffer) == 4
-        buffer.close()
+    buffer = MemoryBuffer(100)
+    buffer.put_many([point(i) for i in range(10)])
+    newest = buffer.take(3, newest=True)
+    assert newest is not None and [p[1] for p in newest.points] == [7, 8, 9]
+    buffer.ack(newest)
+    oldest = buffer.take(3)
+    assert oldest is not None and [p[1] for p in oldest.points] == [0, 1, 2]
+    buffer.ack(oldest)
+    assert len(buffer) == 4
+
+    # The persistent buffer stores blocks (what one move into SQLite held) and
+    # takes whole ones: here three blocks of 3, 3 and 4 points.
+    disk = SqliteBuffer(tmp_path / "b.db", sync_interval=3600)
+    for block in ([0, 1, 2], [3, 4, 5], [6, 7, 8, 9]):
+        disk.put_many([point(i) for i in block])
+        disk.sync()
+    newest = disk.take(3, newest=True)
+    assert newest is not None and [p[1] for p in newest.points] == [6, 7, 8, 9]
+    disk.ack(newest)
+    oldest = disk.take(3)
+    assert oldest is not None and [p[1] for p in oldest.points] == [0, 1, 2]
+    disk.ack(oldest)
+    assert len(disk) == 3
+    disk.close()
 
 
 def test_live_points_overtake_a_backlog():

@@ -64,3 +64,27 @@ def test_the_plugins_own_tests_pass(installed_plugin):
                              str(PLUGIN / "tests")], capture_output=True, text=True, timeout=120,
                             cwd=PLUGIN)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_plugins_command_runs_through_the_gateway(installed_plugin, plexus_receiver,
+                                                      plexus_run_command, tmp_path):
+    from plexus.config import load_config_text
+    from plexus.gateway import Gateway
+    from plexus.plugins import load_plugins
+
+    registry = load_plugins()
+    config = load_config_text(
+        f"source_id: host-1\napi_key: plx_test\ngateway_url: {plexus_receiver.url}\n"
+        f"commands:\n  enabled: true\n  ws_url: {plexus_receiver.ws_url}\n"
+        f"  audit_file: {tmp_path / 'audit.jsonl'}\n"
+        "adapters:\n  - type: hostmetrics\n    interval: 60\n",
+        str(tmp_path / "rig.yaml"), adapter_types=registry.adapters, sink_types=registry.sinks)
+    gateway = Gateway(config, registry)
+    gateway.start()
+    try:
+        result = plexus_run_command("host_report")
+    finally:
+        gateway.shutdown(2.0)
+    assert result.state == "succeeded", result.statuses
+    assert result.result["uptime_seconds"] > 0 and result.result["load_1m"] >= 0
+    assert "host.uptime_seconds" in plexus_receiver.metrics()

@@ -242,6 +242,9 @@ class ThreadedAdapter(Adapter):
 
     def start(self, ctx: AdapterContext) -> None:
         super().start(ctx)
+        # A stopped adapter can be started again (a remote start_can after stop_can).
+        self.stopping.clear()
+        self.state = "starting"
         self._thread = threading.Thread(
             target=self._main, name=f"plexus-adapter:{self.name}", daemon=True
         )

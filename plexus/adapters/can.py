@@ -407,6 +407,8 @@ class CanAdapter(ThreadedAdapter):
         self.thinned = 0
         self.relative_timestamps = 0
         self.replay_passes = 0
+        # Metric patterns whose thinning a live stream (start_stream) lifts.
+        self._stream_patterns: tuple[str, ...] = ()
 
     # Lifecycle -----------------------------------------------------------
     def start(self, ctx: AdapterContext) -> None:
@@ -722,8 +724,38 @@ class CanAdapter(ThreadedAdapter):
                     if override.keepalive is not None:
                         keepalive = override.keepalive
                     break
+            if self._stream_patterns and any(fnmatch.fnmatchcase(metric, p)
+                                             for p in self._stream_patterns):
+                min_interval, on_change = None, False  # streamed: every value, at full rate
             plans[signal.name] = _SignalPlan(metric, tags, min_interval, on_change, keepalive)
         return plans
+
+    # Changes at run time (remote commands) ---------------------------------
+    def load_databases(self, paths: list[str]) -> list[Any]:
+        """Load and check CAN databases without using them yet.
+
+        Raises:
+            AdapterError: cantools is missing, or a file is missing or not a database.
+        """
+        require("cantools", "can")
+        return [self._load_database(path) for path in paths]
+
+    def replace_databases(self, paths: list[str], databases: list[Any]) -> None:
+        """Decode with ``databases`` (from :meth:`load_databases`) from the next frame on."""
+        self._databases = databases
+        self.options.dbc = list(paths)
+        self._routes = {}  # rebuilt per id from the new databases
+        self._warn_unmatched_patterns()
+
+    def set_min_interval(self, seconds: float | None) -> None:
+        """Thin every signal to one value per ``seconds`` (None or 0: no thinning)."""
+        self.options.min_interval = seconds or None
+        self._routes = {}
+
+    def set_stream_patterns(self, patterns: tuple[str, ...]) -> None:
+        """Lift thinning for metrics matching these shell-style patterns (a live stream)."""
+        self._stream_patterns = tuple(patterns)
+        self._routes = {}
 
     # Start-up checks -----------------------------------------------------
     def _load_database(self, path: str) -> Any:

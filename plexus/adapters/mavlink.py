@@ -60,6 +60,7 @@ Link and sessions
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import os
 import threading
@@ -70,7 +71,7 @@ from typing import Annotated, Any, ClassVar
 from annotated_types import Interval
 
 from plexus.adapters.base import AdapterContext, ThreadedAdapter, describe_error, require
-from plexus.errors import AdapterError, PlexusError
+from plexus.errors import AdapterError, ConfigError, PlexusError
 
 DEFAULT_MESSAGES: tuple[str, ...] = (
     "HEARTBEAT",
@@ -221,6 +222,16 @@ class MavlinkOptions:
         default="flight",
         metadata={"help": "auto session ids are <prefix>-<UTC yyyymmdd-HHMMSS>-sys<id>"},
     )
+    min_interval: float | None = field(
+        default=None,
+        metadata={"help": "seconds; emit each message type (per system and component) at most "
+                  "once per this interval; null: every message"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.min_interval is not None and self.min_interval < 0:
+            raise ConfigError(f"mavlink: min_interval must be 0 or more seconds, got "
+                               f"{self.min_interval}")
 
 
 class MavlinkAdapter(ThreadedAdapter):
@@ -272,6 +283,16 @@ class MavlinkAdapter(ThreadedAdapter):
         self._session_lock = threading.Lock()
         self._session: str | None = None
         self._session_system: int | None = None
+        self.thinned = 0
+        self._last_emit: dict[tuple[str, int, int], float] = {}
+        self._stream_patterns: tuple[str, ...] = ()
+        self._lifted: dict[str, bool] = {}
+        # Sends from command threads and our heartbeats share pymavlink's sequence counter.
+        self._send_lock = threading.Lock()
+        self._ack_lock = threading.Lock()
+        self._ack_waiters: list[tuple[int, list[Any], threading.Event]] = []
+        #: (system, component, MAV_TYPE, MAV_AUTOPILOT) of the vehicle last heard.
+        self.vehicle: tuple[int, int, int, int] | None = None
 
     # Lifecycle -----------------------------------------------------------
     def start(self, ctx: AdapterContext) -> None:
@@ -391,10 +412,15 @@ class MavlinkAdapter(ThreadedAdapter):
         system: int = msg.get_srcSystem()
         component: int = msg.get_srcComponent()
         self._check_seq(system, component, msg.get_seq())
+        if mtype == "COMMAND_ACK" and self._ack_waiters:
+            self._on_ack(msg)
 
         if mtype == "HEARTBEAT":
             self._on_heartbeat(msg, system)
-            if self._allowed is None or mtype in self._allowed:
+            if msg.type != _MAV_TYPE_GCS:
+                self.vehicle = (system, component, msg.type, msg.autopilot)
+            if (self._allowed is None or mtype in self._allowed) and not self._thin(
+                    mtype, system, component):
                 ts = self._emit_fields(msg, mtype, system, component)
                 armed = bool(msg.base_mode & _MAV_MODE_FLAG_SAFETY_ARMED)
                 self.emit("heartbeat.armed", armed, ts, self._tags_for(system, component, None))
@@ -403,7 +429,107 @@ class MavlinkAdapter(ThreadedAdapter):
             return
         if self._allowed is not None and mtype not in self._allowed:
             return
+        if self._thin(mtype, system, component):
+            return
         self._emit_fields(msg, mtype, system, component)
+
+    def _thin(self, mtype: str, system: int, component: int) -> bool:
+        """True when this message is skipped by ``min_interval`` (and no stream lifts it)."""
+        interval = self.options.min_interval
+        if not interval:
+            return False
+        if self._stream_patterns:
+            lifted = self._lifted.get(mtype)
+            if lifted is None:
+                prefix = mtype.lower()
+                lifted = self._lifted[mtype] = any(
+                    fnmatch.fnmatchcase(f"{prefix}.{name.lower()}", p)
+                    for p in self._stream_patterns
+                    for name in [*getattr(self._message_class(mtype), "fieldnames", []), "*"])
+            if lifted:
+                return False
+        key = (mtype, system, component)
+        now = time.monotonic()
+        last = self._last_emit.get(key)
+        if last is not None and now - last < interval * 0.99:
+            self.thinned += 1
+            return True
+        if len(self._last_emit) > 4096:
+            self._last_emit.clear()
+        self._last_emit[key] = now
+        return False
+
+    def _message_class(self, mtype: str) -> Any:
+        mavlink = getattr(self._mavutil, "mavlink", None)
+        msg_id = getattr(mavlink, f"MAVLINK_MSG_ID_{mtype}", None)
+        return getattr(mavlink, "mavlink_map", {}).get(msg_id)
+
+    # Changes and commands at run time (remote commands) -----------------
+    def set_min_interval(self, seconds: float | None) -> None:
+        """Emit each message type at most once per ``seconds`` (None or 0: all)."""
+        self.options.min_interval = seconds or None
+        self._last_emit.clear()
+
+    def set_stream_patterns(self, patterns: tuple[str, ...]) -> None:
+        """Lift ``min_interval`` for messages with a metric matching these patterns."""
+        self._stream_patterns = tuple(patterns)
+        self._lifted = {}
+
+    def mode_mapping(self) -> dict[str, Any]:
+        """Flight mode names of the vehicle last heard (pymavlink's tables): name -> mode."""
+        conn = self._conn
+        if conn is None or self.vehicle is None:
+            return {}
+        try:
+            mapping = conn.mode_mapping()
+        except Exception:  # pymavlink raises on vehicle types it has no table for
+            mapping = None
+        return dict(mapping or {})
+
+    def command_long(self, command: int, params: list[float], timeout: float,
+                     on_progress: Any = None) -> Any:
+        """Send COMMAND_LONG to the vehicle and wait for its COMMAND_ACK.
+
+        Returns the COMMAND_ACK message, or None when none came within
+        ``timeout`` seconds. An ``IN_PROGRESS`` ack (result 5) calls
+        ``on_progress(ack)`` and keeps waiting, ``timeout`` afresh.
+
+        Raises:
+            AdapterError: the link is not open, or no vehicle has been heard.
+        """
+        conn, vehicle = self._conn, self.vehicle
+        if conn is None or vehicle is None or self.link != "up":
+            raise AdapterError(f"{self.name}: no vehicle is connected (link {self.link})")
+        target_system, target_component = vehicle[0], vehicle[1]
+        box: list[Any] = []
+        event = threading.Event()
+        waiter = (command, box, event)
+        with self._ack_lock:
+            self._ack_waiters.append(waiter)
+        try:
+            with self._send_lock:
+                conn.mav.command_long_send(target_system, target_component, command, 0,
+                                           *[float(p) for p in (params + [0.0] * 7)[:7]])
+            while True:
+                if not event.wait(timeout):
+                    return None
+                ack = box.pop(0)
+                if not box:
+                    event.clear()
+                if ack.result == 5 and on_progress is not None:  # MAV_RESULT_IN_PROGRESS
+                    on_progress(ack)
+                    continue
+                return ack
+        finally:
+            with self._ack_lock:
+                self._ack_waiters.remove(waiter)
+
+    def _on_ack(self, msg: Any) -> None:
+        with self._ack_lock:
+            for command, box, event in self._ack_waiters:
+                if command == msg.command:
+                    box.append(msg)
+                    event.set()
 
     def _check_seq(self, system: int, component: int, seq: int) -> None:
         key = (system, component)
@@ -558,7 +684,8 @@ class MavlinkAdapter(ThreadedAdapter):
 
     def _send_heartbeat(self, conn: Any) -> None:
         try:
-            conn.mav.heartbeat_send(_MAV_TYPE_GCS, _MAV_AUTOPILOT_INVALID, 0, 0, 0)
+            with self._send_lock:
+                conn.mav.heartbeat_send(_MAV_TYPE_GCS, _MAV_AUTOPILOT_INVALID, 0, 0, 0)
         except OSError as exc:
             self._log.debug("%s: heartbeat send failed: %s", self.name, exc)
 
@@ -575,5 +702,6 @@ class MavlinkAdapter(ThreadedAdapter):
             "link_losses": self.link_losses,
             "heartbeat_age": None if last is None else round(time.monotonic() - last, 3),
             "reconnects": self.reconnects,
+            "thinned": self.thinned,
             "session": self._session,
         }

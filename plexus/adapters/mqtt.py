@@ -29,6 +29,23 @@ Payload to value(s)
     string (UTC when it has no offset). The timestamp leaf itself is not
     emitted as a metric. A missing or unreadable timestamp is counted in
     ``bad_timestamps`` and the reading keeps its receive time.
+
+Acknowledgement and kept sessions
+    A QoS 1 message is acknowledged to the broker (PUBACK) only after its
+    points are in the buffer; a message whose points could not be buffered
+    (the pipeline is closing, the disk is full) is left unacknowledged, and
+    the broker sends it again on the session's next connection. With
+    ``clean_start: false`` and a fixed ``client_id`` the broker keeps the
+    session for ``session_expiry`` seconds (MQTT 5) and queues QoS 1 messages
+    for it while the gateway is away, so with the persistent buffer a gateway
+    that is killed and restarted loses nothing the broker held for it. A
+    message the gateway had received but not acknowledged when it died comes
+    again: delivery is at least once, never exactly once.
+
+Shared subscriptions (MQTT 5)
+    ``share_group: depot`` subscribes every topic as ``$share/depot/<topic>``:
+    the broker hands each message to one member of the group, so N gateways
+    split one feed. Each member needs its own ``client_id``.
 """
 
 from __future__ import annotations
@@ -47,9 +64,9 @@ from annotated_types import Ge, Interval
 
 from plexus.adapters.base import Adapter, AdapterContext, describe_error, require
 from plexus.adapters.lineformats import LineError, timestamp_seconds
-from plexus.errors import AdapterError, ConfigError
+from plexus.errors import AdapterError, BufferingError, ConfigError, PlexusError
 
-__all__ = ["MqttAdapter", "MqttOptions", "TopicOption"]
+__all__ = ["MqttAdapter", "MqttOptions", "TopicOption", "set_login_and_tls"]
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +109,8 @@ class MqttOptions:
     )
     username: str | None = field(default=None, metadata={"help": "broker user name"})
     password: str | None = field(
-        default=None, repr=False, metadata={"help": "broker password; never logged"}
+        default=None, repr=False,
+        metadata={"help": "broker password; never logged", "secret": True}
     )
     client_id: str | None = field(
         default=None,
@@ -106,6 +124,16 @@ class MqttOptions:
         default=True,
         metadata={"help": "start a fresh session on every connect; false keeps the "
                   "broker-side session (needs a fixed client_id)"},
+    )
+    session_expiry: int = field(
+        default=3600,
+        metadata={"help": "MQTT 5 with clean_start false: seconds the broker keeps the session "
+                  "(and queues QoS 1 messages for it) while the gateway is away"},
+    )
+    share_group: str | None = field(
+        default=None,
+        metadata={"help": "MQTT 5 shared subscription group: every topic is subscribed as "
+                  "$share/<group>/<topic>, so gateways in one group split the feed"},
     )
     metric_template: str | None = field(
         default=None,
@@ -162,6 +190,19 @@ class MqttOptions:
             raise ConfigError("mqtt: ca_certs/certfile/keyfile are set but tls is false")
         if self.password is not None and self.username is None:
             raise ConfigError("mqtt: password is set but username is not")
+        if not self.clean_start and not self.client_id:
+            # A random id is new on every start, so the kept session would never be found again.
+            raise ConfigError("mqtt: clean_start false needs a fixed client_id (unique per "
+                              "gateway), or the broker-side session is never resumed")
+        if self.session_expiry < 0:
+            raise ConfigError(f"mqtt: session_expiry must be >= 0, got {self.session_expiry}")
+        if self.share_group is not None:
+            if self.protocol != "5":
+                raise ConfigError("mqtt: share_group needs protocol: '5' (MQTT 5 shared "
+                                  "subscriptions)")
+            if not self.share_group or any(c in self.share_group for c in "/+#"):
+                raise ConfigError(f"mqtt: share_group must be a non-empty name without '/', "
+                                  f"'+' or '#', got {self.share_group!r}")
         if self.metric_template is not None:
             try:
                 self.metric_template.format(*(["x"] * 64), topic="x")
@@ -199,6 +240,24 @@ def _topic_option(index: int, item: Any) -> TopicOption:
         if "+" in level and level != "+":
             raise ConfigError(f"{where}: '+' must be a whole level")
     return item
+
+
+def set_login_and_tls(client: Any, options: Any, logger: logging.Logger, name: str) -> None:
+    """Give a paho client the user name, password and TLS settings of ``options``.
+
+    ``options`` has ``username``, ``password``, ``tls``, ``ca_certs``,
+    ``certfile``, ``keyfile`` and ``tls_insecure`` (the MQTT adapter's and
+    sink's options both do). Raises OSError/ValueError for unreadable TLS files.
+    """
+    if options.username is not None:
+        client.username_pw_set(options.username, options.password)
+    if options.tls:
+        client.tls_set(ca_certs=options.ca_certs, certfile=options.certfile,
+                       keyfile=options.keyfile)
+        if options.tls_insecure:
+            logger.warning("%s: tls_insecure is set: the broker's host name is not checked, "
+                           "so a man in the middle can read this link", name)
+            client.tls_insecure_set(True)
 
 
 class _Bad(Exception):
@@ -252,6 +311,14 @@ class MqttAdapter(Adapter):
     extra: ClassVar[str | None] = "mqtt"
     Options: ClassVar[type] = MqttOptions
 
+    @property
+    def acknowledges_upstream(self) -> bool:
+        """True when the broker forgets a message once this adapter acknowledged it.
+
+        Then only a persistent buffer keeps such a message through a crash.
+        """
+        return not self.options.clean_start and any(q > 0 for _t, q in self._topics)
+
     def __init__(self, options: MqttOptions, name: str | None = None) -> None:
         super().__init__(options, name)
         self.options: MqttOptions = options
@@ -275,7 +342,11 @@ class MqttAdapter(Adapter):
             if self._timestamp_path[: len(vp)] == vp and len(self._timestamp_path) > len(vp):
                 self._skip_path = self._timestamp_path[len(vp):]
         self._index_arrays = options.arrays == "index"
-        self._topics = [(t.topic, t.qos) for t in options.topics if isinstance(t, TopicOption)]
+        share = f"$share/{options.share_group}/" if options.share_group else ""
+        self._topics = [(share + t.topic, t.qos) for t in options.topics
+                        if isinstance(t, TopicOption)]
+        self.unacked = 0  # QoS 1/2 messages left unacknowledged because buffering failed
+        self._buffering_failed = False
 
     def __repr__(self) -> str:
         o = self.options
@@ -292,6 +363,7 @@ class MqttAdapter(Adapter):
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        self._warn_about_delivery()
         # connect_async only records the target: the first attempt happens in
         # paho's thread, which retries it, so a broker that is down never fails start().
         client.connect_async(self.options.host, self.options.port, **self._connect_kwargs())
@@ -337,9 +409,17 @@ class MqttAdapter(Adapter):
         return []
 
     def _connect_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"keepalive": self.options.keepalive}
-        if self.options.protocol == "5":
-            kwargs["clean_start"] = self.options.clean_start
+        o = self.options
+        kwargs: dict[str, Any] = {"keepalive": o.keepalive}
+        if o.protocol == "5":
+            kwargs["clean_start"] = o.clean_start
+            if not o.clean_start:
+                from paho.mqtt.packettypes import PacketTypes
+                from paho.mqtt.properties import Properties
+
+                properties = Properties(PacketTypes.CONNECT)
+                properties.SessionExpiryInterval = o.session_expiry
+                kwargs["properties"] = properties
         return kwargs
 
     def _make_client(self, mqtt: Any) -> Any:
@@ -352,21 +432,29 @@ class MqttAdapter(Adapter):
             # MQTT 5 takes clean_start at connect; 3.1.1 takes clean_session here.
             clean_session=None if v5 else o.clean_start,
             reconnect_on_failure=True,
+            # A QoS 1 message is acknowledged only once its points are in the buffer
+            # (see _on_message), so a gateway killed before that gets it again.
+            manual_ack=True,
         )
-        if o.username is not None:
-            client.username_pw_set(o.username, o.password)
-        if o.tls:
-            try:
-                client.tls_set(ca_certs=o.ca_certs, certfile=o.certfile, keyfile=o.keyfile)
-            except (OSError, ValueError) as exc:
-                raise AdapterError(f"cannot load the TLS files: {exc}") from exc
-            if o.tls_insecure:
-                self._log.warning(
-                    "%s: tls_insecure is set: the broker's host name is not checked, "
-                    "so a man in the middle can read this link", self.name)
-                client.tls_insecure_set(True)
+        try:
+            set_login_and_tls(client, o, self._log, self.name)
+        except (OSError, ValueError) as exc:
+            raise AdapterError(f"cannot load the TLS files: {exc}") from exc
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         return client
+
+    def _warn_about_delivery(self) -> None:
+        o = self.options
+        qos = {q for _topic, q in self._topics}
+        if o.share_group and 0 in qos:
+            self._log.warning(
+                "%s: share_group with QoS 0 topics: those messages are sent once and lost if "
+                "this gateway dies before buffering them; subscribe with qos: 1", self.name)
+        if not o.clean_start and 2 in qos:
+            self._log.warning(
+                "%s: QoS 2 with a kept session: the client confirms receipt (PUBREC) before "
+                "the message is buffered, so a kill at that moment loses it; qos: 1 is "
+                "at-least-once across kills", self.name)
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True
@@ -398,6 +486,7 @@ class MqttAdapter(Adapter):
             "reconnects": self.reconnects,
             "connect_failures": self.connect_failures,
             "subscriptions": self.subscriptions,
+            "unacked": self.unacked,
         }
 
     # paho callbacks (all run in paho's network thread) --------------------
@@ -453,6 +542,41 @@ class MqttAdapter(Adapter):
                 self.subscriptions += 1
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        self._buffering_failed = False
+        self._read_message(message)
+        if message.qos == 0:
+            return
+        if self._buffering_failed:
+            # Not acknowledged: the broker keeps the message and sends it again on the
+            # next connection of this session (after a restart or a lost link).
+            self.unacked += 1
+            return
+        try:
+            # Its points are in the buffer now (bad payloads included: they are
+            # counted and dropped on purpose, and sending them again would not help).
+            client.ack(message.mid, message.qos)
+        except Exception as exc:
+            self.record_error(exc)
+
+    def emit(self, metric: str, value: Any, timestamp: float | None = None,
+             tags: dict[str, str] | None = None) -> bool:
+        # As Adapter.emit, but a point that could not be buffered (the pipeline is
+        # closing, the disk is full) keeps its message unacknowledged.
+        assert self._ctx is not None, "emit() before start()"
+        try:
+            self._ctx.emit(metric, value, timestamp, tags)
+        except BufferingError as exc:
+            self._buffering_failed = True
+            self.record_error(exc)
+            return False
+        except PlexusError as exc:
+            self.bad_input(f"point {metric!r} rejected: {exc}")
+            return False
+        self.points += 1
+        self.last_point_time = time.time()
+        return True
+
+    def _read_message(self, message: Any) -> None:
         # An exception escaping a paho callback would end paho's thread (and
         # with it every reconnect), so nothing may leave this method.
         try:

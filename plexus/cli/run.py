@@ -102,6 +102,8 @@ def _check(gateway: Any, registry: Any, online: bool) -> int:
     if not gateway.adapters:
         problems.append(f"{gateway.config.path}: adapters: none are configured, so nothing "
                         "would produce points")
+    if gateway.commands is not None:
+        problems += [f"{gateway.config.path}: commands: {p}" for p in gateway.commands.problems]
     problems += [f"plugin: {error}" for error in registry.errors]
     if problems:
         count = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
@@ -126,6 +128,13 @@ def _print_check(gateway: Any, online: bool) -> None:
               + (f" tags {tags}" if tags else ""))
     for sink, _entry in gateway.sinks:
         print(f"  sink {sink.name} (type {sink.type_name})")
+    if gateway.commands is not None:
+        commands = gateway.commands
+        print(f"  commands: link {commands.link.url if commands.link else '-'}, audit file "
+              f"{commands.audit.path}")
+        print(f"    allowed: {', '.join(commands.allowed) or 'none'}")
+        for name, reason in sorted(commands.center.refusals.items()):
+            print(f"    refused: {name}: {reason}")
     if not online:
         print("  (add --online to also try the API key, brokers, ports and interfaces)")
 

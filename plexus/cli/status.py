@@ -48,6 +48,20 @@ class Rates:
         return rates
 
 
+def link_line(link: dict[str, Any]) -> str:
+    """The device link's state and the last command, for the status view."""
+    text = f"link {link['state']}"
+    if link.get("state") == "up" and link.get("since"):
+        text += f" {time.time() - link['since']:.0f}s"
+    elif link.get("last_error"):
+        text += f" ({link['last_error'][:60]})"
+    last = link.get("last_command")
+    if last:
+        text += (f"; last command {last['command']} {last['outcome']} "
+                 f"{time.time() - last['at']:.0f}s ago")
+    return text
+
+
 def summary(status: dict[str, Any], rates: dict[str, float] | None = None) -> str:
     """One line: each adapter's state, points/s and totals; each sink's delivery."""
     rates = rates or {}
@@ -70,6 +84,8 @@ def summary(status: dict[str, Any], rates: dict[str, float] | None = None) -> st
         text += (f" (delivered {s['delivered']}, buffered {s['buffered']}, dropped "
                  f"{s['dropped']}, rejected {s['rejected']})")
         sinks.append(text)
+    if status.get("link"):
+        sinks.append(link_line(status["link"]))
     return "; ".join(parts + sinks)
 
 
@@ -180,10 +196,12 @@ class LiveStatus:
             sinks.add_row(s["name"], f"{rate:.1f}", str(s["delivered"]),
                           str(s["buffered"]), str(s["dropped"]), str(s["rejected"]), lag,
                           s["last_error"] or "")
+        link = Text(link_line(status["link"])) if status.get("link") else Text("")
         pane = Panel(Text("\n".join(self._lines) or "(no log lines yet)", no_wrap=False),
                      title="log", title_align="left", height=len(self._lines) + 2
                      if self._lines else 3)
-        return Group(adapters, sinks, pane)
+        return Group(adapters, sinks, link, pane) if status.get("link") else \
+            Group(adapters, sinks, pane)
 
     def tick(self) -> None:
         self._live.update(self.render())

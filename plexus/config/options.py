@@ -399,7 +399,14 @@ def _validate(
 
 
 def _run_checks(obj: Any, where: Where, problems: list[ConfigProblem]) -> None:
-    """The legacy ``metadata={"check": ...}`` of dataclass fields, nested ones included."""
+    """The legacy ``metadata={"check": ...}`` of dataclass fields, nested ones included
+    (also dataclasses inside a pydantic model, such as the ``commands:`` section)."""
+    if isinstance(obj, BaseModel):
+        for name in type(obj).model_fields:
+            value = getattr(obj, name)
+            if dataclasses.is_dataclass(value) or isinstance(value, BaseModel):
+                _run_checks(value, where.key(name), problems)
+        return
     if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
         return
     for name, spec in field_specs(type(obj)).items():
@@ -410,7 +417,7 @@ def _run_checks(obj: Any, where: Where, problems: list[ConfigProblem]) -> None:
             if message is not None:
                 problems.append(here.problem("the value (hidden) is invalid" if spec.secret
                                              else message))
-        if dataclasses.is_dataclass(value):
+        if dataclasses.is_dataclass(value) or isinstance(value, BaseModel):
             _run_checks(value, here, problems)
         elif isinstance(value, list):
             for index, item in enumerate(value):

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from plexus.config.options import OptionsModel, option
+from plexus.control import CommandsConfig
 
 __all__ = [
     "BatchConfig",
@@ -35,8 +36,15 @@ class BufferConfig(OptionsModel):
         None, help="The SQLite file (relative to the rig file). Default: null, chosen by the "
                    "gateway (~/.plexus/buffer/<source_id>.db).", path=True)
     max_points: Annotated[int, Field(ge=1)] | None = option(
-        None, help="Cap on buffered points; the oldest are dropped beyond it. Default: null, "
-                   "the buffer's own (10,000 in memory, 1,000,000 in sqlite).")
+        None, help="Cap on buffered points (see when_full). Default: null, the buffer's own "
+                   "(10,000 in memory; in sqlite no practical limit, max_bytes governs).")
+    max_bytes: Annotated[int, Field(ge=1)] | None = option(
+        None, help="sqlite only: cap on stored bytes (compressed, about 7 bytes a point). "
+                   "Default: null, 2 GiB.")
+    when_full: Literal["block", "drop_oldest"] = option(
+        "block", help="What a full buffer does: 'block' makes sources wait for room while the "
+                      "sink delivers, and drops the oldest points only while delivery fails; "
+                      "'drop_oldest' never waits. Default: block.")
     sync_interval: float = option(
         1.0, help="sqlite only: seconds between fsyncs, the most a power cut can lose. "
                   "Default: 1.0.", gt=0)
@@ -107,6 +115,9 @@ class GatewaySettings(OptionsModel):
     local_receiver: LocalReceiverConfig = option(
         default_factory=LocalReceiverConfig,
         help="A local receiver for running without a Plexus account (demo).")
+    commands: CommandsConfig = option(
+        default_factory=CommandsConfig,
+        help="Remote commands from the dashboard (docs/commands.md).")
 
     @field_validator("source_id")
     @classmethod

@@ -16,9 +16,13 @@ retryable.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from plexus.codec import POINTS, PointCodec
 from plexus.point import Point
+
+if TYPE_CHECKING:
+    from plexus.buffer import Batch
 
 
 @dataclass
@@ -59,6 +63,19 @@ class Sink:
     def send(self, points: list[Point], key: str) -> SendResult:
         """Deliver ``points``; ``key`` is stable when the same batch is retried."""
         raise NotImplementedError
+
+    def send_batch(self, batch: Batch) -> SendResult:
+        """Deliver a batch; the uploader calls this. By default: ``send(points, key)``.
+
+        A sink whose :meth:`codec` stores blocks in its own wire format can
+        send ``batch.body`` as it is (see ``HttpSink``).
+        """
+        return self.send(batch.points, batch.key)
+
+    def codec(self, source_id: str) -> PointCodec:
+        """How a persistent buffer should store this sink's points (its records and
+        blocks); by default the JSON of the point tuples, decoded back for ``send``."""
+        return POINTS
 
     def close(self) -> None:
         """Release resources (called once, after the last ``send``)."""

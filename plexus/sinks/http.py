@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from plexus.codec import IngestCodec
 from plexus.errors import AuthenticationError, ConfigError, RetryableSinkError
 from plexus.point import MAX_BODY_BYTES, MAX_POINTS_PER_REQUEST, Point
 from plexus.secret import Secret
@@ -37,6 +38,8 @@ from plexus.sinks.base import SendResult, Sink
 
 if TYPE_CHECKING:
     import httpx
+
+    from plexus.buffer import Batch
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +140,53 @@ class HttpSink(Sink):
             self._client.close()
             self._client = None
 
+    def codec(self, source_id: str) -> IngestCodec:
+        """The persistent buffer stores gzipped ``/ingest`` bodies for this sink."""
+        return IngestCodec(source_id)
+
     # Sending -------------------------------------------------------------
-    def send(self, points: list[Point], key: str) -> SendResult:
+    def send_batch(self, batch: Batch) -> SendResult:
+        """Send a stored body as it is; the points path handles what it cannot."""
+        body = batch.body
+        if body is None or batch.codec_tag != f"ingest:{self.source_id}" \
+                or len(body) > MAX_BODY_BYTES:
+            return self.send(batch.points, batch.key)
+        self._require_key()
+        status, error, count = self._post(body, batch.key, gzipped=True)
+        if status == 200:
+            return SendResult(self._stored(count, batch.count))
+        if status in (400, 413):
+            # A point to isolate, or a receiver with a lower limit: the points path
+            # bisects and splits, under sub-keys of this batch's key.
+            return self.send(batch.points, batch.key)
+        raise self._failure(status, error)
+
+    def _require_key(self) -> None:
         if self._api_key is None:
             raise AuthenticationError(
                 "no API key: set the environment variable PLEXUS_API_KEY (or api_key in the "
                 'rig file, {"api_key": ...} in ~/.plexus/config.json, or Plexus(api_key=...) '
                 "in Python)"
             )
+
+    @staticmethod
+    def _stored(count: int, sent: int) -> int:
+        if count == sent or count < 0:  # no count: a receiver that stores all
+            return sent
+        # The rate ceiling answered 200 but stored nothing: send again soon.
+        raise RetryableSinkError(
+            f"gateway stored {count} of {sent} points (per-source rate ceiling)",
+            retry_after=random.uniform(0.05, 0.15),
+        )
+
+    @staticmethod
+    def _failure(status: int, error: str) -> Exception:
+        if status in (401, 403):
+            return AuthenticationError(f"the gateway refused the API key ({status}: {error})")
+        return RetryableSinkError(f"gateway answered {status}: {error}")
+
+    def send(self, points: list[Point], key: str) -> SendResult:
+        self._require_key()
         rejected: list[tuple[int, str]] = []
         delivered = 0
         indices = list(range(len(points)))
@@ -169,15 +211,7 @@ class HttpSink(Sink):
             return self._send_halves(points, indices, key, rejected)
         status, error, count = self._post(body, key)
         if status == 200:
-            if count == len(points) or count < 0:  # no count: a receiver that stores all
-                return len(points)
-            # The rate ceiling answered 200 but stored nothing: send again soon.
-            raise RetryableSinkError(
-                f"gateway stored {count} of {len(points)} points (per-source rate ceiling)",
-                retry_after=random.uniform(0.05, 0.15),
-            )
-        if status in (401, 403):
-            raise AuthenticationError(f"the gateway refused the API key ({status}: {error})")
+            return self._stored(count, len(points))
         if status == 413:
             if len(points) == 1:
                 rejected.append((indices[0], f"413 {error}"))
@@ -185,7 +219,7 @@ class HttpSink(Sink):
             return self._send_halves(points, indices, key, rejected)
         if status == 400:
             return self._isolate_bad_points(points, indices, key, rejected, error)
-        raise RetryableSinkError(f"gateway answered {status}: {error}")
+        raise self._failure(status, error)
 
     def _send_halves(
         self, points: list[Point], indices: list[int], key: str, rejected: list[tuple[int, str]]
@@ -226,11 +260,13 @@ class HttpSink(Sink):
                 append({"metric": metric, "value": value, "timestamp": ts})
         return orjson.dumps({"source_id": self.source_id, "points": rows})
 
-    def _post(self, body: bytes, key: str) -> tuple[int, str, int]:
+    def _post(self, body: bytes, key: str, gzipped: bool = False) -> tuple[int, str, int]:
         assert self._client is not None and self._api_key is not None, "open() first"
         headers = {"x-api-key": self._api_key.reveal(), "Idempotency-Key": key}
         opts: HttpSinkOptions = self.options
-        if len(body) > opts.gzip_min_bytes:
+        if gzipped:
+            headers["Content-Encoding"] = "gzip"
+        elif len(body) > opts.gzip_min_bytes:
             body = gzip.compress(body, compresslevel=opts.gzip_level, mtime=0)
             headers["Content-Encoding"] = "gzip"
         self.requests += 1

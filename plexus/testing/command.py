@@ -24,6 +24,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m plexus.testin
                         default=None, metavar="SECONDS",
                         help="emulate the per-source rate ceiling (default interval 0.0005)")
     parser.add_argument("--quiet", action="store_true", help="no line per accepted point")
+    parser.add_argument("--ws-generation", choices=("hosted", "oss"), default="hosted",
+                        help="the device WebSocket (/ws/device) speaks as the hosted platform "
+                             "(declared commands) or the open-source gateway (legacy only)")
     args = parser.parse_args(argv)
 
     def say(line: str) -> None:
@@ -31,10 +34,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m plexus.testin
 
     receiver = Receiver(args.port, args.host, api_keys=args.api_keys,
                         rate_limit_interval=args.rate_limit, log=say,
-                        log_points=not args.quiet)
+                        log_points=not args.quiet, ws_generation=args.ws_generation)
     stop = threading.Event()
     with receiver:
-        say(f"plexus test receiver listening on {receiver.url} (POST /ingest); Ctrl-C stops")
+        say(f"plexus test receiver listening on {receiver.url} (POST /ingest) and "
+            f"{receiver.ws_url}/ws/device; Ctrl-C stops")
         try:
             stop.wait()
         except KeyboardInterrupt:

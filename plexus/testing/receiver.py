@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from plexus.testing.device import DeviceServer
 from plexus.testing.http import (
     DRAIN_LIMIT,
     Handler,
@@ -96,6 +97,16 @@ class Receiver:
             client's splitting without sending megabytes.
         log: called with one line per request (and per accepted point when
             ``log_points``); the command line uses ``print``.
+        ws_generation: the device WebSocket (``/ws/device``, same port) speaks
+            as the hosted platform (``"hosted"``, declared commands) or the
+            open-source gateway (``"oss"``, legacy commands only); see
+            :mod:`plexus.testing.device`. The endpoint is :attr:`device`.
+        ws_auth_timeout: seconds the device WebSocket waits for ``device_auth``.
+        ws_max_frame_bytes, ws_store_results: what the hosted ``authenticated``
+            reply announces.
+        ws_control_limit: ``(burst, per second)`` of device control frames.
+        internal_secret: required in ``x-internal-secret`` by
+            ``POST /internal/command`` and ``/internal/run`` when set.
 
     Raises:
         OSError: from :meth:`start` / :meth:`come_up` when the port is taken.
@@ -116,6 +127,12 @@ class Receiver:
         max_points: int = MAX_POINTS,
         log: Callable[[str], None] | None = None,
         log_points: bool = False,
+        ws_generation: str = "hosted",
+        ws_auth_timeout: float = 10.0,
+        ws_max_frame_bytes: int = 65536,
+        ws_store_results: bool = True,
+        ws_control_limit: tuple[float, float] | None = None,
+        internal_secret: str | None = None,
     ) -> None:
         self.host = host
         self._port = port
@@ -131,6 +148,13 @@ class Receiver:
         self.log_points = log_points
         #: Seconds to wait before answering every POST /ingest request.
         self.delay: float = 0.0
+        #: The device WebSocket endpoint: inject commands, read back frames.
+        self.device = DeviceServer(
+            api_keys=self.api_keys, forbidden_keys=self.forbidden_keys,
+            generation=ws_generation, auth_timeout=ws_auth_timeout,
+            max_frame_bytes=ws_max_frame_bytes, store_results=ws_store_results,
+            control_limit=ws_control_limit, internal_secret=internal_secret,
+        )
 
         # One condition guards all recorded state, so wait_for() wakes on it.
         self._cond = threading.Condition()
@@ -224,6 +248,12 @@ class Receiver:
     def url(self) -> str:
         """Base URL, e.g. ``http://127.0.0.1:54321``; clients append ``/ingest``."""
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        """Base URL of the device WebSocket, e.g. ``ws://127.0.0.1:54321``
+        (clients append ``/ws/device``)."""
+        return f"ws://{self.host}:{self.port}"
 
     @property
     def api_key(self) -> str:
@@ -351,6 +381,14 @@ class Receiver:
 
     def _serve(self, h: Handler) -> None:
         headers = h.headers
+        route = h.path.split("?", 1)[0]
+        if route == "/ws/device" and h.command == "GET" \
+                and (headers.get("Upgrade") or "").lower() == "websocket":
+            self.device.serve(h)
+            return
+        if route in ("/internal/command", "/internal/run") and h.command == "POST":
+            self._serve_internal(h, route)
+            return
         rec = RequestRecord(
             method=h.command,
             path=h.path,
@@ -408,6 +446,29 @@ class Receiver:
         self._record(rec)
         if not reset:
             self._answer(h, status, payload, close)
+
+    def _serve_internal(self, h: Handler, route: str) -> None:
+        try:
+            body, _ = self._read_body(h)
+        except HTTPError as exc:
+            self._answer(h, exc.status, {"error": exc.message}, True)
+            return
+        secret = h.headers.get("x-internal-secret")
+        if route == "/internal/command":
+            status, payload = self.device.internal_command(body, secret)
+        else:
+            status, payload = self.device.internal_run(body, secret)
+        if isinstance(payload, str):  # the open-source gateway answers errors as text/plain
+            data = (payload + "\n").encode()
+            head = (f"HTTP/1.1 {status} {h.responses.get(status, ('',))[0]}\r\n"
+                    f"Content-Type: text/plain; charset=utf-8\r\n"
+                    f"Content-Length: {len(data)}\r\n\r\n")
+            try:
+                h.wfile.write(head.encode("latin-1") + data)
+            except OSError:
+                h.close_connection = True
+            return
+        self._answer(h, status, payload, False)
 
     def _record(self, rec: RequestRecord) -> None:
         with self._cond:

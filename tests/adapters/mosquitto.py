@@ -70,17 +70,19 @@ class MosquittoBroker:
         users: ``{username: password}``; when given, anonymous clients are refused.
         tls: server certificate files for an extra TLS listener (see
             :func:`make_tls_files`); its port is :attr:`tls_port`.
+        extra_config: more mosquitto.conf lines (limits, log types).
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
     """
 
     def __init__(self, directory: Path, users: dict[str, str] | None = None,
-                 tls: TlsFiles | None = None) -> None:
+                 tls: TlsFiles | None = None, extra_config: tuple[str, ...] = ()) -> None:
         self.binary = require_binary("mosquitto")
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self.users = users
         self.tls = tls
+        self.extra_config = extra_config
         self.port = free_port()
         self.tls_port = free_port() if tls is not None else None
         self.log_path = directory / "mosquitto.log"
@@ -99,6 +101,7 @@ class MosquittoBroker:
             "log_type information",
             "connection_messages true",
         ]
+        lines += self.extra_config
         if os.geteuid() == 0:
             # As root mosquitto drops to user "mosquitto", which cannot read our temp files.
             lines.append("user root")

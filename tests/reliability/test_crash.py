@@ -209,9 +209,9 @@ class Traced(SqliteBuffer):
         super()._trim()
         os.write(1, b"K1\n")
 
-    def _rotate(self):  # runs right after the checkpoint of a sync round
+    def _delete_retired(self):  # runs right after the checkpoint of a sync round
         os.write(1, b"K0\n")
-        super()._rotate()
+        super()._delete_retired()
 
 buf = Traced(path, sync_interval=sync_interval)
 os.write(1, b"READY\n")
@@ -317,9 +317,12 @@ def open_image(image: Path) -> tuple[list[int], str]:
     with LogCapture() as logs:
         buf = SqliteBuffer(image, sync_interval=3600)
         try:
-            batch = buf.take(10**8)
-            held = [] if batch is None else [p[1] for p in batch.points]
-            assert len(buf) == len(held)
+            total = len(buf)
+            held = []
+            while (batch := buf.take(10**8)) is not None:
+                held += [p[1] for p in batch.points]
+                buf.ack(batch)
+            assert total == len(held)
         finally:
             buf.close()
     return held, logs.text

@@ -300,7 +300,7 @@ def kept_is_in_flight_prefix_plus_newest(kept: list[int], sent: int, cap: int) -
     outage began (the oldest ``a`` points, never dropped because they are out of the
     queue) plus the newest ``cap - a``. Returns ``a``."""
     kept = sorted(kept)
-    assert len(kept) == cap and len(set(kept)) == cap
+    assert len(kept) == cap and len(set(kept)) == cap  # cap: how many were kept
     a = 0
     while a < len(kept) and kept[a] == a:
         a += 1
@@ -360,15 +360,19 @@ def test_persistent_buffer_beyond_its_cap_drops_oldest_counted(plexus_receiver, 
         for i in range(sent):
             px.send("seq", i)
         # The trim runs in the sync thread, so the count comes down within a round.
-        assert wait_until(lambda: px.buffer_size() == cap, timeout=5), px.buffer_size()
-        assert px.dropped == sent - cap
+        assert wait_until(lambda: px.buffer_size() <= cap, timeout=5), px.buffer_size()
+        held = px.buffer_size()
+        # Whole stored blocks are dropped (at most a quarter of the cap each), and
+        # every point is either held or counted.
+        assert cap - held < px._buffer.block_points, (cap, held)
+        assert px.dropped == sent - held
         plexus_receiver.come_up()
         flush_until_empty(px)
     finally:
         plexus_receiver.come_up()
         px.close()
     kept = values(plexus_receiver)
-    in_flight = kept_is_in_flight_prefix_plus_newest(kept, sent, cap)
+    in_flight = kept_is_in_flight_prefix_plus_newest(kept, sent, held)
     record_figure(f"persistent outage cap={cap}", {
         "sent": sent, "cap": cap, "dropped": px.dropped, "delivered": len(kept),
         "kept_in_flight": in_flight})

@@ -78,15 +78,20 @@ class Traced(sb.SqliteBuffer):
 
     def _set_position(self, gen, offset):  # inside a move's transaction, before COMMIT
         super()._set_position(gen, offset)
-        phase("move" if offset else "rotate")  # a rotation starts the next file at 0
+        phase("move")
+
+    def _switch_segment(self):  # a producer sealed a segment and began the next
+        seg = super()._switch_segment()
+        phase("rotate")
+        return seg
 
     def _trim(self):  # the WAL checkpoint of a sync round comes next
         super()._trim()
         phase("checkpoint-before")
 
-    def _rotate(self):  # ...and this right after it
+    def _delete_retired(self):  # ...and this right after it
         phase("checkpoint-after")
-        super()._rotate()
+        super()._delete_retired()
 
 sb.SqliteBuffer = Traced
 px = Plexus(api_key="plx_test", source_id="rig-01", gateway_url=url, persistent_buffer=True,
@@ -219,7 +224,7 @@ def loop_devices() -> None:
         pytest.skip(f"power-cut trials skipped: {reason}")
 
 
-TARGETS = ["move:2", "rotate:1", "checkpoint-before:2", "checkpoint-after:1", "move:4"]
+TARGETS = ["move:2", "rotate:2", "checkpoint-before:2", "checkpoint-after:1", "move:4"]
 
 
 def test_power_cut_at_random_instants(loop_devices, slow):

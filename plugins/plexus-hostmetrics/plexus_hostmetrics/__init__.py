@@ -10,6 +10,11 @@ install on a vehicle computer. Metrics, with the default prefix ``host``:
 - ``host.temperature.celsius``, tagged ``zone=<thermal zone type>`` (where the
   kernel exposes thermal zones; containers often do not)
 - ``host.uptime_seconds``
+
+It also adds a remote command, ``host_report``: read the host now (every
+``hostmetrics`` adapter of the rig sends a fresh set of points) and answer
+with load, memory and uptime, so the dashboard can ask "how is the computer
+doing?" without waiting for the next interval.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 
 from plexus import hookimpl
 from plexus.adapters.base import ThreadedAdapter
+from plexus.commands import command
 from plexus.config import OptionsModel, option
 
 __version__ = "0.1.0"
@@ -143,3 +149,25 @@ class HostMetricsAdapter(ThreadedAdapter):
 @hookimpl
 def plexus_register_adapters(register: Any) -> None:
     register(HostMetricsAdapter)
+
+
+@hookimpl
+def plexus_register_commands(register: Any, control: Any) -> None:
+    @command("host_report", title="Host report",
+             description="Read the host now and answer with load, memory and uptime",
+             params={"proc": {"type": "string", "default": "/proc",
+                              "description": "where procfs is mounted"}})
+    def host_report(run: Any, proc: str) -> dict[str, Any]:
+        for adapter in control.adapters("hostmetrics"):
+            if adapter.state == "connected":
+                adapter.read_once()  # fresh points, through the gateway's pipeline
+        root = Path(proc)
+        mem = read_meminfo(root)
+        load = (root / "loadavg").read_text().split()
+        return {
+            "load_1m": float(load[0]),
+            "memory_available_bytes": mem.get("MemAvailable", mem.get("MemFree", 0)),
+            "uptime_seconds": float((root / "uptime").read_text().split()[0]),
+        }
+
+    register(host_report)

@@ -1,0 +1,106 @@
+"""Declaring commands: every rule gives a clear CommandDeclarationError (a ValueError)."""
+
+from __future__ import annotations
+
+import pytest
+
+from plexus import CommandDeclarationError, Plexus
+from plexus.commands import coerce_params, declare, redact
+
+
+def handler(run, **params):
+    return params
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"name": "Power-Off"}, "command name 'Power-Off' is invalid"),
+    ({"name": "x" * 65}, "is invalid"),
+    ({"danger": "extreme"}, "danger must be one of normal, dangerous, critical"),
+    ({"expires_in": 4}, "expires_in must be 5 to 3600 seconds"),
+    ({"expires_in": 3601}, "expires_in must be 5 to 3600 seconds"),
+    ({"concurrency": "queue"}, "concurrency must be accept or reject"),
+    ({"params": {f"p{i}": {"type": "boolean"} for i in range(17)}}, "at most 16 parameters"),
+    ({"params": {"Bad": {"type": "string"}}}, "parameter name 'Bad' is invalid"),
+    ({"params": {"x": {"type": "float"}}}, "type must be one of string, integer"),
+    ({"params": {"x": {"type": "string", "minimum": 1}}}, "unknown keyword(s) minimum"),
+    ({"params": {"x": {"type": "boolean", "enum": ["a"]}}}, "unknown keyword(s) enum"),
+    ({"params": {"x": {"type": "string", "maxLength": 0}}}, "maxLength must be an integer >= 1"),
+    ({"params": {"x": {"type": "string", "enum": []}}}, "enum must be a list of 1 to 64"),
+    ({"params": {"x": {"type": "integer", "minimum": 5, "maximum": 1}}}, "minimum is greater"),
+    ({"params": {"x": {"type": "integer", "default": 1, "required": False}}},
+     "either a default or required"),
+    ({"params": {"x": {"type": "integer", "default": "3"}}},
+     "the default is invalid: expected an integer, got a string"),
+    ({"params": {"x": {"type": "integer", "default": 9, "maximum": 8}}},
+     "the default is invalid: x must be at most 8"),
+    ({"params": {"x": {"type": "string", "default": "c", "enum": ["a", "b"]}}},
+     "must be one of a, b"),
+])
+def test_bad_declarations_name_the_rule(kwargs, message):
+    kwargs = {"name": "power_off", **kwargs}
+    with pytest.raises(CommandDeclarationError) as info:
+        declare(handler=handler, **kwargs)
+    assert message in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_the_handler_must_accept_the_declared_params():
+    def power_off(run, outlet):
+        return outlet
+
+    with pytest.raises(CommandDeclarationError, match="cannot be called as handler"):
+        declare("power_off", power_off, params={"socket": {"type": "integer"}})
+    declare("power_off", power_off, params={"outlet": {"type": "integer"}})
+
+
+def test_manifest_entry():
+    cmd = declare("power_off", handler, title="Power off", description="cuts power",
+                  danger="critical", idempotent=True, expires_in=30,
+                  params={"outlet": {"type": "integer", "minimum": 1, "maximum": 8},
+                          "hard": {"type": "boolean", "default": False},
+                          "note": {"type": "string", "required": False}})
+    assert cmd.manifest() == {
+        "name": "power_off", "danger": "critical", "idempotent": True, "expires_in_s": 30.0,
+        "concurrency": "accept", "title": "Power off", "description": "cuts power",
+        "params": {"outlet": {"type": "integer", "minimum": 1, "maximum": 8, "required": True},
+                   "hard": {"type": "boolean", "default": False, "required": False},
+                   "note": {"type": "string", "required": False}}}
+
+
+def test_the_client_decorator_raises_at_decoration_and_returns_the_function(
+        plexus_receiver):
+    px = Plexus(api_key="plx_test", source_id="pod-07", gateway_url=plexus_receiver.url,
+                ws_url=plexus_receiver.ws_url)
+    try:
+        with pytest.raises(CommandDeclarationError):
+            px.command("Bad Name")(handler)
+        assert px.link_state == "off"  # nothing valid declared: no link
+        decorated = px.command("ok")(handler)
+        assert decorated is handler
+        with pytest.raises(CommandDeclarationError, match="already declared"):
+            px.command("ok")(handler)
+    finally:
+        px.close(timeout=0)
+
+
+def test_coercion_details():
+    specs = declare("c", handler, params={
+        "n": {"type": "number", "minimum": 0}, "i": {"type": "integer", "required": False},
+        "b": {"type": "boolean", "default": True}}).params
+    assert coerce_params(specs, {"n": "1.5", "i": " 7 "}) == {"n": 1.5, "i": 7, "b": True}
+    assert coerce_params(specs, {"n": 1, "i": None}) == {"n": 1.0, "b": True}
+    assert coerce_params(specs, {"n": 0, "b": "FALSE"}) == {"n": 0.0, "b": False}
+    assert coerce_params(specs, {"n": 2, "i": "4.0"})["i"] == 4
+    for bad in ({"n": "nan"}, {"n": "inf"}, {"n": True}, {"n": -1}, {"n": 1, "b": 2}):
+        with pytest.raises(ValueError):
+            coerce_params(specs, bad)
+    with pytest.raises(ValueError, match="params must be an object, got an array"):
+        coerce_params(specs, [1])
+    assert coerce_params({}, None) == {}
+
+
+def test_redact_hides_secret_looking_keys_also_inside_json_text():
+    assert redact({"api_key": "plx_1", "password": "p", "nested": {"token": "t", "x": 1},
+                   "config": '{"password": "hunter2", "port": 1}'}) == {
+        "api_key": "***", "password": "***", "nested": {"token": "***", "x": 1},
+        "config": '{"password":"***","port":1}'}
