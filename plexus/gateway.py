@@ -275,8 +275,9 @@ class Gateway:
         return [adapter for adapter, _ in self.adapters if adapter.state == "failed"]
 
     def nothing_left_to_run(self) -> bool:
-        """Every adapter has failed for good or finished (a capture replayed once)."""
-        return bool(self.adapters) and all(
+        """Every adapter has failed for good or finished (a capture replayed once), and no
+        remote command could start one again."""
+        return self.commands is None and bool(self.adapters) and all(
             adapter.state in ("failed", "finished") for adapter, _ in self.adapters)
 
     def request_stop(self) -> None:

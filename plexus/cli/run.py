@@ -99,7 +99,7 @@ def _check(gateway: Any, registry: Any, online: bool) -> int:
         problems = [str(p) for p in check_gateway(gateway, online=online)]
     finally:
         gateway.pipeline.close(0)
-    if not gateway.adapters:
+    if not gateway.adapters and gateway.commands is None:
         problems.append(f"{gateway.config.path}: adapters: none are configured, so nothing "
                         "would produce points")
     if gateway.commands is not None:
@@ -148,11 +148,11 @@ def _run(gateway: Any, args: Any) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     gateway.start()
-    if not gateway.adapters:
+    if not gateway.adapters and gateway.commands is None:
         log.error("no adapters are configured: nothing to run")
         gateway.shutdown(0)
         return ExitCode.UNAVAILABLE
-    if len(gateway.failed_adapters()) == len(gateway.adapters):
+    if gateway.commands is None and len(gateway.failed_adapters()) == len(gateway.adapters):
         summary = _failure_summary(gateway, "no adapter could start")
         gateway.shutdown(0)
         print_error(PROG, summary)
@@ -175,7 +175,8 @@ def _run(gateway: Any, args: Any) -> int:
         gateway.wait(args.duration, on_tick=on_tick, tick=view.tick_seconds)
     finally:
         view.close()
-    all_failed = len(gateway.failed_adapters()) == len(gateway.adapters)
+    all_failed = bool(gateway.adapters) and \
+        len(gateway.failed_adapters()) == len(gateway.adapters)
     summary = _failure_summary(gateway, "every adapter failed")
     gateway.shutdown()
     view.final()
