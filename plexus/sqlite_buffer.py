@@ -623,8 +623,10 @@ class SqliteBuffer(Buffer):
         try:
             spare = inbox.Segment(self.path, gen, tag)
         except OSError as exc:
-            with self._lock:
-                self._start_spilling(exc)
+            # Producers go on filling the current segment; they spill to memory
+            # only if they need a new one and cannot make it either.
+            self._warn(logging.WARNING, "cannot make the next inbox segment of %s yet: %s",
+                       self.path, exc)
             return
         with self._lock:
             if self._spare is None and spare.codec_tag == self.codec.tag:
