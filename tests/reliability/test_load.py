@@ -60,9 +60,11 @@ def test_an_outage_drops_exactly_the_oldest(plexus_receiver):
     """The issue's acceptance: 10,050 sends during an outage, then recovery: exactly
     points 50..10,049 are stored (default cap 10,000)."""
     plexus_receiver.go_down()
-    # The default buffer (memory, 10,000 points) and the default retry schedule, whose
-    # 1 s pause keeps the batch off the wire while the last 5,050 points arrive.
-    px = make_client(plexus_receiver, retry=None)
+    # The default buffer (memory, 10,000 points). The retry pause is held open by the
+    # test (an injected sleep), so the batch is certainly off the wire, waiting for
+    # its retry, while the last 5,050 points arrive, however loaded the machine.
+    retry_may_go = threading.Event()
+    px = make_client(plexus_receiver, retry=None, sleep=lambda s: retry_may_go.wait(30))
     try:
         for i in range(5_000):
             px.send("seq", i)
@@ -73,8 +75,10 @@ def test_an_outage_drops_exactly_the_oldest(plexus_receiver):
             px.send("seq", i)
         assert px.dropped == 50 and px.buffer_size() == 10_000
         plexus_receiver.come_up()
+        retry_may_go.set()
         px.flush_buffer(timeout=30)
     finally:
+        retry_may_go.set()
         plexus_receiver.come_up()
         px.close()
     stored = values(plexus_receiver)
