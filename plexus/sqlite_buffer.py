@@ -76,6 +76,8 @@ _MOVE_AT_RECORDS = 50_000  # records waiting in memory that wake the sync thread
 _SPILL_MAX_POINTS = 100_000  # points kept in memory while the disk is full
 _BATCH_RAW_BYTES = 4 << 20  # blocks joined into one request stay under 5 MiB
 _SEAL_ROOM = inbox.HEADER_SIZE + len(inbox.SEAL)  # kept free at a segment's end
+_MAGIC, _HEADER_SIZE, _pack_header, _crc32 = (inbox.MAGIC, inbox.HEADER_SIZE,
+                                              inbox._HEADER.pack, zlib.crc32)
 
 
 class _WrongSchema(Exception):
@@ -210,7 +212,7 @@ class SqliteBuffer(Buffer):
                              (SCHEMA_VERSION, uuid.uuid4().hex[:12]))
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             schema = meta.get("schema")
-            if schema not in (SCHEMA_VERSION, "2", "3") or "uuid" not in meta:
+            if schema not in (SCHEMA_VERSION, "2") or "uuid" not in meta:
                 raise _WrongSchema(f"unexpected schema {schema!r}")
             # AUTOINCREMENT: ids are never reused, even after the table empties,
             # so batch keys (built from ids) never repeat and a receiver that
@@ -264,7 +266,7 @@ class SqliteBuffer(Buffer):
 
     def _recover(self) -> int:
         """Store what earlier runs left behind as blocks; return the next segment number."""
-        if self._schema in ("2", "3"):
+        if self._schema == "2":
             self._convert_point_rows()
         gens = inbox.segment_gens(self.path)
         chain_broken = False
@@ -275,7 +277,7 @@ class SqliteBuffer(Buffer):
             path = inbox.segment_path(self.path, gen)
             start = self._replay_from if gen == self._replay_gen else 0
             try:
-                if self._schema in ("2", "3"):
+                if self._schema == "2":
                     tag, records, sealed, damaged = self._read_old_inbox(path, start)
                 else:
                     seg = inbox.read_segment(path, gen, start)
@@ -321,24 +323,21 @@ class SqliteBuffer(Buffer):
         return next_gen
 
     def _read_old_inbox(self, path: Path, start: int) -> tuple[str, list[bytes], bool, int]:
-        """An inbox file of schema 2 (length, CRC of the payload) or 3 (as now, unmapped)."""
+        """An inbox file of schema 2: records of (length, CRC of the payload, payload)."""
         blob = path.read_bytes()[start:]
-        if self._schema == "3":
-            records, used = inbox.decode(blob)
-        else:
-            records, used = [], 0
-            while used + 8 <= len(blob):
-                length, crc = struct.unpack_from("<II", blob, used)
-                stop = used + 8 + length
-                if not 0 < length <= inbox.MAX_RECORD or stop > len(blob) \
-                        or zlib.crc32(blob[used + 8:stop]) != crc:
-                    break
-                records.append(blob[used + 8:stop])
-                used = stop
+        records, used = [], 0
+        while used + 8 <= len(blob):
+            length, crc = struct.unpack_from("<II", blob, used)
+            stop = used + 8 + length
+            if not 0 < length <= inbox.MAX_RECORD or stop > len(blob) \
+                    or zlib.crc32(blob[used + 8:stop]) != crc:
+                break
+            records.append(blob[used + 8:stop])
+            used = stop
         return POINTS.tag, records, True, len(blob) - used
 
     def _convert_point_rows(self) -> None:
-        """Schemas 2 and 3 kept one row per point (the JSON of its tuple): make blocks."""
+        """Schema 2 kept one row per point (the JSON of its tuple): make blocks."""
         conn = self._conn
         if "points" not in {r[0] for r in conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}:
@@ -409,8 +408,9 @@ class SqliteBuffer(Buffer):
 
     def put(self, point: Point) -> None:
         record = self._record(point)
-        framed = inbox.frame(record)
-        n = len(framed)
+        n = len(record)
+        framed = _pack_header(_MAGIC, n, _crc32(record)) + record  # inbox.frame, inlined
+        n += _HEADER_SIZE
         with self._lock:
             seg = self._segment
             if seg is not None and seg.pos + n + _SEAL_ROOM <= seg.size and not self._spilling:
