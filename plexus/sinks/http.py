@@ -19,7 +19,6 @@ part when a batch is split, so a retried batch repeats the same keys.
 
 from __future__ import annotations
 
-import gzip
 import ipaddress
 import logging
 import random
@@ -30,7 +29,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from plexus.codec import IngestCodec
+from plexus.codec import IngestCodec, gzip_bytes
 from plexus.errors import AuthenticationError, ConfigError, RetryableSinkError
 from plexus.point import MAX_BODY_BYTES, MAX_POINTS_PER_REQUEST, Point
 from plexus.secret import Secret
@@ -266,7 +265,7 @@ class HttpSink(Sink):
         if gzipped:
             headers["Content-Encoding"] = "gzip"
         elif len(body) > opts.gzip_min_bytes:
-            body = gzip.compress(body, compresslevel=opts.gzip_level, mtime=0)
+            body = gzip_bytes(body, opts.gzip_level)
             headers["Content-Encoding"] = "gzip"
         self.requests += 1
         try:
