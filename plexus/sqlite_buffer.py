@@ -57,11 +57,11 @@ from pathlib import Path
 from typing import Any
 
 from plexus import inbox
-from plexus.adapters.base import RateLimitedLog
 from plexus.buffer import Batch, Buffer, WhenFull, in_flight_limit
 from plexus.codec import POINTS, PointCodec, codec_for_tag, compress, decompress
 from plexus.errors import BufferingError
 from plexus.point import Point
+from plexus.ratelimit import RateLimitedLog
 
 log = logging.getLogger("plexus.buffer")
 
@@ -131,6 +131,7 @@ class SqliteBuffer(Buffer):
         self._spilling = False
         self._spilled_now = 0  # pending records that are in no segment
         self._wake_next = False
+        self._signalled = False  # the uploader was woken since its last take
         self._attention = 0  # pending records that need put's slow path
         self._record: Callable[[Point], bytes] = POINTS.record
         # Uploader side (under _db_lock).
@@ -359,11 +360,11 @@ class SqliteBuffer(Buffer):
         rows = []
         start, n = 0, len(records)
         while start < n:
-            stop, size = start, 0
-            while stop < n and stop - start < self.block_points and (
-                    stop == start or size + len(records[stop]) < BLOCK_RAW_BYTES):
-                size += len(records[stop]) + 1
-                stop += 1
+            stop = min(n, start + self.block_points)
+            # Big values (events up to 4 KB) can make a block too large for one
+            # request: halve it until it fits. Counting bytes is C-speed (map/sum).
+            while stop - start > 1 and sum(map(len, records[start:stop])) >= BLOCK_RAW_BYTES:
+                stop = start + (stop - start) // 2
             raw = codec.block(records[start:stop])
             data = compress(raw)
             rows.append((stop - start, len(raw), codec.tag, zlib.crc32(data), data))
@@ -452,8 +453,9 @@ class SqliteBuffer(Buffer):
             self._attention = 0
             return
         stored = self._block_points + self._in_flight_memory
-        self._attention = max(0, min(self._wake_at - stored, self.max_points - stored,
-                                     _MOVE_AT_RECORDS))
+        # Once woken, the uploader needs no second call until it has taken a batch.
+        wake = _MOVE_AT_RECORDS if self._signalled else self._wake_at - stored
+        self._attention = max(0, min(wake, self.max_points - stored, _MOVE_AT_RECORDS))
 
     def _append(self, framed: bytes, record: bytes) -> None:
         """Copy one framed record into a segment with room. Holds _lock."""
@@ -544,13 +546,17 @@ class SqliteBuffer(Buffer):
                 seg is not None and not self._half_kicked and seg.pos > seg.size // 2):
             self._half_kicked = True
             self._kick.set()  # the sync thread moves, trims and makes the next segment
-        if self._on_ready is not None and (self._wake_next or len(self) >= self._wake_at):
+        if self._on_ready is not None and (self._wake_next or (
+                not self._signalled and len(self) >= self._wake_at)):
             self._wake_next = False
+            self._signalled = True
             self._on_ready()
         self._update_attention()
 
     def _wait_for_room(self, adding: int = 0) -> None:
         self.waited += 1
+        if self._on_ready is not None:
+            self._on_ready()  # a full buffer is worth an upload, whatever the batch size
         while self._full(adding) and self._should_wait():
             self._room.wait(0.25)
 
@@ -619,8 +625,10 @@ class SqliteBuffer(Buffer):
         try:
             spare = inbox.Segment(self.path, gen, tag)
         except OSError as exc:
-            with self._lock:
-                self._start_spilling(exc)
+            # Producers go on filling the current segment; they spill to memory
+            # only if they need a new one and cannot make it either.
+            self._warn(logging.WARNING, "cannot make the next inbox segment of %s yet: %s",
+                       self.path, exc)
             return
         with self._lock:
             if self._spare is None and spare.codec_tag == self.codec.tag:
@@ -731,6 +739,9 @@ class SqliteBuffer(Buffer):
                 moved = False
                 self._warn(logging.WARNING, "moving the inbox of %s failed: %s", self.path, exc)
             limit = max(1, min(max_points, in_flight_limit(self.max_points)))
+            with self._lock:
+                self._signalled = False
+                self._update_attention()
             batch = self._take_blocks(limit, newest)
             if batch is None and not moved:
                 batch = self._take_pending(limit)

@@ -149,7 +149,7 @@ def test_a_session_whose_tags_would_exceed_16_is_refused_and_not_opened():
 def test_session_tags_of_the_wrong_type_are_refused():
     pipeline = lane_pipeline()
     with pytest.raises(PointTypeError):
-        pipeline.begin_session("s", {"k": 1})  # type: ignore[dict-item]
+        pipeline.begin_session("s", {"k": [1]})  # type: ignore[dict-item]
     assert pipeline.current_session is None
 
 
@@ -225,9 +225,10 @@ def test_emit_many_shares_one_timestamp_and_is_all_or_nothing():
         pipeline.emit_many([("a", 1), ("b", 2), ("c", float("nan"))])
     with pytest.raises(PointTypeError, match=r"^points\[1\]: metric must be a string"):
         pipeline.emit_many([("a", 1), (5, 2)])
-    with pytest.raises(PointTypeError, match=r"points\[1\] must be a \(metric, value\) tuple"):
-        pipeline.emit_many([("a", 1), ("b", 2, 3)])
-    with pytest.raises(PointTypeError, match=r"points\[0\] must be a \(metric, value\) tuple"):
+    with pytest.raises(PointTypeError, match=r"points\[1\] must be a \(metric, value\) or "
+                                             r"\(metric, value, timestamp\) tuple"):
+        pipeline.emit_many([("a", 1), ("b", 2, 3, 4)])  # type: ignore[list-item]
+    with pytest.raises(PointTypeError, match=r"points\[0\] must be a \(metric, value\)"):
         pipeline.emit_many([7])  # type: ignore[list-item]
     assert len(pipeline) == 0
 
@@ -330,7 +331,7 @@ def test_source_ids_and_global_tags_are_checked():
     with pytest.raises(ValidationError, match="source_id"):
         Pipeline("Bad Id")
     with pytest.raises(PointTypeError):
-        Pipeline("rig-01", tags={"k": 1})  # type: ignore[dict-item]
+        Pipeline("rig-01", tags={"k": [1]})  # type: ignore[dict-item]
     tags = {"k": "v"}
     pipeline = lane_pipeline(tags=tags)
     tags["k"] = "changed later"  # the pipeline kept its own copy
