@@ -77,12 +77,19 @@ def test_blocks_are_gzipped_at_level_1_without_a_timestamp():
     assert decompress(data) == raw
 
 
-@pytest.mark.parametrize("damaged", [b"\x1f\x8b\x08\x00", b"not gzip", None])
-def test_a_damaged_block_is_a_value_error(damaged):
+@pytest.mark.parametrize("damaged, message", [
+    (b"not gzip", "^damaged block: "),
+    (None, "^damaged block: "),  # a wrong CRC
+    (b"\x1f\x8b\x08\x00", "^truncated or trailing data$"),
+    ("trailing", "^truncated or trailing data$"),
+])
+def test_a_damaged_block_is_a_value_error(damaged, message):
     data = compress(b"x" * 1000)
     if damaged is None:
-        damaged = data[:-6] + b"\xff\xff\xff\xff\0\0"  # a wrong CRC
-    with pytest.raises(ValueError, match="^damaged block: "):
+        damaged = data[:-8] + b"\xff\xff\xff\xff" + data[-4:]
+    elif damaged == "trailing":
+        damaged = data + b"\0"
+    with pytest.raises(ValueError, match=message):
         decompress(damaged)
 
 

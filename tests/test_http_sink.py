@@ -523,5 +523,6 @@ def test_a_missing_key_error_says_where_to_put_one(plexus_receiver):
             sink.send(points(1), "k")
     finally:
         sink.close()
-    assert str(info.value) == ("no API key: pass Plexus(api_key=...), set PLEXUS_API_KEY, or "
-                               'put {"api_key": ...} in ~/.plexus/config.json')
+    assert str(info.value) == (
+        "no API key: set the environment variable PLEXUS_API_KEY (or api_key in the rig file, "
+        '{"api_key": ...} in ~/.plexus/config.json, or Plexus(api_key=...) in Python)')
