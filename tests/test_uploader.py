@@ -9,6 +9,7 @@ schedule is asserted exactly.
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import pytest
@@ -48,10 +49,10 @@ def lane(plexus_receiver):  # type: ignore[no-untyped-def]
 
     def make(rx=None, *, buffer: MemoryBuffer | None = None, key: str = KEY,  # type: ignore[no-untyped-def]
              **options):
-        rx = rx or plexus_receiver
+        rx = plexus_receiver if rx is None else rx
         sink = HttpSink(name="plexus", api_key=key, gateway_url=rx.url)
         sink.open("rig-01")
-        buffer = buffer or MemoryBuffer(100_000)
+        buffer = MemoryBuffer(100_000) if buffer is None else buffer
         options.setdefault("rng", random.Random(11))
         options.setdefault("min_request_interval", 0.0)
         uploader = Uploader(buffer, sink, **options)
@@ -382,3 +383,169 @@ def wait(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-d
             return True
         time.sleep(0.01)
     return bool(predicate())
+
+
+# --- from the mutation run: cycles, waits, deadlines -----------------------------------------
+
+
+def test_each_failed_cycle_is_reported_and_the_next_starts_from_one_second(plexus_receiver,
+                                                                           lane, caplog):
+    plexus_receiver.go_down()
+    sleeps = Sleeps()
+    uploader, buffer, _ = lane(interval=60.0, sleep=sleeps, rng=random.Random(8),
+                               retry=RetryPolicy(retries=2))
+    buffer.put(point(1))
+    uploader.start()
+    for _ in range(2):
+        with pytest.raises(DeliveryError, match="^delivery to plexus failed"):
+            uploader.flush(timeout=30)
+    expected = random.Random(8)
+    first = [expected.uniform(0.75, 1.25), 2 * expected.uniform(0.75, 1.25)]
+    expected.uniform(0.75, 1.25)  # the jittered interval after giving up
+    second = [expected.uniform(0.75, 1.25), 2 * expected.uniform(0.75, 1.25)]
+    assert sleeps.pauses == [*first, *second]
+    assert uploader.stats.cycles_given_up == 2
+    gave_up = [r.getMessage() for r in caplog.records if r.name == "plexus.uploader"
+               and r.getMessage().startswith("delivery to")]
+    assert len(gave_up) == 2
+    assert gave_up[0].startswith("delivery to plexus failed, keeping 1 points buffered: "
+                                 "ConnectError")
+
+
+def test_retries_wait_for_real_without_an_injected_sleep(plexus_receiver, lane):
+    plexus_receiver.fail_next(1, status=503)
+    uploader, buffer, _ = lane(interval=60.0, retry=RetryPolicy(base=0.05))
+    buffer.put(point(1))
+    uploader.start()
+    assert uploader.flush(timeout=10) is True
+    assert uploader.flush() is True  # no timeout at all
+    assert values(plexus_receiver) == [1]
+
+
+def test_after_giving_up_it_waits_quietly_until_a_reading_or_a_flush(plexus_receiver, lane):
+    plexus_receiver.go_down()
+    uploader, buffer, _ = lane(interval=60.0, retry=RetryPolicy(retries=0))
+    buffer.put(point(1))
+    uploader.start()
+    with pytest.raises(DeliveryError):
+        uploader.flush(timeout=10)
+    attempts = uploader.stats.failures
+    time.sleep(0.5)
+    assert uploader.stats.failures == attempts  # no attempt without a reason
+    plexus_receiver.come_up()
+    assert uploader.flush(timeout=10)  # a later flush starts the next cycle at once
+    assert values(plexus_receiver) == [1]
+
+
+def test_a_failure_marks_the_sink_unhealthy_and_ends_waiting_for_room(plexus_receiver, lane):
+    plexus_receiver.go_down()
+    buffer = MemoryBuffer(100)
+    uploader, _, _ = lane(buffer=buffer, interval=60.0, batch_size=50,
+                          retry=RetryPolicy(retries=0))
+    uploader.start()
+    for i in range(100):
+        buffer.put(point(i))
+    assert wait(lambda: uploader.stats.failures >= 1)
+    assert uploader.healthy is False
+    done = threading.Event()
+
+    def produce() -> None:
+        for i in range(100, 150):
+            buffer.put(point(i))
+        done.set()
+
+    threading.Thread(target=produce, daemon=True).start()
+    assert done.wait(10), "a producer waited for room although the sink is failing"
+    assert buffer.dropped == 50
+
+
+def test_a_permanently_throttled_batch_fails_after_100_quick_resends(plexus_receiver_factory,
+                                                                      lane):
+    rx = plexus_receiver_factory(rate_limit_interval=3600.0)
+    sleeps = Sleeps()
+    uploader, buffer, _ = lane(rx, interval=60.0, max_batch=1, sleep=sleeps,
+                               retry=RetryPolicy(retries=0))
+    buffer.put(point(0))
+    uploader.start()
+    uploader.flush(timeout=10)  # the first request is admitted
+    buffer.put(point(1))
+    for _ in range(2):
+        with pytest.raises(DeliveryError, match="rate ceiling"):
+            uploader.flush(timeout=30)
+    # Each cycle: 100 short pauses, then a failure; the count starts afresh each time.
+    short = [p for p in sleeps.pauses if p < 0.5]
+    assert len(short) == 200 and uploader.stats.failures == 2
+
+
+def test_a_rate_ceiling_answer_after_a_failure_is_resent(plexus_receiver_factory, lane, caplog):
+    rx = plexus_receiver_factory(rate_limit_interval=0.5)
+    sleeps = Sleeps(on_sleep=lambda n: time.sleep(0.02))
+    uploader, buffer, _ = lane(rx, interval=60.0, sleep=sleeps)
+    buffer.put(point(0))
+    uploader.start()
+    uploader.flush(timeout=10)
+    rx.fail_next(1, status=503)
+    buffer.put(point(1))
+    uploader.flush(timeout=30)  # 503, then (too soon) rate-limited, then stored
+    assert values(rx) == [0, 1]
+    assert "unexpected error" not in caplog.text and uploader.stats.failures >= 1
+
+
+def test_the_auth_wait_draws_its_jitter_from_the_same_rng(plexus_receiver, lane):
+    sleeps = Sleeps()
+    uploader, buffer, _ = lane(interval=60.0, batch_size=1, sleep=sleeps,
+                               rng=random.Random(21), auth_retry_interval=0.1)
+    plexus_receiver.reject_keys_next(1)
+    buffer.put(point(1))
+    uploader.start()
+    assert wait(lambda: len(plexus_receiver.requests) >= 1)
+    plexus_receiver.fail_next(1, status=503)
+    assert uploader.flush(timeout=10)
+    expected = random.Random(21)
+    expected.uniform(0.75, 1.25)  # the auth wait
+    assert sleeps.pauses == [expected.uniform(0.75, 1.25)]
+
+
+def test_readings_do_not_end_the_wait_after_a_refused_key(plexus_receiver_factory, lane):
+    rx = plexus_receiver_factory(api_keys=["plx_other"])
+    uploader, buffer, _ = lane(rx, interval=0.01, batch_size=1, auth_retry_interval=30.0)
+    buffer.put(point(0))
+    uploader.start()
+    assert wait(lambda: len(rx.requests) >= 1)
+    for i in range(1, 6):
+        buffer.put(point(i))
+        time.sleep(0.05)
+    assert len(rx.requests) == 1  # no request per reading while the key is refused
+
+
+def test_stopping_with_a_refused_key_ends_at_once(plexus_receiver_factory, lane):
+    rx = plexus_receiver_factory(api_keys=["plx_other"])
+    uploader, buffer, _ = lane(rx, interval=60.0, batch_size=1, auth_retry_interval=0.05)
+    buffer.put(point(0))
+    uploader.start()
+    assert wait(lambda: len(rx.requests) >= 1)
+    uploader.stop(3.0)
+    assert len(rx.requests) <= 2 and not uploader.running
+
+
+def test_stop_keeps_retrying_within_its_grace_period(plexus_receiver, lane):
+    plexus_receiver.go_down()
+    uploader, buffer, _ = lane(interval=60.0, retry=RetryPolicy(retries=100, base=0.1,
+                                                                max_delay=0.2))
+    buffer.put(point(1))
+    uploader.start()
+    threading.Timer(0.5, plexus_receiver.come_up).start()
+    uploader.stop(5.0)
+    assert values(plexus_receiver) == [1]
+
+
+def test_stop_makes_no_attempts_after_its_deadline(plexus_receiver, lane):
+    plexus_receiver.go_down()
+    uploader, buffer, _ = lane(interval=60.0, retry=RetryPolicy(retries=1000, base=0.05,
+                                                                max_delay=0.1))
+    buffer.put(point(1))
+    uploader.start()
+    uploader.stop(0.5)
+    # About one attempt per 0.05-0.1 s for 0.5 s; a stop that ignored its deadline
+    # would go through all 1,000 retries.
+    assert uploader.stats.failures < 100
