@@ -79,7 +79,7 @@ def workdir(module: str, tests_from: Path | None = None) -> Path:
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
         # -p no:randomly is harmless when absent; timeouts stop a mutant that hangs.
         'pytest_add_cli_args = ["-q", "-x", "-p", "no:cacheprovider", "--timeout=120"]\n'
-        "timeout_multiplier = 5.0\n"
+        "timeout_multiplier = 3.0\n"
     )
     (work / "pyproject.toml").write_text(project + section)
     return work
