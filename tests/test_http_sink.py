@@ -526,3 +526,44 @@ def test_a_missing_key_error_says_where_to_put_one(plexus_receiver):
     assert str(info.value) == (
         "no API key: set the environment variable PLEXUS_API_KEY (or api_key in the rig file, "
         '{"api_key": ...} in ~/.plexus/config.json, or Plexus(api_key=...) in Python)')
+
+
+# --- check_key (plexus-gateway --check --online) ---------------------------------------------
+
+
+def test_check_key_accepts_a_good_key_and_stores_nothing(plexus_receiver):
+    sink = HttpSink(name="plexus", api_key=KEY, gateway_url=plexus_receiver.url)
+    assert sink.check_key("rig-01") is None
+    (request,) = plexus_receiver.requests
+    assert request.idempotency_key == "key-check" and request.points == 0
+    assert plexus_receiver.count == 0
+    assert sink._client is None  # it closed its own client
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_check_key_says_when_the_key_is_refused(plexus_receiver, status):
+    plexus_receiver.fail_next(1, status=status, error="nope")
+    sink = HttpSink(name="plexus", api_key=KEY, gateway_url=plexus_receiver.url)
+    assert sink.check_key("rig-01") == (
+        f"the platform at {plexus_receiver.url}/ingest refused the API key ({status}: nope)")
+
+
+def test_check_key_reports_other_answers_and_an_unreachable_platform(plexus_receiver):
+    plexus_receiver.fail_next(1, status=500, error="down for maintenance")
+    sink = HttpSink(name="plexus", api_key=KEY, gateway_url=plexus_receiver.url)
+    assert sink.check_key("rig-01") == (
+        f"the platform at {plexus_receiver.url}/ingest answered 500: down for maintenance")
+    plexus_receiver.go_down()
+    try:
+        message = sink.check_key("rig-01")
+    finally:
+        plexus_receiver.come_up()
+    assert message is not None and message.startswith(
+        f"cannot reach the platform at {plexus_receiver.url}/ingest: ConnectError")
+    assert sink._client is None
+
+
+def test_check_key_without_a_key_asks_nothing(plexus_receiver):
+    sink = HttpSink(name="plexus", gateway_url=plexus_receiver.url)
+    assert sink.check_key("rig-01") == "no API key"
+    assert plexus_receiver.requests == []
