@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import sqlite3
 import subprocess
@@ -30,11 +31,11 @@ def _truncated(path: Path) -> None:
 
 
 def _garbage(path: Path) -> None:
-    path.write_bytes(os.urandom(50_000))
+    path.write_bytes(random.Random(33).randbytes(50_000))
 
 
 def _garbage_with_sqlite_header(path: Path) -> None:
-    path.write_bytes(b"SQLite format 3\x00" + os.urandom(20_000))
+    path.write_bytes(b"SQLite format 3\x00" + random.Random(37).randbytes(20_000))
 
 
 def _wrong_schema_version(path: Path) -> None:
@@ -90,7 +91,7 @@ def test_garbage_inbox_is_discarded_with_a_warning_and_the_buffer_comes_up(plexu
     path = tmp_path / "b.db"
     _valid_buffer(path, 10)
     # An inbox file newer than anything moved into SQLite, filled with garbage.
-    Path(f"{path}.inbox.999").write_bytes(os.urandom(4096))
+    Path(f"{path}.inbox.999").write_bytes(random.Random(93).randbytes(4096))
     with LogCapture() as logs:
         with make_client(plexus_receiver, persistent_buffer=True, buffer_path=path) as px:
             px.send("seq", 10)
