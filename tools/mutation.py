@@ -51,7 +51,8 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "codec": (["plexus/codec.py"], ["tests/test_codec.py"]),
     "uploader": (["plexus/uploader.py"], ["tests/test_uploader.py"]),
     "http": (["plexus/sinks/http.py"], ["tests/test_http_sink.py"]),
-    "commands": (["plexus/commands.py"], ["tests/commands/test_declarations.py"]),
+    "commands": (["plexus/commands.py"], ["tests/commands/test_declarations.py",
+                                          "tests/commands/test_checklist.py"]),
     "link": (["plexus/link.py"], ["tests/commands/test_checklist.py"]),
 }
 
