@@ -310,15 +310,16 @@ def test_a_bad_point_in_the_first_half_after_a_split_keeps_its_index(
 
 def test_a_batch_over_5_mib_of_json_goes_in_halves_before_any_request(plexus_receiver_factory,
                                                                        open_sink):
-    rx = plexus_receiver_factory(store=False)
+    rx = plexus_receiver_factory(store=False,
+                                 extra_check=lambda p: "bad" if p["metric"] == "m7" else None)
     sink = open_sink(rx.url)
     blob = {"blob": "x" * 250, "more": "y" * 250}  # ~560 bytes of JSON a point
     big = [(f"m{i}", blob, T0 + i, None) for i in range(10_000)]
     assert len(sink.encode(big)) > 5 * 1024 * 1024
     result = sink.send(big, "k")
-    assert result.delivered == 10_000 and result.rejected == []
-    assert [(r.idempotency_key, r.count) for r in rx.requests] == [("k.a", 5_000),
-                                                                    ("k.b", 5_000)]
+    assert result.delivered == 9_999 and result.rejected == [(7, "points[7]: bad")]
+    assert [(r.idempotency_key, r.count) for r in rx.requests] == [
+        ("k.a", 0), ("k.a.x7", 4_999), ("k.b", 5_000)]
 
 
 def test_gzip_starts_above_gzip_min_bytes_at_the_configured_level(plexus_receiver, open_sink):
@@ -340,14 +341,14 @@ def test_gzip_starts_above_gzip_min_bytes_at_the_configured_level(plexus_receive
 
 def test_sending_before_open_or_after_close_is_a_programming_error(plexus_receiver):
     sink = HttpSink(name="plexus", api_key=KEY, gateway_url=plexus_receiver.url)
-    with pytest.raises(AssertionError, match=r"open\(\) first"):
+    with pytest.raises(AssertionError, match=r"^open\(\) first"):
         sink.send(points(1), "k")
     sink.open("rig-01")
     client = sink._client
     assert client is not None
     sink.close()
     assert client.is_closed and sink._client is None
-    with pytest.raises(AssertionError, match=r"open\(\) first"):
+    with pytest.raises(AssertionError, match=r"^open\(\) first"):
         sink.send(points(1), "k")
     sink.close()  # twice is fine
 
@@ -435,6 +436,8 @@ def test_requests_name_the_client_and_the_content_type(plexus_receiver, open_sin
     assert headers["content-type"] == "application/json"
     assert headers["x-api-key"] == KEY and headers["idempotency-key"] == "k"
     assert sink.requests == 1
+    sink.send(points(1), "k2")
+    assert sink.requests == 2
 
 
 def test_a_request_slower_than_the_timeout_is_retryable(plexus_receiver, open_sink):

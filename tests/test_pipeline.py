@@ -476,3 +476,87 @@ def test_close_gives_lanes_their_time_in_parallel_and_says_what_is_left(
     ]
     for rx in dead:
         rx.come_up()
+
+
+# --- emit_many with a timestamp per reading -------------------------------------------------
+
+
+def test_emit_many_takes_a_timestamp_per_reading():
+    import enum
+
+    class Epoch(enum.IntEnum):
+        LATER = 1_700_000_009
+
+    pipeline = lane_pipeline()
+    pipeline.emit_many([("a", 1, 1_700_000_000.5), ("b", 2, None), ("c", 3, 1_700_000_001),
+                        ("d", 4), ("e", 5, 0), ("f", 6, Epoch.LATER), ("g", 7, 0.25)],
+                       timestamp=1_600_000_000)
+    assert [(p[0], p[2]) for p in buffered(pipeline)] == [
+        ("a", 1_700_000_000_500), ("b", 1_600_000_000_000), ("c", 1_700_000_001_000),
+        ("d", 1_600_000_000_000), ("e", 0), ("f", 1_700_000_009_000), ("g", 250)]
+
+
+@pytest.mark.parametrize("when, error, words", [
+    (-1.0, ValidationError, "must not be negative"),
+    (time.time() + 30 * 86400, ValidationError, "more than 7 days in the future"),
+    (1.7e12, ValidationError, "it looks like milliseconds"),
+    ("1700000000", PointTypeError, "got str"),
+    (float("nan"), ValidationError, "finite"),
+])
+def test_a_bad_reading_timestamp_is_refused_with_its_index(when: Any, error: type, words: str):
+    pipeline = lane_pipeline()
+    with pytest.raises(error) as info:
+        pipeline.emit_many([("a", 1, 1_700_000_000), ("b", 2, when)])
+    assert str(info.value).startswith("points[1]: ") and words in str(info.value)
+    assert len(pipeline) == 0
+
+
+@pytest.mark.parametrize("metric, value, words", [
+    ("", 1.0, "metric must be 1..256"),
+    ("m" * 300, 1.0, "metric must be 1..256"),
+    ("é" * 129, 1.0, "metric must be 1..256"),
+    ("m", 2**64, "does not fit in 64 bits"),
+    ("m", "é" * 200, "at most 256 bytes"),
+    ("m", None, "the platform rejects null values"),
+])
+def test_emit_many_checks_every_metric_and_value(metric: Any, value: Any, words: str):
+    pipeline = lane_pipeline()
+    with pytest.raises(ValidationError) as info:
+        pipeline.emit_many([("ok", 1.0), (metric, value)])
+    assert str(info.value).startswith("points[1]: ") and words in str(info.value)
+
+
+def test_emit_many_accepts_every_kind_of_good_reading():
+    pipeline = lane_pipeline()
+    long_name = "m" * 200
+    pipeline.emit_many([(long_name, 1.0), ("s", "text"), ("i", 3), ("b", True),
+                        ("o", {"x": 1}), ("l", (1, 2)), ("z", 0.0)])
+    assert [(p[0], p[1]) for p in buffered(pipeline)] == [
+        (long_name, 1.0), ("s", "text"), ("i", 3), ("b", True), ("o", {"x": 1}),
+        ("l", [1, 2]), ("z", 0.0)]
+
+
+def test_close_delivers_more_than_one_batch_within_its_time(plexus_receiver):
+    pipeline = Pipeline("rig-01")
+    pipeline.add_lane(HttpSink(name="s", api_key=KEY, gateway_url=plexus_receiver.url),
+                      MemoryBuffer(), interval=60.0, max_batch=2)
+    pipeline.start()
+    for i in range(5):
+        pipeline.emit("m", i)
+    pipeline.close(timeout=10)
+    assert sorted(p["value"] for p in plexus_receiver.points) == [0, 1, 2, 3, 4]
+
+
+def test_close_with_no_time_makes_no_retries(plexus_receiver):
+    from plexus.uploader import RetryPolicy
+
+    plexus_receiver.go_down()
+    pipeline = Pipeline("rig-01")
+    lane = pipeline.add_lane(HttpSink(name="s", api_key=KEY, gateway_url=plexus_receiver.url),
+                             MemoryBuffer(), interval=60.0,
+                             retry=RetryPolicy(retries=50, base=0.02, max_delay=0.05))
+    pipeline.start()
+    pipeline.emit("m", 1)
+    pipeline.close(timeout=0)
+    assert lane.uploader.stats.failures <= 2  # one attempt, not a second of retries
+    plexus_receiver.come_up()

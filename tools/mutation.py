@@ -168,6 +168,9 @@ def main() -> int:
     parser.add_argument("--report", action="store_true", help="scores of the last runs")
     parser.add_argument("--survivors", action="store_true",
                         help="print the surviving mutants' diffs of the named modules")
+    parser.add_argument("--equivalents", action="store_true",
+                        help="print the diff of each mutant docs/testing.md lists as "
+                             "equivalent for the named modules, to check them by eye")
     parser.add_argument("--clean", action="store_true",
                         help="forget the cached results of the named modules first")
     parser.add_argument("--max-children", type=int, default=1)
@@ -190,23 +193,26 @@ def main() -> int:
         if args.clean:
             name = module if args.baseline is None else f"{module}@baseline"
             shutil.rmtree(WORK / name / "mutants", ignore_errors=True)
-        if args.survivors:
-            show_survivors(module)
+        if args.survivors or args.equivalents:
+            show_survivors(module, listed=args.equivalents)
             continue
         result = run(module, args.max_children,
                      args.baseline.resolve() if args.baseline else None)
         print(f"{module}: " + ", ".join(f"{k} {v}" for k, v in result.items()
                                       if k != "survivors"), flush=True)
-    if not args.survivors:
+    if not (args.survivors or args.equivalents):
         report()
     return 0
 
 
-def show_survivors(module: str) -> None:
+def show_survivors(module: str, listed: bool = False) -> None:
     work = workdir(module)
     mutmut = Path(sys.executable).with_name("mutmut")
     scores = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    for name in scores.get(module, {}).get("survivors", []):
+    prefix = MODULES[module][0][0].removesuffix(".py").replace("/", ".")
+    names = ([n for n in equivalents() if n.startswith(prefix + ".")] if listed
+             else scores.get(module, {}).get("survivors", []))
+    for name in names:
         out = subprocess.run([str(mutmut), "show", name], cwd=work, capture_output=True,
                              text=True, check=False)
         print(out.stdout)
