@@ -237,15 +237,30 @@ def test_no_request_carries_more_than_max_batch(plexus_receiver, lane):
     assert values(plexus_receiver) == list(range(250))
 
 
-def test_requests_are_paced_by_the_minimum_interval(plexus_receiver, lane):
-    uploader, buffer, _ = lane(batch_size=1, interval=60.0, max_batch=1,
-                               min_request_interval=0.05)
+def test_requests_are_paced_by_the_minimum_interval():
+    class TimedSink(Sink):
+        type_name = "timed"
+
+        def __init__(self) -> None:
+            super().__init__(None, "timed")
+            self.times: list[float] = []
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            self.times.append(time.monotonic())
+            return SendResult(len(points))
+
+    sink = TimedSink()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, batch_size=1, interval=60.0, max_batch=1,
+                        min_request_interval=0.05)
     buffer.put_many([point(i) for i in range(5)])
     uploader.start()
-    uploader.flush(timeout=30)
-    times = sorted(r.received_at for r in plexus_receiver.requests)
-    assert len(times) == 5
-    assert all(b - a >= 0.04 for a, b in zip(times, times[1:], strict=False))
+    try:
+        uploader.flush(timeout=30)
+    finally:
+        uploader.stop(1.0)
+    gaps = [b - a for a, b in zip(sink.times, sink.times[1:], strict=False)]
+    assert len(gaps) == 4 and min(gaps) >= 0.049
 
 
 def test_after_an_outage_every_other_batch_comes_from_the_newest_end(plexus_receiver, lane):
