@@ -95,7 +95,7 @@ def test_a_damaged_block_is_a_value_error(damaged, message):
 
 @pytest.mark.parametrize("raw, message", [
     (b"not json", "not JSON"),
-    (b'{"a": 1}', "a block must be a JSON array"),
+    (b'{"a": 1}', "^a block must be a JSON array$"),
     (b'[["a", 1, 5]]', "not a stored point"),
     (b'[["a", 1, 5, null, 9]]', "not a stored point"),
     (b'[[1, 1, 5, null]]', "not a stored point"),
@@ -109,7 +109,7 @@ def test_point_blocks_that_are_not_ours_are_refused(raw, message):
 
 
 @pytest.mark.parametrize("raw, message", [
-    (b"[1]", "a block must be an ingest body with a points array"),
+    (b"[1]", "^a block must be an ingest body with a points array$"),
     (b'{"points": {}}', "a block must be an ingest body with a points array"),
     (b'{"source_id": "x"}', "a block must be an ingest body with a points array"),
     (b'{"points": [5]}', "not a point object: 5"),
@@ -126,3 +126,17 @@ def test_a_refused_row_is_quoted_briefly():
     with pytest.raises(ValueError) as info:
         POINTS.points(long)
     assert len(str(info.value)) == len("not a stored point: ") + 60
+
+
+def test_a_zlib_stream_is_not_a_stored_block():
+    import zlib
+
+    with pytest.raises(ValueError, match="^damaged block: "):
+        decompress(zlib.compress(b"x" * 100))
+
+
+def test_a_refused_point_object_is_quoted_briefly():
+    row = b'{"points": ["' + b"p" * 200 + b'"]}'
+    with pytest.raises(ValueError) as info:
+        IngestCodec("x").points(row)
+    assert str(info.value) == "not a point object: " + "p" * 60
