@@ -148,6 +148,13 @@ def _print_check(gateway: Any) -> None:
               + (f" tags {tags}" if tags else ""))
     for lane in gateway.pipeline.lanes:
         print(f"  sink {lane.sink.name} (type {lane.sink.type_name})")
+        rules = lane.rules
+        if rules is not None and rules.max_bytes_per_s:
+            print(f"    upload at most {rules.max_bytes_per_s:,} bytes/s (burst "
+                  f"{rules.burst_bytes or rules.max_bytes_per_s:,})")
+        if rules is not None and rules.hold:
+            always = f"; never held: {', '.join(rules.always)}" if rules.always else ""
+            print(f"    hold {rules.describe_hold()}{always}")
     if gateway.commands is not None:
         commands = gateway.commands
         print(f"  commands: link {commands.link.url if commands.link else '-'}, audit file "
@@ -155,6 +162,16 @@ def _print_check(gateway: Any) -> None:
         print(f"    allowed: {', '.join(commands.allowed) or 'none'}")
         for name, reason in sorted(commands.center.refusals.items()):
             print(f"    refused: {name}: {reason}")
+
+
+def _upload_line(sink: dict[str, Any]) -> str:
+    parts = []
+    if "held" in sink:
+        state = "HOLDING" if sink["holding"] else "not holding"
+        parts.append(f"held {sink['held']} ({state}: {sink['hold_rule']})")
+    if "max_bytes_per_s" in sink:
+        parts.append(f"sent {sink['bytes_sent']:,} bytes (cap {sink['max_bytes_per_s']:,}/s)")
+    return "  ".join(parts)
 
 
 class StatusView:
@@ -197,6 +214,9 @@ class StatusView:
             lines.append(f"{s['name']:<16.16} {s['buffered']:>9} {s['delivered']:>10} "
                          f"{s['dropped']:>8} {s['rejected']:>9} {lag:>7}  "
                          f"{(s['last_error'] or '')[:60]}")
+            rules = _upload_line(s)
+            if rules:
+                lines.append(f"{'':<16} {rules}")
         if status.get("link"):
             lines += ["", _link_line(status["link"])]
         return "\n".join(lines)
@@ -219,6 +239,8 @@ class StatusView:
             for a in status["adapters"])
         sinks = " ".join(f"{s['name']}: buffered={s['buffered']} delivered={s['delivered']} "
                          f"dropped={s['dropped']} rejected={s['rejected']}"
+                         + (f" held={s['held']}{'(holding)' if s['holding'] else ''}"
+                            if "held" in s else "")
                          for s in status["sinks"])
         link = f" {_link_line(status['link'])}" if status.get("link") else ""
         return f"adapters [{adapters}] sinks [{sinks}]{link}"

@@ -18,6 +18,7 @@ A rig file is one YAML mapping. Top-level keys are the gateway's settings
         port: ${MQTT_PORT:-1883}        # a plain, whole ${...} is re-typed: the int 1883
     sinks:                              # optional; empty means the gateway's default
       - type: stdout
+        upload: {max_bytes_per_s: 20000}   # sinks only: upload rules (plexus.upload_rules)
 
 Interpolation, in every string value (keys are never interpolated):
 ``${NAME}`` is the environment variable (an error when unset),
@@ -62,6 +63,7 @@ import yaml
 
 from plexus.control import CommandsConfig
 from plexus.errors import ConfigError
+from plexus.upload_rules import UploadRules
 
 log = logging.getLogger(__name__)
 
@@ -765,6 +767,7 @@ class ComponentConfig:
         options: the built instance of ``cls.Options``.
         cls: the adapter or sink class registered for ``type``.
         line: the entry's line in the file.
+        upload: a sink's ``upload:`` rules, or None.
     """
 
     type: str
@@ -773,15 +776,17 @@ class ComponentConfig:
     options: Any
     cls: builtins.type  # "type" alone would mean the field above
     line: int
+    upload: UploadRules | None = None
 
     def __repr__(self) -> str:
         options = (
             _safe_repr(self.options) if dataclasses.is_dataclass(self.options)
             else repr(self.options)
         )
+        upload = "" if self.upload is None else f", upload={self.upload!r}"
         return (
             f"ComponentConfig(type={self.type!r}, name={self.name!r}, tags={self.tags!r}, "
-            f"options={options}, cls={self.cls.__qualname__}, line={self.line})"
+            f"options={options}, cls={self.cls.__qualname__}, line={self.line}{upload})"
         )
 
 
@@ -1043,6 +1048,7 @@ def _compose(text: str, file: str) -> tuple[_Loader, yaml.MappingNode]:
 # Adapters and sinks
 
 _COMPONENT_KEYS = ("type", "name", "tags")
+_SINK_KEYS = (*_COMPONENT_KEYS, "upload")
 
 
 @dataclass
@@ -1053,6 +1059,7 @@ class _Entry:
     options: Any
     cls: builtins.type
     where: Where
+    upload: UploadRules | None = None
 
 
 def _read_components(
@@ -1084,12 +1091,16 @@ def _read_component(
     cls = _component_class(kind, item, registry, where, problems)
     name = _component_name(item, where, problems)
     tags = _convert(dict[str, str], item.get("tags", {}), where.key("tags"), problems)
+    upload = None
+    if kind == "sink" and item.get("upload") is not None:
+        upload = _build(UploadRules, item["upload"], where.key("upload"), problems)
     if cls is None:
         return None
-    options = _build(cls.Options, item, where, problems, reserved=_COMPONENT_KEYS)  # type: ignore[attr-defined]
-    if any(value is _INVALID for value in (name, tags, options)):
+    reserved = _SINK_KEYS if kind == "sink" else _COMPONENT_KEYS
+    options = _build(cls.Options, item, where, problems, reserved=reserved)  # type: ignore[attr-defined]
+    if any(value is _INVALID for value in (name, tags, options, upload)):
         return None
-    return _Entry(item["type"], name, tags, options, cls, where)
+    return _Entry(item["type"], name, tags, options, cls, where, upload)
 
 
 def _component_name(item: Mapping[str, Any], where: Where, problems: list[ConfigProblem]) -> Any:
@@ -1160,7 +1171,19 @@ def _free_name(type_name: str, taken: Mapping[str, int]) -> str:
 def _component(entry: _Entry) -> ComponentConfig:
     assert entry.name is not None
     return ComponentConfig(entry.type, entry.name, entry.tags, entry.options, entry.cls,
-                           entry.where.line)
+                           entry.where.line, entry.upload)
+
+
+def _check_held_data(settings: Any, sinks: list[_Entry], problems: list[ConfigProblem]) -> None:
+    """Held data must survive a restart and a long hold: the persistent buffer only."""
+    if settings is _INVALID or settings.buffer.type != "memory":
+        return
+    for entry in sinks:
+        if entry.upload is not None and entry.upload.hold:
+            problems.append(entry.where.key("upload").key("hold").problem(
+                "holding data needs the persistent buffer: add buffer: {type: sqlite} (the "
+                "memory buffer keeps 10,000 points and loses them on exit, so a hold would "
+                "quietly turn into dropping the oldest)"))
 
 
 # --------------------------------------------------------------------------
@@ -1251,6 +1274,7 @@ def _load(
     sink_entries = _read_components("sink", data.get("sinks"), sink_types,
                                     where.key("sinks"), problems)
     _assign_names(entries + sink_entries, problems)
+    _check_held_data(settings, sink_entries, problems)
     if problems or settings is _INVALID:
         raise ConfigErrors(problems)
 

@@ -99,6 +99,9 @@ def test_a_gateway_publishes_every_point_with_a_templated_topic(
     assert values == list(range(values[0], values[0] + len(values)))  # in order, no gap
     assert bodies[0]["source_id"] == "rig-01" and bodies[0]["tags"] == {"vehicle": "truck-7"}
     assert bodies[0]["metric"] == "test.seq" and isinstance(bodies[0]["timestamp"], int)
+    # What an upload budget counts: every payload's bytes, reported by the sink.
+    sink = gateway.pipeline.lanes[0].sink
+    assert sink.reports_bytes and sink.bytes_sent == sum(len(p) for _, p in subscriber.messages)
 
 
 def test_value_payloads_and_points_that_cannot_be_published(
