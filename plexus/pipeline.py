@@ -130,7 +130,9 @@ class Pipeline:
         Parameters:
             rules: the sink's upload rules: a byte budget, and metrics to hold.
             held_buffer: where held points wait; required when ``rules`` hold
-                metrics (the gateway makes it persistent).
+                metrics. Make it persistent: a memory buffer drops the oldest held
+                points in a long hold and loses them all on exit (a rig file that
+                holds with the memory buffer is refused for that reason).
             hold_check: evaluates the hold condition instead of the rule's own
                 check (for tests, and for conditions set by code).
 
@@ -152,10 +154,6 @@ class Pipeline:
             assert rules is not None and held_buffer is not None
             from plexus.conditions import HoldGate  # subprocess & co. only when a rig holds
 
-            if not _persistent(held_buffer):
-                log.warning("sink %s holds %s in a memory buffer: a long hold will drop the "
-                            "oldest held points, and a restart loses them all; use the "
-                            "persistent buffer", sink.name, ", ".join(rules.hold))
             held_buffer.set_codec(codec)
             gate = HoldGate(sink.name, rules, held_buffer, check=hold_check)
             held_uploader = Uploader(held_buffer, sink, budget=budget, send_lock=send_lock,
