@@ -70,6 +70,7 @@ JITTER = 0.25
 # The rate ceiling's "send again soon" may repeat; beyond this many in a row the
 # batch is treated as failed, so a permanently throttled source still backs off.
 _MAX_RATE_LIMITED = 100
+_NEVER = 1 << 62  # a ready threshold no buffer reaches
 
 
 def jittered(seconds: float, rng: random.Random | None = None) -> float:
@@ -316,6 +317,7 @@ class Uploader:
             return True
         if self._holding:
             self._holding = False
+            self.buffer.set_ready_callback(self._wake.set, self.batch_size)
             self.buffer.set_healthy(self._sink_ok)
             self._take_now = True  # what was held goes now
         self._await_work()
@@ -380,6 +382,8 @@ class Uploader:
             # Producers must never wait for room in a lane that does not move: a
             # full held buffer drops its oldest (HoldGate warns well before).
             self.buffer.set_healthy(False)
+            # Nothing to wake us for: keep puts on the buffer's fast path meanwhile.
+            self.buffer.set_ready_callback(self._wake.set, _NEVER)
             with self._state:
                 self._state.notify_all()  # a flush() waiting on this lane returns
         self._wake.wait(0.5)
