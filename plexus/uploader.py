@@ -71,6 +71,7 @@ JITTER = 0.25
 # batch is treated as failed, so a permanently throttled source still backs off.
 _MAX_RATE_LIMITED = 100
 _NEVER = 1 << 62  # a ready threshold no buffer reaches
+_GUESS_BYTES_PER_POINT = 8.0  # a gzipped numeric point; corrected after the first request
 
 
 def jittered(seconds: float, rng: random.Random | None = None) -> float:
@@ -201,6 +202,10 @@ class Uploader:
         self._thread = threading.Thread(target=self._run, name=f"plexus-uploader:{self.label}",
                                         daemon=True)
         buffer.set_ready_callback(self._wake.set, batch_size)
+        if budget is not None:
+            # Until the sink has said what a point costs, guess a compact one, so
+            # that blocks stored before the first request are not many bursts big.
+            buffer.set_block_limit(max(1, int(budget.burst / _GUESS_BYTES_PER_POINT)))
 
     # Control -------------------------------------------------------------
     def start(self) -> None:
@@ -523,6 +528,8 @@ class Uploader:
             per_point = sent / batch.count
             old = self._bytes_per_point
             self._bytes_per_point = per_point if old is None else 0.7 * old + 0.3 * per_point
+            # Stored blocks are never split: keep them about one burst too.
+            self.buffer.set_block_limit(self._batch_limit())
 
     def _failed(self, error: PlexusError) -> None:
         self._rate_limited = 0
