@@ -13,10 +13,11 @@ and the local receiver, in this process: the rates involved are small.
    window of 1 s and of 5 s, the largest request, and the average over the
    saturated stretch, against the budget.
 2. **Hold**: 100 readings a second of ``cam.frame`` held while a file exists
-   (checked every second, the default) for ``--hold`` seconds, with ``imu.x``
-   flowing meanwhile; then the file goes. Measured: from the file's removal to
-   the first held point at the receiver, and to the last; with and without a
-   budget.
+   (checked every second, the default) for ``--hold`` seconds plus a random
+   fraction of a second (so the removal falls anywhere between two checks),
+   with ``imu.x`` flowing meanwhile; then the file goes. Measured, over
+   ``--trials`` runs: from the file's removal to the first held point at the
+   receiver, and to the last; with and without a budget.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def hold_run(hold: float, budget: int | None) -> dict[str, Any]:
 
         producer = threading.Thread(target=produce)
         producer.start()
-        time.sleep(hold)
+        time.sleep(hold + random.random())
         held = gateway.status()["sinks"][0]["held"]
         cleared = time.time()
         os.unlink(flag)
@@ -163,14 +164,15 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=5000)
     parser.add_argument("--factor", type=float, default=3.0)
     parser.add_argument("--seconds", type=float, default=30.0)
-    parser.add_argument("--hold", type=float, default=20.0)
+    parser.add_argument("--hold", type=float, default=10.0)
+    parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
     result = {
         "load_before": os.getloadavg(), "cpus": os.cpu_count(),
         "budget": budget_run(args.budget, args.factor, args.seconds),
-        "hold": hold_run(args.hold, None),
-        "hold_with_budget": hold_run(args.hold, args.budget),
+        "hold": [hold_run(args.hold, None) for _ in range(args.trials)],
+        "hold_with_budget": [hold_run(args.hold, args.budget) for _ in range(args.trials)],
         "load_after": os.getloadavg(),
     }
     print(json.dumps(result, indent=2))

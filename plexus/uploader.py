@@ -203,9 +203,9 @@ class Uploader:
                                         daemon=True)
         buffer.set_ready_callback(self._wake.set, batch_size)
         if budget is not None:
-            # Until the sink has said what a point costs, guess a compact one, so
-            # that blocks stored before the first request are not many bursts big.
-            buffer.set_block_limit(max(1, int(budget.burst / _GUESS_BYTES_PER_POINT)))
+            # Until the sink has said what a point costs, a compact one is assumed,
+            # so that the first batches (and blocks) are not many bursts big.
+            buffer.set_block_limit(self._batch_limit())
 
     # Control -------------------------------------------------------------
     def start(self) -> None:
@@ -406,8 +406,9 @@ class Uploader:
         # With a byte budget, a batch is about one burst, so that requests stay
         # small against the budget (the persistent buffer may still give a
         # whole stored block, which it never splits).
-        if self._budget is not None and self._bytes_per_point:
-            return max(1, min(self.max_batch, int(self._budget.burst / self._bytes_per_point)))
+        if self._budget is not None:
+            per_point = self._bytes_per_point or _GUESS_BYTES_PER_POINT
+            return max(1, min(self.max_batch, int(self._budget.burst / per_point)))
         return self.max_batch
 
     def _await_budget(self) -> bool:
