@@ -106,12 +106,12 @@ def hold_run(hold: float, budget: int | None) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="plexus-bench-hold-"))
     flag = tmp / "metered"
     flag.touch()
-    arrivals: list[tuple[float, str]] = []
+    arrivals: list[tuple[float, str, Any]] = []
     lock = threading.Lock()
 
     def stamp(point: dict[str, Any]) -> None:
         with lock:
-            arrivals.append((time.time(), point["metric"]))
+            arrivals.append((time.time(), point["metric"], point["value"]))
 
     with Receiver(api_keys=None, extra_check=stamp) as rx:
         upload = f"      hold: ['cam.*']\n      hold_while: {{file: {flag}}}\n"
@@ -125,7 +125,7 @@ def hold_run(hold: float, budget: int | None) -> dict[str, Any]:
         def produce() -> None:
             n = 0
             while not stop.is_set():
-                gateway.pipeline.emit("cam.frame", random.random())
+                gateway.pipeline.emit("cam.frame", n)
                 gateway.pipeline.emit("imu.x", n)
                 n += 1
                 counts["cam.frame"] = counts["imu.x"] = n
@@ -136,6 +136,7 @@ def hold_run(hold: float, budget: int | None) -> dict[str, Any]:
         time.sleep(hold + random.random())
         held = gateway.status()["sinks"][0]["held"]
         cleared = time.time()
+        held_up_to = counts["cam.frame"]  # values below this were emitted while held
         os.unlink(flag)
         time.sleep(2.0)
         stop.set()
@@ -143,19 +144,21 @@ def hold_run(hold: float, budget: int | None) -> dict[str, Any]:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             with lock:
-                got = sum(1 for _, m in arrivals if m == "cam.frame")
+                got = sum(1 for _, m, _ in arrivals if m == "cam.frame")
             if got >= counts["cam.frame"]:
                 break
             time.sleep(0.05)
         gateway.shutdown(5.0)
-    cam = sorted(t for t, m in arrivals if m == "cam.frame")
-    before = sum(1 for t in cam if t < cleared)
+    cam = sorted(t for t, m, _ in arrivals if m == "cam.frame")
+    was_held = sorted(t for t, m, v in arrivals if m == "cam.frame" and v < held_up_to)
     return {
         "hold_s": hold, "budget_bytes_per_s": budget, "held_points_at_release": held,
-        "held_points_sent_before_release": before,
-        "first_held_point_after_release_s": round(cam[0] - cleared, 2) if cam else None,
-        "last_held_point_after_release_s": round(cam[-1] - cleared, 2) if cam else None,
-        "held_points_delivered": len(cam), "held_points_emitted": counts["cam.frame"],
+        "held_points_sent_before_release": sum(1 for t in cam if t < cleared),
+        "first_held_point_after_release_s": round(was_held[0] - cleared, 2)
+        if was_held else None,
+        "all_held_points_delivered_after_s": round(was_held[-1] - cleared, 2)
+        if len(was_held) >= held_up_to else None,
+        "cam_points_delivered": len(cam), "cam_points_emitted": counts["cam.frame"],
     }
 
 
