@@ -45,11 +45,11 @@ from plexus.point import (
     validate_source_id,
 )
 from plexus.sinks.base import Sink
-from plexus.upload_rules import ByteBudget, MetricRouter, UploadRules
 from plexus.uploader import Uploader
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported when a sink has rules: `import plexus` stays lean
     from plexus.conditions import HoldGate
+    from plexus.upload_rules import ByteBudget, UploadRules
 
 log = logging.getLogger(__name__)
 _time_ns = time.time_ns
@@ -146,6 +146,8 @@ class Pipeline:
         buffer.set_codec(codec)  # a persistent buffer stores what is sent
         budget = None
         if rules is not None and rules.max_bytes_per_s:
+            from plexus.upload_rules import ByteBudget
+
             budget = ByteBudget(rules.max_bytes_per_s, rules.burst_bytes)
         send_lock = threading.Lock() if holding else None
         lane = Lane(sink, buffer, Uploader(buffer, sink, budget=budget, send_lock=send_lock,
@@ -153,6 +155,7 @@ class Pipeline:
         if holding:
             assert rules is not None and held_buffer is not None
             from plexus.conditions import HoldGate  # subprocess & co. only when a rig holds
+            from plexus.upload_rules import MetricRouter
 
             held_buffer.set_codec(codec)
             gate = HoldGate(sink.name, rules, held_buffer, check=hold_check)

@@ -47,7 +47,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -60,7 +60,9 @@ from plexus.errors import (
     RetryableSinkError,
 )
 from plexus.sinks.base import SendResult, Sink
-from plexus.upload_rules import ByteBudget
+
+if TYPE_CHECKING:
+    from plexus.upload_rules import ByteBudget
 
 log = logging.getLogger(__name__)
 

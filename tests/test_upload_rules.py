@@ -25,6 +25,7 @@ import orjson
 import pytest
 
 from plexus.buffer import MemoryBuffer
+from plexus.cli import StatusView
 from plexus.conditions import ConditionCheck, HoldGate, default_route_interface, interface_is_up
 from plexus.config import ConfigErrors, load_config_text
 from plexus.gateway import Gateway
@@ -432,6 +433,8 @@ def test_hold_while_a_file_exists(tmp_path: Path) -> None:
             assert wait_until(lambda: len(arrivals.of("imu.x")) >= counts["imu.x"])
             status = gateway.status()["sinks"][0]
             assert status["holding"] and status["held"] == counts["cam.frame"]
+            view = StatusView(gateway, 10.0, enabled=False).render(gateway.status())
+            assert f"held {counts['cam.frame']} (HOLDING: cam.* while" in view
             alerts_before = counts["cam.alert"]
             released_at = time.time()
             flag.unlink()
