@@ -10,7 +10,11 @@ import time
 
 def main() -> None:
     args = json.loads(sys.argv[1])
+    import logging
+
     from plexus import Plexus
+
+    logging.basicConfig(level=logging.ERROR)  # every device logs its failures otherwise
 
     clients = [Plexus(api_key="plx_fleet", source_id=f"dev-{n:04d}", gateway_url=args["url"])
                for n in range(args["first"], args["first"] + args["count"])]

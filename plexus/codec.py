@@ -16,7 +16,6 @@ tuples: the HTTP sink needs that to isolate a point the platform refuses.
 
 from __future__ import annotations
 
-import gzip
 import zlib
 from typing import Any
 
@@ -29,15 +28,26 @@ from plexus.point import Point
 BLOCK_GZIP_LEVEL = 1
 
 
+def gzip_bytes(raw: bytes, level: int = BLOCK_GZIP_LEVEL) -> bytes:
+    """One gzip member (header mtime 0), straight from zlib: the gzip module
+    costs milliseconds to import and does the same."""
+    packer = zlib.compressobj(level, zlib.DEFLATED, 31)
+    return packer.compress(raw) + packer.flush()
+
+
 def compress(raw: bytes) -> bytes:
-    return gzip.compress(raw, compresslevel=BLOCK_GZIP_LEVEL, mtime=0)
+    return gzip_bytes(raw)
 
 
 def decompress(data: bytes) -> bytes:
     """Inflate a stored block; ValueError when it is damaged (gzip has a CRC)."""
     try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as exc:
+        inflater = zlib.decompressobj(31)
+        raw = inflater.decompress(data)
+        if not inflater.eof or inflater.unused_data:
+            raise ValueError("truncated or trailing data")
+        return raw
+    except zlib.error as exc:
         raise ValueError(f"damaged block: {exc}") from None
 
 

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from plexus.adapters.base import Adapter, require
+from plexus.adapters.base import Adapter, describe_error
 from plexus.buffer import DEFAULT_MAX_POINTS, Buffer, MemoryBuffer
 from plexus.client import config_path, read_user_config, resolve_source_id
-from plexus.config import RigConfig
-from plexus.errors import AdapterError, ConfigError, PlexusError
+from plexus.config import ComponentConfig, ConfigErrors, ConfigProblem, RigConfig
+from plexus.errors import PlexusError
 from plexus.pipeline import Pipeline, SourceContext
 from plexus.plugins import Registry
 from plexus.secret import Secret
@@ -44,19 +44,25 @@ log = logging.getLogger(__name__)
 
 
 def resolve_paths(options: Any, base_dir: Path) -> Any:
-    """Make the options marked ``metadata={"path": True}`` relative to the rig file's folder."""
-    if not dataclasses.is_dataclass(options):
+    """Make the options marked as paths relative to the rig file's folder."""
+    from plexus.config.options import field_specs
+
+    if not (dataclasses.is_dataclass(options) or hasattr(options, "model_copy")):
         return options
     changes: dict[str, Any] = {}
-    for f in dataclasses.fields(options):
-        if not f.metadata.get("path"):
+    for name, spec in field_specs(type(options)).items():  # type: ignore[arg-type]
+        if not spec.path:
             continue
-        value = getattr(options, f.name)
+        value = getattr(options, name)
         if isinstance(value, str) and value:
-            changes[f.name] = _under(value, base_dir)
+            changes[name] = _under(value, base_dir)
         elif isinstance(value, list):
-            changes[f.name] = [_under(v, base_dir) if isinstance(v, str) else v for v in value]
-    return dataclasses.replace(options, **changes) if changes else options  # type: ignore[type-var]
+            changes[name] = [_under(v, base_dir) if isinstance(v, str) else v for v in value]
+    if not changes:
+        return options
+    if hasattr(options, "model_copy"):
+        return options.model_copy(update=changes)
+    return dataclasses.replace(options, **changes)
 
 
 def _under(value: str, base_dir: Path) -> str:
@@ -70,47 +76,76 @@ class Gateway:
     Parameters:
         config: a loaded :class:`~plexus.config.RigConfig`.
         registry: the plugin registry the config was validated against.
-        dry_run: replace every sink with ``stdout``.
-        check_only: for ``--check``: memory buffers, no local receiver.
+        dry_run: replace every sink with ``stdout`` (and start no local receiver).
+        check_only: for ``--check``: memory buffers, no local receiver; what
+            cannot be built is kept in ``build_problems`` instead of raised.
 
     Raises:
-        ConfigError / AdapterError: something in the config cannot be built
-            (an invalid source id, a function that cannot be imported...).
+        ConfigErrors: something in the config cannot be built (a function
+            that cannot be imported, a sink's bad URL...): every such
+            problem, each with the file, line and entry.
     """
 
     def __init__(self, config: RigConfig, registry: Registry, *, dry_run: bool = False,
                  check_only: bool = False) -> None:
         self.config = config
         self.check_only = check_only  # build everything, but touch no buffer file
+        self.dry_run = dry_run
         self.registry = registry
         self.base_dir = Path(config.path).resolve().parent if config.path else Path.cwd()
+        problems: list[ConfigProblem] = []
         user = read_user_config()
         key = config.api_key or os.environ.get("PLEXUS_API_KEY") or user.get("api_key")
         self._api_key = Secret(key) if key else None
         self.gateway_url = (config.gateway_url or os.environ.get("PLEXUS_GATEWAY_URL")
                             or user.get("gateway_url"))
-        self.source_id = resolve_source_id(config.source_id, user, config_path())
+        #: no source_id anywhere: one is generated and saved at the first real run
+        self.source_id_pending = check_only and not (
+            config.source_id or os.environ.get("PLEXUS_SOURCE_ID") or user.get("source_id"))
+        try:
+            # A check writes nothing, not even a generated id to ~/.plexus/config.json.
+            self.source_id = "source-not-yet-generated" if self.source_id_pending else \
+                resolve_source_id(config.source_id, user, config_path())
+        except PlexusError as exc:
+            problems.append(config.problem("source_id", str(exc)))
+            self.source_id = "invalid-source-id"
         self.receiver: Any = None
         self.ws_url: str | None = None  # set by a local receiver
-        self._start_local_receiver()
+        if not (dry_run or check_only):
+            self._start_local_receiver()
         try:
             self.pipeline = Pipeline(self.source_id, config.tags or None)
         except PlexusError as exc:
-            raise ConfigError(f"{config.path}: tags: {exc}") from None
-        self._build_lanes(dry_run)
+            problems.append(config.problem("tags", str(exc)))
+            self.pipeline = Pipeline(self.source_id)
+        #: (sink, the rig entry it comes from; None for the default sink)
+        self.sinks: list[tuple[Sink, ComponentConfig | None]] = []
+        self._build_lanes(dry_run, problems)
         self.adapters: list[tuple[Adapter, dict[str, str] | None]] = []
+        #: each adapter's rig entry, for messages that name its line
+        self.entries: dict[str, ComponentConfig] = {}
         for component in config.adapters:
-            options = resolve_paths(component.options, self.base_dir)
-            kwargs: dict[str, Any] = {}
-            if component.type == "callable":
-                kwargs["base_dir"] = self.base_dir
-            adapter = component.cls(options, name=component.name, **kwargs)
+            try:
+                options = resolve_paths(component.options, self.base_dir)
+                kwargs: dict[str, Any] = {}
+                if component.type == "callable":
+                    kwargs["base_dir"] = self.base_dir
+                adapter = component.cls(options, name=component.name, **kwargs)
+            except Exception as exc:  # a plugin's constructor may raise anything
+                problems.append(component.problem(config.path, describe_error(exc)))
+                continue
             self.adapters.append((adapter, component.tags or None))
+            self.entries[adapter.name] = component
             if getattr(adapter, "acknowledges_upstream", False) and config.buffer.type == "memory":
                 log.warning(
                     "adapter %s acknowledges messages once they are buffered, but the buffer "
                     "is in memory: a crash loses what was acknowledged and not yet sent; use "
                     "buffer: {type: sqlite}", adapter.name)
+        #: for --check: what could not be built; the rest is still checked
+        self.build_problems = problems
+        if problems and not check_only:
+            self._release()
+            raise ConfigErrors(problems)
         self._stop = threading.Event()
         self.started_at: float | None = None
         self.commands: Any = None  # plexus.control.GatewayCommands when the rig turns them on
@@ -122,6 +157,33 @@ class Gateway:
     @property
     def api_key(self) -> Secret | None:
         return self._api_key
+
+    def _release(self) -> None:
+        """Undo what __init__ started, when it cannot finish."""
+        if self.receiver is not None:
+            self.receiver.stop()
+            self.receiver = None
+
+    @property
+    def has_api_key(self) -> bool:
+        return self._api_key is not None
+
+    def missing_key_problems(self) -> list[ConfigProblem]:
+        """A Plexus sink with no API key anywhere: it could deliver nothing."""
+        problems: list[ConfigProblem] = []
+        if self.config.local_receiver.enabled:
+            return problems  # the bundled receiver takes any key
+        for sink, entry in self.sinks:
+            if not isinstance(sink, HttpSink) or self._api_key is not None:
+                continue
+            if entry is not None and getattr(entry.options, "api_key", None):
+                continue
+            message = ("no API key for the Plexus platform: set the environment variable "
+                       "PLEXUS_API_KEY, or write api_key: ${PLEXUS_API_KEY} in the rig file "
+                       "(or put {\"api_key\": ...} in ~/.plexus/config.json)")
+            problems.append(entry.problem(self.config.path, message) if entry is not None
+                            else self.config.problem("api_key", message))
+        return problems
 
     # Building ------------------------------------------------------------
     def _start_local_receiver(self) -> None:
@@ -137,14 +199,15 @@ class Gateway:
             self._api_key = Secret("plx_local")
         log.info("local receiver listening on %s", self.receiver.url)
 
-    def _sink_components(self, dry_run: bool,
-                         ) -> list[tuple[type[Sink], Any, str, UploadRules | None]]:
-        if dry_run:  # points are printed, not uploaded: nothing to hold or to budget
+    def _sink_components(
+        self, dry_run: bool,
+    ) -> list[tuple[type[Sink], Any, str, ComponentConfig | None]]:
+        if dry_run:  # points are printed, not uploaded: no upload rules
             return [(StdoutSink, StdoutSink.Options(), "stdout", None)]
         if not self.config.sinks:
             return [(HttpSink, HttpSink.Options(), "plexus", None)]
-        return [(c.cls, resolve_paths(c.options, self.base_dir), c.name,
-                 self._resolve_rules(c.upload)) for c in self.config.sinks]
+        return [(c.cls, resolve_paths(c.options, self.base_dir), c.name, c)
+                for c in self.config.sinks]
 
     def _resolve_rules(self, rules: UploadRules | None) -> UploadRules | None:
         """A hold condition's file is relative to the rig file's folder, like other paths."""
@@ -157,23 +220,32 @@ class Gateway:
                 changes[name] = dataclasses.replace(spec, file=_under(spec.file, self.base_dir))
         return dataclasses.replace(rules, **changes) if changes else rules
 
-    def _build_lanes(self, dry_run: bool) -> None:
+    def _build_lanes(self, dry_run: bool, problems: list[ConfigProblem]) -> None:
         cfg = self.config
         retry = RetryPolicy(retries=cfg.retry.retries, base=cfg.retry.base,
                             max_delay=cfg.retry.max_delay)
-        for index, (cls, options, name, rules) in enumerate(self._sink_components(dry_run)):
+        for index, (cls, options, name, entry) in enumerate(self._sink_components(dry_run)):
             sink: Sink
-            if issubclass(cls, HttpSink):
-                options = dataclasses.replace(
-                    options,
-                    verify_tls=options.verify_tls and cfg.verify_tls,
-                    timeout=cfg.timeout if options.timeout == HttpSink.Options().timeout
-                    else options.timeout,
-                )
-                sink = cls(options, name=name, api_key=self._api_key,
-                           gateway_url=self.gateway_url)
-            else:
-                sink = cls(options, name=name)
+            try:
+                if issubclass(cls, HttpSink):
+                    options = dataclasses.replace(
+                        options,
+                        verify_tls=options.verify_tls and cfg.verify_tls,
+                        timeout=cfg.timeout if options.timeout == HttpSink.Options().timeout
+                        else options.timeout,
+                    )
+                    sink = cls(options, name=name, api_key=self._api_key,
+                               gateway_url=self.gateway_url)
+                else:
+                    sink = cls(options, name=name)
+            except Exception as exc:
+                problems.append(entry.problem(cfg.path, describe_error(exc)) if entry else
+                                cfg.problem("gateway_url", describe_error(exc)))
+                continue
+            self.sinks.append((sink, entry))
+            if problems:
+                continue  # nothing will run: open no buffer file
+            rules = self._resolve_rules(entry.upload if entry is not None else None)
             held_buffer = self._make_buffer(index, name, held=True) \
                 if rules is not None and rules.hold else None
             self.pipeline.add_lane(
@@ -213,10 +285,20 @@ class Gateway:
                 adapter.start(SourceContext(self.pipeline, tags))
             except Exception as exc:  # one adapter failing never stops the others
                 adapter.state = "failed"
-                adapter.record_error(exc)
-                log.error("adapter %s failed to start: %s", adapter.name, exc)
+                adapter.errors += 1
+                adapter.last_error = describe_error(exc)
+                log.error("adapter %s failed to start: %s", adapter.name, adapter.last_error)
         if self.commands is not None:
             self.commands.start()
+
+    def failed_adapters(self) -> list[Adapter]:
+        return [adapter for adapter, _ in self.adapters if adapter.state == "failed"]
+
+    def nothing_left_to_run(self) -> bool:
+        """Every adapter has failed for good or finished (a capture replayed once), and no
+        remote command could start one again."""
+        return self.commands is None and bool(self.adapters) and all(
+            adapter.state in ("failed", "finished") for adapter, _ in self.adapters)
 
     def hold_gate(self, sink_name: str) -> Any:
         """The :class:`~plexus.conditions.HoldGate` of a sink's held lane, or None.
@@ -298,21 +380,3 @@ class Gateway:
                 "adapters": adapters, "sinks": sinks,
                 "link": None if self.commands is None else self.commands.status()}
 
-
-def missing_drivers(gateway: Gateway) -> list[str]:
-    """For ``--check``: import each adapter's and sink's driver libraries, starting nothing."""
-    problems = []
-    for adapter, _ in gateway.adapters:
-        for module in type(adapter).requires:
-            try:
-                require(module, type(adapter).extra or type(adapter).type_name)
-            except AdapterError as exc:
-                problems.append(f"adapter {adapter.name}: {exc}")
-    for lane in gateway.pipeline.lanes:
-        sink_cls = type(lane.sink)
-        for module in getattr(sink_cls, "requires", ()):
-            try:
-                require(module, getattr(sink_cls, "extra", None) or sink_cls.type_name)
-            except AdapterError as exc:
-                problems.append(f"sink {lane.sink.name}: {exc}")
-    return problems

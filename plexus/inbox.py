@@ -11,10 +11,11 @@ full disk shows itself when a segment is made, never as a fault while
 writing into the mapping. Its layout:
 
 - a header record naming the codec its records were written with;
-- records: magic (2 bytes), payload length (4, never 0), CRC32 of magic,
-  length and payload (4), payload. A block of zeros (the preallocated tail,
-  or what a power cut leaves where the file's data never reached the disk)
-  or any garbage fails the magic or the checksum;
+- records: magic (2 bytes), payload length (4, never 0), CRC32 of the
+  payload (4), payload. A block of zeros (the preallocated tail, or what a
+  power cut leaves where the file's data never reached the disk) fails the
+  magic; other garbage fails the magic, the length or the checksum (a wrong
+  length frames a wrong payload, whose checksum then fails);
 - a seal record when the writer moved on to the next segment.
 
 Reading back (after a crash) stops at the first invalid record; a segment
@@ -44,25 +45,11 @@ SEAL = b"\x00seal"
 _CODEC_PREFIX = b"\x00codec:"
 _crc32 = zlib.crc32
 _pack = _HEADER.pack
-_LENGTH_CRC: dict[int, int] = {}  # crc32 of (magic + length), cached by length
-
-
-def _length_crc(length: int) -> int:
-    crc = _LENGTH_CRC.get(length)
-    if crc is None:
-        crc = _crc32(MAGIC + length.to_bytes(4, "little"))
-        if len(_LENGTH_CRC) < 65536:
-            _LENGTH_CRC[length] = crc
-    return crc
 
 
 def frame(payload: bytes) -> bytes:
-    """One record: header + payload."""
-    n = len(payload)
-    crc = _LENGTH_CRC.get(n)
-    if crc is None:
-        crc = _length_crc(n)
-    return _pack(MAGIC, n, _crc32(payload, crc)) + payload
+    """One record: header + payload. (``SqliteBuffer.put`` inlines this.)"""
+    return _pack(MAGIC, len(payload), _crc32(payload)) + payload
 
 
 def decode(blob: bytes | memoryview) -> tuple[list[bytes], int]:
@@ -82,7 +69,7 @@ def decode(blob: bytes | memoryview) -> tuple[list[bytes], int]:
         if magic != MAGIC or not 0 < length <= MAX_RECORD or stop > end:
             break
         payload = data[pos + HEADER_SIZE:stop]
-        if _crc32(payload, _length_crc(length)) != crc:
+        if _crc32(payload) != crc:
             break
         payloads.append(payload)
         pos = stop

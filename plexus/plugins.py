@@ -198,8 +198,10 @@ def _check_type(cls: Any, base: type, kind: str) -> str | None:
     if not isinstance(name, str) or not _TYPE_NAME.match(name):
         return (f"{cls.__name__}.type_name {name!r} must be snake_case "
                 "(lower-case letters, digits, '_')")
-    if not dataclasses.is_dataclass(getattr(cls, "Options", None)):
-        return f"{cls.__name__}.Options must be a dataclass of its {kind}'s options"
+    options = getattr(cls, "Options", None)
+    if not (dataclasses.is_dataclass(options) or hasattr(options, "model_fields")):
+        return (f"{cls.__name__}.Options must be a dataclass or a pydantic model of its "
+                f"{kind}'s options")
     return None
 
 

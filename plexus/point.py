@@ -1,4 +1,4 @@
-"""Points and their validation against the ingest protocol (PROTOCOL.md).
+"""Points and their validation against the ingest protocol (docs/protocol.md).
 
 A point travels through the pipeline as a plain tuple, because tuples are the
 cheapest thing Python can build on the hot path::
@@ -202,7 +202,12 @@ def timestamp_ms(timestamp: Any) -> int:
 
 
 def check_tags(tags: Any) -> dict[str, str]:
-    """Validate a tag dict (types, lengths, count) and return it."""
+    """Validate a tag dict (types, lengths, count) and return it.
+
+    Numbers and bools as tag values are turned into strings (``5`` -> ``"5"``,
+    ``True`` -> ``"true"``), as users of other time-series clients expect; the
+    returned dict is then a new one. Any other type is an error.
+    """
     if type(tags) is not dict:
         if not isinstance(tags, dict):
             raise PointTypeError(f"tags must be a dict of str to str, got {type(tags).__name__}")
@@ -210,6 +215,9 @@ def check_tags(tags: Any) -> dict[str, str]:
         raise ValidationError(f"at most {MAX_TAGS} tags are allowed per point, got {len(tags)}")
     for key, val in tags.items():
         if type(key) is not str or type(val) is not str:
+            if isinstance(key, str) and isinstance(val, (bool, int, float)):
+                # The slow path only: str tags (the norm) never get here.
+                return check_tags({k: _tag_text(k, v) for k, v in tags.items()})
             bad = key if type(key) is not str else val
             what = "key" if bad is key else f"value of tag {key!r}"
             if not isinstance(bad, str):
@@ -227,13 +235,26 @@ def check_tags(tags: Any) -> dict[str, str]:
     return tags
 
 
+def _tag_text(key: Any, value: Any) -> Any:
+    """A number or bool tag value as text; anything else is left for check_tags to refuse."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValidationError(f"value of tag {key!r} must be a finite number, got {value!r}")
+        return repr(value)
+    if isinstance(value, int):
+        return str(int(value))  # int() unwraps subclasses such as IntEnum
+    return value
+
+
 def merge_tags(
     base: dict[str, str] | None, extra: dict[str, str] | None
 ) -> dict[str, str] | None:
     """Tags of ``extra`` win over ``base``; the result is validated."""
     if not extra:
         return base
-    check_tags(extra)
+    extra = check_tags(extra)
     if not base:
         return extra
     merged = {**base, **extra}

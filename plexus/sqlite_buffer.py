@@ -57,11 +57,11 @@ from pathlib import Path
 from typing import Any
 
 from plexus import inbox
-from plexus.adapters.base import RateLimitedLog
 from plexus.buffer import Batch, Buffer, WhenFull, in_flight_limit
 from plexus.codec import POINTS, PointCodec, codec_for_tag, compress, decompress
 from plexus.errors import BufferingError
 from plexus.point import Point
+from plexus.ratelimit import RateLimitedLog
 
 log = logging.getLogger("plexus.buffer")
 
@@ -76,6 +76,8 @@ _MOVE_AT_RECORDS = 50_000  # records waiting in memory that wake the sync thread
 _SPILL_MAX_POINTS = 100_000  # points kept in memory while the disk is full
 _BATCH_RAW_BYTES = 4 << 20  # blocks joined into one request stay under 5 MiB
 _SEAL_ROOM = inbox.HEADER_SIZE + len(inbox.SEAL)  # kept free at a segment's end
+_MAGIC, _HEADER_SIZE, _pack_header, _crc32 = (inbox.MAGIC, inbox.HEADER_SIZE,
+                                              inbox._HEADER.pack, zlib.crc32)
 
 
 class _WrongSchema(Exception):
@@ -129,6 +131,7 @@ class SqliteBuffer(Buffer):
         self._spilling = False
         self._spilled_now = 0  # pending records that are in no segment
         self._wake_next = False
+        self._signalled = False  # the uploader was woken since its last take
         self._attention = 0  # pending records that need put's slow path
         self._record: Callable[[Point], bytes] = POINTS.record
         # Uploader side (under _db_lock).
@@ -214,7 +217,7 @@ class SqliteBuffer(Buffer):
                              (SCHEMA_VERSION, uuid.uuid4().hex[:12]))
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             schema = meta.get("schema")
-            if schema not in (SCHEMA_VERSION, "2", "3") or "uuid" not in meta:
+            if schema not in (SCHEMA_VERSION, "2") or "uuid" not in meta:
                 raise _WrongSchema(f"unexpected schema {schema!r}")
             # AUTOINCREMENT: ids are never reused, even after the table empties,
             # so batch keys (built from ids) never repeat and a receiver that
@@ -268,7 +271,7 @@ class SqliteBuffer(Buffer):
 
     def _recover(self) -> int:
         """Store what earlier runs left behind as blocks; return the next segment number."""
-        if self._schema in ("2", "3"):
+        if self._schema == "2":
             self._convert_point_rows()
         gens = inbox.segment_gens(self.path)
         chain_broken = False
@@ -279,7 +282,7 @@ class SqliteBuffer(Buffer):
             path = inbox.segment_path(self.path, gen)
             start = self._replay_from if gen == self._replay_gen else 0
             try:
-                if self._schema in ("2", "3"):
+                if self._schema == "2":
                     tag, records, sealed, damaged = self._read_old_inbox(path, start)
                 else:
                     seg = inbox.read_segment(path, gen, start)
@@ -325,24 +328,21 @@ class SqliteBuffer(Buffer):
         return next_gen
 
     def _read_old_inbox(self, path: Path, start: int) -> tuple[str, list[bytes], bool, int]:
-        """An inbox file of schema 2 (length, CRC of the payload) or 3 (as now, unmapped)."""
+        """An inbox file of schema 2: records of (length, CRC of the payload, payload)."""
         blob = path.read_bytes()[start:]
-        if self._schema == "3":
-            records, used = inbox.decode(blob)
-        else:
-            records, used = [], 0
-            while used + 8 <= len(blob):
-                length, crc = struct.unpack_from("<II", blob, used)
-                stop = used + 8 + length
-                if not 0 < length <= inbox.MAX_RECORD or stop > len(blob) \
-                        or zlib.crc32(blob[used + 8:stop]) != crc:
-                    break
-                records.append(blob[used + 8:stop])
-                used = stop
+        records, used = [], 0
+        while used + 8 <= len(blob):
+            length, crc = struct.unpack_from("<II", blob, used)
+            stop = used + 8 + length
+            if not 0 < length <= inbox.MAX_RECORD or stop > len(blob) \
+                    or zlib.crc32(blob[used + 8:stop]) != crc:
+                break
+            records.append(blob[used + 8:stop])
+            used = stop
         return POINTS.tag, records, True, len(blob) - used
 
     def _convert_point_rows(self) -> None:
-        """Schemas 2 and 3 kept one row per point (the JSON of its tuple): make blocks."""
+        """Schema 2 kept one row per point (the JSON of its tuple): make blocks."""
         conn = self._conn
         if "points" not in {r[0] for r in conn.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}:
@@ -364,11 +364,11 @@ class SqliteBuffer(Buffer):
         rows = []
         start, n = 0, len(records)
         while start < n:
-            stop, size = start, 0
-            while stop < n and stop - start < self.block_points and (
-                    stop == start or size + len(records[stop]) < BLOCK_RAW_BYTES):
-                size += len(records[stop]) + 1
-                stop += 1
+            stop = min(n, start + self.block_points)
+            # Big values (events up to 4 KB) can make a block too large for one
+            # request: halve it until it fits. Counting bytes is C-speed (map/sum).
+            while stop - start > 1 and sum(map(len, records[start:stop])) >= BLOCK_RAW_BYTES:
+                stop = start + (stop - start) // 2
             raw = codec.block(records[start:stop])
             data = compress(raw)
             rows.append((stop - start, len(raw), codec.tag, zlib.crc32(data), data))
@@ -413,8 +413,9 @@ class SqliteBuffer(Buffer):
 
     def put(self, point: Point) -> None:
         record = self._record(point)
-        framed = inbox.frame(record)
-        n = len(framed)
+        n = len(record)
+        framed = _pack_header(_MAGIC, n, _crc32(record)) + record  # inbox.frame, inlined
+        n += _HEADER_SIZE
         with self._lock:
             seg = self._segment
             if seg is not None and seg.pos + n + _SEAL_ROOM <= seg.size and not self._spilling:
@@ -456,8 +457,9 @@ class SqliteBuffer(Buffer):
             self._attention = 0
             return
         stored = self._block_points + self._in_flight_memory
-        self._attention = max(0, min(self._wake_at - stored, self.max_points - stored,
-                                     _MOVE_AT_RECORDS))
+        # Once woken, the uploader needs no second call until it has taken a batch.
+        wake = _MOVE_AT_RECORDS if self._signalled else self._wake_at - stored
+        self._attention = max(0, min(wake, self.max_points - stored, _MOVE_AT_RECORDS))
 
     def _append(self, framed: bytes, record: bytes) -> None:
         """Copy one framed record into a segment with room. Holds _lock."""
@@ -548,13 +550,17 @@ class SqliteBuffer(Buffer):
                 seg is not None and not self._half_kicked and seg.pos > seg.size // 2):
             self._half_kicked = True
             self._kick.set()  # the sync thread moves, trims and makes the next segment
-        if self._on_ready is not None and (self._wake_next or len(self) >= self._wake_at):
+        if self._on_ready is not None and (self._wake_next or (
+                not self._signalled and len(self) >= self._wake_at)):
             self._wake_next = False
+            self._signalled = True
             self._on_ready()
         self._update_attention()
 
     def _wait_for_room(self, adding: int = 0) -> None:
         self.waited += 1
+        if self._on_ready is not None:
+            self._on_ready()  # a full buffer is worth an upload, whatever the batch size
         while self._full(adding) and self._should_wait():
             self._room.wait(0.25)
 
@@ -623,8 +629,10 @@ class SqliteBuffer(Buffer):
         try:
             spare = inbox.Segment(self.path, gen, tag)
         except OSError as exc:
-            with self._lock:
-                self._start_spilling(exc)
+            # Producers go on filling the current segment; they spill to memory
+            # only if they need a new one and cannot make it either.
+            self._warn(logging.WARNING, "cannot make the next inbox segment of %s yet: %s",
+                       self.path, exc)
             return
         with self._lock:
             if self._spare is None and spare.codec_tag == self.codec.tag:
@@ -735,6 +743,9 @@ class SqliteBuffer(Buffer):
                 moved = False
                 self._warn(logging.WARNING, "moving the inbox of %s failed: %s", self.path, exc)
             limit = max(1, min(max_points, in_flight_limit(self.max_points)))
+            with self._lock:
+                self._signalled = False
+                self._update_attention()
             batch = self._take_blocks(limit, newest)
             if batch is None and not moved:
                 batch = self._take_pending(limit)

@@ -31,7 +31,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from plexus.point import Point
 
@@ -40,14 +39,6 @@ CONDITION_KINDS = ("file", "command", "interface_up", "default_route")
 DEFAULT_EVERY = 1.0  # seconds between checks of a file, an interface or the routes
 DEFAULT_COMMAND_EVERY = 10.0
 _IFNAMSIZ = 16  # Linux interface names are at most 15 bytes
-
-
-def _positive(value: Any) -> str | None:
-    return None if value > 0 else f"must be greater than 0, got {value!r}"
-
-
-def _at_least_one(value: Any) -> str | None:
-    return None if value >= 1 else f"must be at least 1, got {value!r}"
 
 
 @dataclass
@@ -77,12 +68,12 @@ class ConditionSpec:
     every: float | None = field(
         default=None,
         metadata={"help": "seconds between checks. Default: 1, or 10 for a command",
-                  "check": _positive},
+                  "gt": 0},
     )
     timeout: float = field(
         default=5.0,
         metadata={"help": "command only: seconds before the command is killed; a check that "
-                          "times out keeps the previous state", "check": _positive},
+                          "times out keeps the previous state", "gt": 0},
     )
 
     def __post_init__(self) -> None:
@@ -135,13 +126,13 @@ class UploadRules:
         default=None,
         metadata={"help": "Cap on the body bytes sent per second, averaged (a token bucket; "
                           "for plexus, the gzipped request bodies). Default: null, no cap.",
-                  "check": _at_least_one},
+                  "ge": 1},
     )
     burst_bytes: int | None = field(
         default=None,
         metadata={"help": "Bytes that may go at once after a quiet spell (the bucket's size). "
                           "Default: null, one second's worth (max_bytes_per_s).",
-                  "check": _at_least_one},
+                  "ge": 1},
     )
     hold: list[str] = field(
         default_factory=list,

@@ -40,9 +40,11 @@ DBC = DATA / "socialledge.dbc"
 SENDER = REPO / "tests" / "adapters" / "mavlink_sender.py"
 GATEWAY = [sys.executable, "-m", "plexus.cli"]
 
-# The final log line of a run: "stopped: adapters [a=state/12pts/0err ...] sinks [...]".
-FINAL_STATUS = re.compile(r"stopped: adapters \[(?P<adapters>[^\]]*)\] sinks \[(?P<sinks>[^\]]*)\]")
-ADAPTER_STATUS = re.compile(r"(?P<name>[^\s=]+)=(?P<state>\w+)/(?P<points>\d+)pts/(?P<errors>\d+)err")
+# The final log line of a run: "stopped after 3 s: a stopped (12 points, 0 errors, ...);
+# ...; sink plexus (delivered 12, buffered 0, dropped 0, rejected 0)".
+FINAL_STATUS = re.compile(r"stopped after \d+ s: (?P<adapters>.*?)(?P<sinks>(?:; )?sink .*)?$", re.M)
+ADAPTER_STATUS = re.compile(r"(?:^|; )(?P<name>[^\s;]+) (?P<state>\w+) \((?P<points>\d+) points, "
+                            r"(?P<errors>\d+) errors")
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -249,7 +251,7 @@ def test_can_replay_delivers_every_decoded_signal(tmp_path, plexus_receiver, sta
     adapters, sinks = gateway.final_status()
     state, count, errors = adapters["can-replay"]
     assert (count, errors) == (len(expected), undecodable)  # the capture's one bad frame
-    assert f"delivered={len(expected)} dropped=0 rejected=0" in sinks
+    assert f"delivered {len(expected)}, buffered 0, dropped 0, rejected 0" in sinks
 
 
 def test_can_live_virtual_bus_in_process(tmp_path, plexus_receiver):
@@ -669,4 +671,4 @@ def test_all_four_adapters_in_one_rig(tmp_path, plexus_receiver, start_gateway):
     assert adapters["telemetry"][1:] == (len(with_prefix(points, "sensors.")), 0)
     assert adapters["fc"][1:] == (len(mavlink_points), 0)
     assert adapters["gps"][1:] == (len(with_prefix(points, "gps.")), 1)  # the corrupted sentence
-    assert f"buffered=0 delivered={len(points)} dropped=0 rejected=0" in sinks
+    assert f"delivered {len(points)}, buffered 0, dropped 0, rejected 0" in sinks

@@ -44,7 +44,7 @@ def test_send_goes_through_validation_and_delivery(plexus_receiver):
 def test_send_rejects_a_bad_point_with_a_clear_message(plexus_receiver):
     env = {"PLEXUS_API_KEY": "plx_test", "PLEXUS_GATEWAY_URL": plexus_receiver.url}
     result = run("send", "m" * 300, "1", env=env)
-    assert result.returncode == 1
+    assert result.returncode == 65  # ExitCode.DATA
     assert "metric must be 1..256" in result.stderr and "Traceback" not in result.stderr
     assert plexus_receiver.count == 0
 
@@ -52,7 +52,7 @@ def test_send_rejects_a_bad_point_with_a_clear_message(plexus_receiver):
 def test_send_with_a_refused_key_fails(plexus_receiver):
     env = {"PLEXUS_API_KEY": "plx_wrong", "PLEXUS_GATEWAY_URL": plexus_receiver.url}
     result = run("send", "m", "1", env=env)
-    assert result.returncode == 1 and "401" in result.stderr
+    assert result.returncode == 77 and "401" in result.stderr  # ExitCode.AUTH
 
 
 def test_buffer_shows_and_flushes_a_persistent_buffer(plexus_receiver, tmp_path):

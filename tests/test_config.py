@@ -656,7 +656,7 @@ def test_top_level_must_be_a_mapping(tmp_path: Path, text: str, problem: str) ->
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "absent.yaml"
-    with pytest.raises(ConfigError, match="absent.yaml:1: cannot read the config file: "
+    with pytest.raises(ConfigError, match="absent.yaml: cannot read the rig file: "
                                           "No such file or directory"):
         load(path)
 
@@ -781,14 +781,18 @@ def test_build_options_rejects_a_non_mapping() -> None:
         build_options(ToyOptions, [], Where("x"))
 
 
+class Opaque:
+    """A class pydantic cannot build a schema for."""
+
+
 def test_build_options_needs_a_dataclass_with_supported_types() -> None:
     @dataclass
     class Odd:
-        when: complex = 0j
+        when: Opaque | None = None
 
     with pytest.raises(TypeError, match="unsupported option type"):
         build_options(Odd, {"when": 1}, Where("x"))
-    with pytest.raises(TypeError, match="not a dataclass"):
+    with pytest.raises(TypeError, match="not a dataclass or pydantic model"):
         build_options(int, {}, Where("x"))
 
 
@@ -814,3 +818,76 @@ def test_every_gateway_setting_is_documented_with_its_default() -> None:
 
 def test_rig_config_api_key_repr_without_key() -> None:
     assert "api_key=None" in repr(RigConfig())
+
+
+# ---------------------------------------------------------------------------
+# Options declared as a pydantic model (the other way a plugin may declare them)
+
+from pydantic import Field  # noqa: E402
+
+from plexus.config import OptionsModel, option  # noqa: E402
+
+
+class Window(OptionsModel):
+    width: int = option(10, help="samples", ge=1, le=100)
+
+
+class ModelOptions(OptionsModel):
+    """Options of a plugin's adapter, as a pydantic model."""
+
+    url: str = option(help="where to read")
+    rate: float = option(1.0, help="readings per second", gt=0)
+    token: str | None = option(None, help="the device token", secret=True)
+    mode: Literal["fast", "slow"] = "slow"
+    window: Window = Field(default_factory=Window)
+
+
+class ModelAdapter:
+    type_name = "modelled"
+    Options = ModelOptions
+
+
+def test_a_model_options_class_loads_like_a_dataclass(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """
+        adapters:
+          - type: modelled
+            url: http://x
+            rate: 2
+            token: s3cret
+            window: {width: 5}
+    """), adapter_types={"modelled": ModelAdapter}, sink_types={}, environ={})
+    options = config.adapters[0].options
+    assert options == ModelOptions(url="http://x", rate=2.0, token="s3cret", window=Window(width=5))
+    assert isinstance(options.rate, float)
+    assert "s3cret" not in repr(config.adapters[0]) and "token='***'" in repr(options)
+
+
+def test_a_model_options_class_reports_every_problem_in_our_words(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        adapters:
+          - type: modelled
+            rate: 0
+            token: 12345
+            mode: fats
+            window: {width: 500, hight: 2}
+    """)
+    with pytest.raises(ConfigErrors) as info:
+        load_config(path, adapter_types={"modelled": ModelAdapter}, sink_types={}, environ={})
+    assert str(info.value).splitlines() == [
+        f"{path}:2: adapters[0]: missing required key 'url'",
+        f"{path}:3: adapters[0].rate: must be greater than 0, got 0.0",
+        f"{path}:4: adapters[0].token: expected a string or null, got an integer (value hidden) "
+        "(quote it to make it a string)",
+        f"{path}:5: adapters[0].mode: expected one of 'fast', 'slow', got 'fats' "
+        "(did you mean 'fast'?)",
+        f"{path}:6: adapters[0].window.width: must be between 1 and 100, got 500",
+        f"{path}:6: adapters[0].window.hight: unknown key; allowed keys: width",
+    ]
+    assert "12345" not in str(info.value)
+
+
+def test_a_model_options_class_is_documented_with_its_limits() -> None:
+    rows = {row[0]: row[1:] for row in describe_options(ModelOptions)}
+    assert rows["url"] == ("string", "required", "where to read")
+    assert rows["rate"] == ("number, > 0", "1.0", "readings per second")
+    assert rows["window.width"] == ("integer, >= 1, <= 100", "10", "samples")

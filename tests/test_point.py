@@ -1,4 +1,4 @@
-"""Validation of points against PROTOCOL.md, as a caller of send() sees it."""
+"""Validation of points against docs/protocol.md, as a caller of send() sees it."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ BAD_POINTS = [
     ("257-char metric", "m" * 257, 1.0, None, None, ValueError, ["metric", "1..256", "257"]),
     ("metric not a string", 5, 1.0, None, None, TypeError, ["metric", "int"]),
     ("17 tags", "m", 1.0, None, {f"k{i}": "v" for i in range(17)}, ValueError, ["16 tags", "17"]),
-    ("non-string tag value", "m", 1.0, None, {"k": 1}, TypeError, ["tag", "'k'", "int"]),
+    ("list as a tag value", "m", 1.0, None, {"k": [1]}, TypeError, ["tag", "'k'", "list"]),
+    ("None as a tag value", "m", 1.0, None, {"k": None}, TypeError, ["tag", "'k'", "NoneType"]),
+    ("NaN as a tag value", "m", 1.0, None, {"k": math.nan}, ValueError, ["tag", "'k'", "finite"]),
     ("non-string tag key", "m", 1.0, None, {1: "v"}, TypeError, ["tag key", "int"]),
     ("tags not a dict", "m", 1.0, None, ["a"], TypeError, ["tags", "list"]),
     ("257-char tag value", "m", 1.0, None, {"k": "v" * 257}, ValueError, ["tag", "256"]),
@@ -171,3 +173,24 @@ def test_object_size_counts_go_html_escaping():
     with pytest.raises(ValidationError, match="4096"):
         make_point("m", {"k": "<" * 700}, 1.0)
     assert make_point("m", {"k": "a" * 700}, 1.0)
+
+
+@pytest.mark.parametrize("value,text", [(5, "5"), (-2, "-2"), (2.5, "2.5"), (True, "true"),
+                                        (False, "false"), (1e21, "1e+21")])
+def test_numbers_and_bools_as_tag_values_become_strings(value, text):
+    tags = {"rig": "A", "k": value}
+    assert make_point("m", 1.0, None, tags)[3] == {"rig": "A", "k": text}
+    assert tags["k"] is value  # the caller's dict is left alone
+
+
+def test_tag_values_from_send_and_sessions_are_stringified(plexus_receiver):
+    from plexus import Plexus
+
+    with Plexus(api_key="plx_test", source_id="rig-01", gateway_url=plexus_receiver.url,
+                tags={"unit": 7}) as px:
+        with px.session("run-1", tags={"lap": 3}):
+            px.send("speed", 1.0, tags={"gear": 4, "pit": False})
+        px.flush_buffer(timeout=10)
+    (point,) = plexus_receiver.points
+    assert point["tags"] == {"unit": "7", "lap": "3", "session_id": "run-1", "gear": "4",
+                             "pit": "false"}

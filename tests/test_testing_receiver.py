@@ -1,4 +1,4 @@
-"""plexus.testing.Receiver against PROTOCOL.md, over real HTTP on 127.0.0.1."""
+"""plexus.testing.Receiver against docs/protocol.md, over real HTTP on 127.0.0.1."""
 
 from __future__ import annotations
 

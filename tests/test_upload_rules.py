@@ -25,7 +25,7 @@ import orjson
 import pytest
 
 from plexus.buffer import MemoryBuffer
-from plexus.cli import StatusView
+from plexus.cli.status import summary
 from plexus.conditions import ConditionCheck, HoldGate, default_route_interface, interface_is_up
 from plexus.config import ConfigErrors, load_config_text
 from plexus.gateway import Gateway
@@ -39,6 +39,7 @@ from plexus.testing import Receiver
 from plexus.upload_rules import ByteBudget, ConditionSpec, MetricRouter, UploadRules
 
 REPO = Path(__file__).resolve().parent.parent
+FUNCS = Path(__file__).resolve().parent / "gateway_funcs.py"
 
 
 def build(text: str, tmp_path: Path) -> Gateway:
@@ -154,9 +155,12 @@ def test_upload_is_a_key_of_sinks_only() -> None:
 
 def test_check_prints_the_rules(tmp_path: Path) -> None:
     rig_file = tmp_path / "rig.yaml"
-    rig_file.write_text("source_id: rig-01\nbuffer: {type: sqlite}\nsinks:\n  - type: plexus\n"
+    rig_file.write_text("source_id: rig-01\napi_key: plx_x\nbuffer: {type: sqlite}\n"
+                        f"adapters:\n  - type: callable\n    function: {FUNCS}:number\n"
+                        "    metric: m\nsinks:\n  - type: plexus\n"
                         "    upload:\n      max_bytes_per_s: 5000\n      hold: ['cam.*']\n"
                         "      hold_unless: {interface_up: wlan0}\n")
+    rig_file.chmod(0o600)
     proc = subprocess.run([sys.executable, "-m", "plexus.cli", "--config", str(rig_file),
                            "--check"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
@@ -433,8 +437,8 @@ def test_hold_while_a_file_exists(tmp_path: Path) -> None:
             assert wait_until(lambda: len(arrivals.of("imu.x")) >= counts["imu.x"])
             status = gateway.status()["sinks"][0]
             assert status["holding"] and status["held"] == counts["cam.frame"]
-            view = StatusView(gateway, 10.0, enabled=False).render(gateway.status())
-            assert f"held {counts['cam.frame']} (HOLDING: cam.* while" in view
+            line = summary(gateway.status())
+            assert f"held {counts['cam.frame']} (HOLDING: cam.* while" in line
             alerts_before = counts["cam.alert"]
             released_at = time.time()
             flag.unlink()

@@ -23,6 +23,7 @@ from types import ModuleType
 from typing import Any, ClassVar, Protocol
 
 from plexus.errors import AdapterError, PlexusError
+from plexus.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -64,29 +65,12 @@ class AdapterHealth:
         return self.state == "connected"
 
 
-class RateLimitedLog:
-    """Log at most one line per ``interval`` seconds, counting what it skipped.
-
-    Garbage on a bus can arrive thousands of times a second; the log must stay
-    readable and cheap.
-    """
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self._logger = logger
-        self._interval = interval
-        self._next = 0.0
-        self._skipped = 0
-
-    def __call__(self, level: int, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._skipped += 1
-            return
-        if self._skipped:
-            message += f" ({self._skipped} similar messages suppressed)"
-            self._skipped = 0
-        self._next = now + self._interval
-        self._logger.log(level, message, *args)
+def describe_error(exc: BaseException) -> str:
+    """An exception as an operator reads it: our own errors by their message alone,
+    a driver's with its type (``OSError: [Errno 19] No such device``)."""
+    if isinstance(exc, PlexusError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def require(module: str, extra: str) -> ModuleType:
@@ -162,6 +146,24 @@ class Adapter:
         """Stop producing points, within ``timeout`` seconds."""
         self.state = "stopped"
 
+    # Checks before starting (plexus-gateway --check) --------------------
+    def preflight(self) -> list[str]:
+        """What would make :meth:`start` fail, found without starting (``--check``).
+
+        Override to check files (a database, a capture, TLS certificates)
+        and settings only the driver can judge. Returns one message per
+        problem, without the adapter's name (the caller adds it and the line).
+        """
+        return []
+
+    def preflight_online(self, timeout: float) -> list[str]:
+        """``--check --online``: touch the world without producing points.
+
+        Open the port, connect to the broker, find the interface, then let go;
+        within about ``timeout`` seconds. Returns one message per problem.
+        """
+        return []
+
     # Helpers for subclasses ----------------------------------------------
     def emit(
         self,
@@ -190,7 +192,7 @@ class Adapter:
     def record_error(self, exc: BaseException) -> None:
         """Count an error of the adapter itself (link lost, driver raised)."""
         self.errors += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error = describe_error(exc)
         self._bad_input_log(logging.WARNING, "%s: %s", self.name, self.last_error)
 
     def health_extra(self) -> dict[str, Any]:

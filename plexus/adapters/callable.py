@@ -37,7 +37,9 @@ class CallableOptions:
         metadata={"help": "what to call: 'package.module:function', or 'path/to/file.py:function' "
                           "(relative to the rig file)"},
     )
-    interval: float = field(default=1.0, metadata={"help": "seconds between calls"})
+    # The limit is in metadata, not Annotated[float, Gt(0)]: `import plexus`
+    # loads this module and must not pay for annotated_types.
+    interval: float = field(default=1.0, metadata={"help": "seconds between calls", "gt": 0})
     metric: str | None = field(
         default=None, metadata={"help": "metric name for a function that returns a single value"}
     )
@@ -93,7 +95,7 @@ class CallableAdapter(ThreadedAdapter):
         self.calls = 0
         self._func = func or resolve_function(options.function, base_dir)
         if options.interval <= 0:
-            raise AdapterError(f"{self.name}: interval must be > 0, got {options.interval}")
+            raise AdapterError(f"interval must be greater than 0, got {options.interval:g}")
 
     def connect(self) -> None:
         pass  # nothing to open; the function was resolved at construction

@@ -81,7 +81,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from plexus.adapters.base import AdapterContext, ThreadedAdapter, require
+from plexus.adapters.base import AdapterContext, ThreadedAdapter, describe_error, require
 from plexus.errors import AdapterError, ConfigError, PlexusError
 
 __all__ = ["CanAdapter", "CanFilter", "CanOptions", "SignalOptions"]
@@ -424,12 +424,46 @@ class CanAdapter(ThreadedAdapter):
             self._check_replay_file(opts.replay)
         elif opts.interface not in self._can.interfaces.VALID_INTERFACES:
             raise AdapterError(
-                f"{self.name}: unknown python-can interface {opts.interface!r} (known: "
+                f"unknown python-can interface {opts.interface!r} (known: "
                 f"{', '.join(sorted(self._can.interfaces.VALID_INTERFACES))})"
             )
         self._routes = {}
         self._finished = False
         super().start(ctx)
+
+    def preflight(self) -> list[str]:
+        opts = self.options
+        try:
+            self._can = require("can", "can")
+            require("cantools", "can")
+        except AdapterError as exc:
+            return [str(exc)]
+        problems = []
+        for path in opts.dbc:
+            try:
+                self._load_database(path)
+            except AdapterError as exc:
+                problems.append(str(exc))
+        if opts.replay is not None:
+            try:
+                self._check_replay_file(opts.replay)
+            except AdapterError as exc:
+                problems.append(str(exc))
+        elif opts.interface not in self._can.interfaces.VALID_INTERFACES:
+            problems.append(f"unknown python-can interface {opts.interface!r} (known: "
+                            f"{', '.join(sorted(self._can.interfaces.VALID_INTERFACES))})")
+        return problems
+
+    def preflight_online(self, timeout: float) -> list[str]:
+        if self.options.replay is not None or self._can is None:
+            return []  # a capture touches nothing
+        try:
+            self.connect()
+        except Exception as exc:
+            return [f"cannot open CAN interface {self.options.interface!r} channel "
+                    f"{self.options.channel!r}: {describe_error(exc)}"]
+        self._close_link(force=True)
+        return []
 
     def stop(self, timeout: float = 5.0) -> None:
         super().stop(timeout)
@@ -729,15 +763,15 @@ class CanAdapter(ThreadedAdapter):
 
         full = os.path.abspath(os.path.expanduser(path))
         if not os.path.isfile(full):
-            raise AdapterError(f"{self.name}: CAN database {path!r} not found ({full})")
+            raise AdapterError(f"CAN database not found: {full}")
         try:
             # strict=False: real-world DBCs often have overlapping or
             # out-of-range signal definitions that decode fine anyway.
             db = cantools.database.load_file(full, strict=False)
         except Exception as exc:
-            raise AdapterError(f"{self.name}: cannot load CAN database {path!r}: {exc}") from exc
+            raise AdapterError(f"cannot load CAN database {full}: {exc}") from exc
         if not hasattr(db, "get_message_by_frame_id"):
-            raise AdapterError(f"{self.name}: {path!r} is not a CAN database")
+            raise AdapterError(f"{full} is not a CAN database")
         return db
 
     def _warn_unmatched_patterns(self) -> None:
@@ -754,11 +788,11 @@ class CanAdapter(ThreadedAdapter):
 
     def _check_replay_file(self, path: str) -> None:
         if not os.path.isfile(path):
-            raise AdapterError(f"{self.name}: replay file {path!r} not found")
+            raise AdapterError(f"replay file not found: {path}")
         try:
             reader = self._can.LogReader(path)
         except Exception as exc:  # unknown suffix, unreadable header
-            raise AdapterError(f"{self.name}: cannot replay {path!r}: {exc}") from exc
+            raise AdapterError(f"cannot replay {path}: {exc}") from exc
         reader.stop()
 
     def health_extra(self) -> dict[str, Any]:

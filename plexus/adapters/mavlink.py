@@ -66,9 +66,11 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from plexus.adapters.base import AdapterContext, ThreadedAdapter, require
+from annotated_types import Interval
+
+from plexus.adapters.base import AdapterContext, ThreadedAdapter, describe_error, require
 from plexus.errors import AdapterError, ConfigError, PlexusError
 
 DEFAULT_MESSAGES: tuple[str, ...] = (
@@ -187,7 +189,7 @@ class MavlinkOptions:
             "false reads and sends MAVLink 1"
         },
     )
-    source_system: int = field(
+    source_system: Annotated[int, Interval(ge=1, le=255)] = field(
         default=255, metadata={"help": "our system id in anything we send (1..255)"}
     )
     messages: list[str] = field(
@@ -294,6 +296,28 @@ class MavlinkAdapter(ThreadedAdapter):
 
     # Lifecycle -----------------------------------------------------------
     def start(self, ctx: AdapterContext) -> None:
+        self._prepare()
+        super().start(ctx)
+
+    def preflight(self) -> list[str]:
+        try:
+            self._prepare()
+        except AdapterError as exc:
+            return [str(exc)]
+        return []
+
+    def preflight_online(self, timeout: float) -> list[str]:
+        if self._mavutil is None:
+            return []
+        try:
+            self.connect()
+        except Exception as exc:
+            return [f"cannot open {self.options.connection}: {describe_error(exc)}"]
+        self.disconnect()
+        return []
+
+    def _prepare(self) -> None:
+        """Load pymavlink with our dialect and check the messages asked for exist in it."""
         opts = self.options
         with _DIALECT_LOCK:
             # mavutil loads a dialect as it is imported; let that be ours
@@ -306,7 +330,7 @@ class MavlinkAdapter(ThreadedAdapter):
             dialect = importlib.import_module(f"pymavlink.dialects.{wire}.{opts.dialect}")
         except ImportError as exc:
             raise AdapterError(
-                f"{self.name}: unknown MAVLink dialect {opts.dialect!r} "
+                f"unknown MAVLink dialect {opts.dialect!r} "
                 "(try ardupilotmega, common or all)"
             ) from exc
         if self._allowed is not None:
@@ -314,9 +338,8 @@ class MavlinkAdapter(ThreadedAdapter):
             unknown = sorted(self._allowed - known)
             if unknown:
                 raise AdapterError(
-                    f"{self.name}: messages {unknown} are not in dialect {opts.dialect!r}"
+                    f"messages {unknown} are not in dialect {opts.dialect!r}"
                 )
-        super().start(ctx)
 
     def stop(self, timeout: float = 5.0) -> None:
         super().stop(timeout)

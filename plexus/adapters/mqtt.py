@@ -52,15 +52,17 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
+from annotated_types import Ge, Interval
 
-from plexus.adapters.base import Adapter, AdapterContext, require
+from plexus.adapters.base import Adapter, AdapterContext, describe_error, require
 from plexus.adapters.lineformats import LineError, timestamp_seconds
 from plexus.errors import AdapterError, BufferingError, ConfigError, PlexusError
 
@@ -91,13 +93,16 @@ class MqttOptions:
         metadata={"help": "topic filters to subscribe to: 'a/b/#' (QoS 0) or {topic, qos}"}
     )
     host: str = field(default="localhost", metadata={"help": "broker host name or address"})
-    port: int = field(default=1883, metadata={"help": "broker port (8883 is usual for TLS)"})
+    port: Annotated[int, Interval(ge=1, le=65535)] = field(default=1883, metadata={"help": "broker port (8883 is usual for TLS)"})
     tls: bool = field(default=False, metadata={"help": "connect with TLS"})
     ca_certs: str | None = field(
-        default=None, metadata={"help": "CA bundle (PEM) to verify the broker; None: system CAs"}
+        default=None, metadata={"help": "CA bundle (PEM) to verify the broker; None: system CAs",
+                                "path": True}
     )
-    certfile: str | None = field(default=None, metadata={"help": "client certificate (PEM)"})
-    keyfile: str | None = field(default=None, metadata={"help": "client private key (PEM)"})
+    certfile: str | None = field(default=None, metadata={"help": "client certificate (PEM)",
+                                                         "path": True})
+    keyfile: str | None = field(default=None, metadata={"help": "client private key (PEM)",
+                                                        "path": True})
     tls_insecure: bool = field(
         default=False,
         metadata={"help": "skip the broker host name check (logs a warning; testing only)"},
@@ -114,7 +119,7 @@ class MqttOptions:
     protocol: Literal["5", "3.1.1"] = field(
         default="3.1.1", metadata={"help": "MQTT version: '3.1.1' (any broker) or '5'"}
     )
-    keepalive: int = field(default=60, metadata={"help": "keepalive interval, seconds"})
+    keepalive: Annotated[int, Ge(1)] = field(default=60, metadata={"help": "keepalive interval, seconds"})
     clean_start: bool = field(
         default=True,
         metadata={"help": "start a fresh session on every connect; false keeps the "
@@ -351,8 +356,74 @@ class MqttAdapter(Adapter):
     def start(self, ctx: AdapterContext) -> None:
         super().start(ctx)
         mqtt = require("paho.mqtt.client", "mqtt")
-        o = self.options
         self._stopping = False
+        client = self._make_client(mqtt)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        self._warn_about_delivery()
+        # connect_async only records the target: the first attempt happens in
+        # paho's thread, which retries it, so a broker that is down never fails start().
+        client.connect_async(self.options.host, self.options.port, **self._connect_kwargs())
+        self._client = client
+        self.state = "reconnecting"
+        client.loop_start()
+
+    def preflight(self) -> list[str]:
+        o = self.options
+        problems = []
+        for key in ("ca_certs", "certfile", "keyfile"):
+            path = getattr(o, key)
+            if path is not None and not os.path.isfile(path):
+                problems.append(f"{key}: file not found: {path}")
+            elif path is not None and not os.access(path, os.R_OK):
+                problems.append(f"{key}: cannot read {path} (permission denied)")
+        return problems
+
+    def preflight_online(self, timeout: float) -> list[str]:
+        mqtt = require("paho.mqtt.client", "mqtt")
+        o = self.options
+        answer: list[Any] = []
+        try:
+            client = self._make_client(mqtt)
+        except AdapterError as exc:
+            return [str(exc)]
+        client.on_connect = lambda _c, _u, _f, reason, _p=None: answer.append(reason)
+        where = f"the broker at {o.host}:{o.port}"
+        try:
+            client.connect(o.host, o.port, **self._connect_kwargs())
+        except Exception as exc:  # refused, unknown host, TLS handshake...
+            return [f"cannot connect to {where}: {describe_error(exc)}"]
+        deadline = time.monotonic() + timeout
+        try:
+            while not answer and time.monotonic() < deadline:
+                client.loop(timeout=0.1)
+        finally:
+            client.disconnect()
+        if not answer:
+            return [f"{where} did not answer within {timeout:g} s"]
+        if answer[0].is_failure:
+            return [f"{where} refused the connection: {answer[0]}"]
+        return []
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        o = self.options
+        kwargs: dict[str, Any] = {"keepalive": o.keepalive}
+        if o.protocol == "5":
+            kwargs["clean_start"] = o.clean_start
+            if not o.clean_start:
+                from paho.mqtt.packettypes import PacketTypes
+                from paho.mqtt.properties import Properties
+
+                properties = Properties(PacketTypes.CONNECT)
+                properties.SessionExpiryInterval = o.session_expiry
+                kwargs["properties"] = properties
+        return kwargs
+
+    def _make_client(self, mqtt: Any) -> Any:
+        o = self.options
         v5 = o.protocol == "5"
         client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -368,30 +439,9 @@ class MqttAdapter(Adapter):
         try:
             set_login_and_tls(client, o, self._log, self.name)
         except (OSError, ValueError) as exc:
-            raise AdapterError(f"{self.name}: cannot load the TLS files: {exc}") from exc
+            raise AdapterError(f"cannot load the TLS files: {exc}") from exc
         client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        connect_kwargs: dict[str, Any] = {"keepalive": o.keepalive}
-        if v5:
-            connect_kwargs["clean_start"] = o.clean_start
-            if not o.clean_start:
-                from paho.mqtt.packettypes import PacketTypes
-                from paho.mqtt.properties import Properties
-
-                properties = Properties(PacketTypes.CONNECT)
-                properties.SessionExpiryInterval = o.session_expiry
-                connect_kwargs["properties"] = properties
-        self._warn_about_delivery()
-        # connect_async only records the target: the first attempt happens in
-        # paho's thread, which retries it, so a broker that is down never fails start().
-        client.connect_async(o.host, o.port, **connect_kwargs)
-        self._client = client
-        self.state = "reconnecting"
-        client.loop_start()
+        return client
 
     def _warn_about_delivery(self) -> None:
         o = self.options

@@ -66,9 +66,11 @@ import os
 import threading
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from plexus.adapters.base import AdapterContext, ThreadedAdapter, require
+from annotated_types import Ge
+
+from plexus.adapters.base import AdapterContext, ThreadedAdapter, describe_error, require
 from plexus.adapters.lineformats import (
     ChecksumError,
     CsvParser,
@@ -103,7 +105,7 @@ class SerialOptions:
         metadata={"help": "device path (/dev/ttyUSB0, COM3) or pyserial URL "
                   "(socket://host:port, rfc2217://host:port, loop://)"}
     )
-    baudrate: int = field(default=115200, metadata={"help": "bits per second"})
+    baudrate: Annotated[int, Ge(1)] = field(default=115200, metadata={"help": "bits per second"})
     bytesize: int = field(default=8, metadata={"help": "data bits: 5, 6, 7 or 8"})
     parity: Literal["N", "E", "O", "M", "S"] = field(
         default="N", metadata={"help": "parity: N none, E even, O odd, M mark, S space"}
@@ -279,9 +281,29 @@ class SerialAdapter(ThreadedAdapter):
         try:
             self._make_port(serial)
         except (ValueError, serial.SerialException) as exc:
-            raise AdapterError(f"{self.name}: cannot use port {self.options.port!r}: {exc}") from exc
+            raise AdapterError(f"cannot use port {self.options.port!r}: {exc}") from exc
         self._serial = serial
         super().start(ctx)
+
+    def preflight(self) -> list[str]:
+        try:
+            serial = require("serial", "serial")
+            self._make_port(serial)
+        except AdapterError as exc:
+            return [str(exc)]
+        except (ValueError, serial.SerialException) as exc:
+            return [f"cannot use port {self.options.port!r}: {exc}"]
+        return []
+
+    def preflight_online(self, timeout: float) -> list[str]:
+        serial = require("serial", "serial")
+        try:
+            port = self._make_port(serial)
+            port.open()
+        except Exception as exc:
+            return [f"cannot open {self.options.port}: {describe_error(exc)}"]
+        port.close()
+        return []
 
     def stop(self, timeout: float = 5.0) -> None:
         super().stop(timeout)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Annotated
+
+from annotated_types import Ge
 
 from plexus.point import Point, json_lines
 from plexus.sinks.base import SendResult, Sink
@@ -23,9 +25,9 @@ class FileSinkOptions:
 
     path: str = field(metadata={"help": "the JSON Lines file (relative to the rig file)",
                                 "path": True})
-    max_bytes: int = field(default=10_000_000,
+    max_bytes: Annotated[int, Ge(1)] = field(default=10_000_000,
                            metadata={"help": "rotate when the file would exceed this size"})
-    backups: int = field(default=5, metadata={"help": "rotated files kept (path.1 .. path.N)"})
+    backups: Annotated[int, Ge(0)] = field(default=5, metadata={"help": "rotated files kept (path.1 .. path.N)"})
     fsync: bool = field(default=False,
                         metadata={"help": "fsync after every batch (slower; survives power loss)"})
 

@@ -1,6 +1,6 @@
-"""The Plexus HTTP sink: speaks PROTOCOL.md's ``POST {gateway_url}/ingest``.
+"""The Plexus HTTP sink: speaks docs/protocol.md's ``POST {gateway_url}/ingest``.
 
-Status handling (PROTOCOL.md, "Responses"):
+Status handling (docs/protocol.md, "Responses"):
 
 - 200 with ``count`` equal to the points sent: delivered.
 - 200 with a lower ``count``: the platform's per-source rate ceiling dropped
@@ -19,7 +19,6 @@ part when a batch is split, so a retried batch repeats the same keys.
 
 from __future__ import annotations
 
-import gzip
 import ipaddress
 import logging
 import random
@@ -30,7 +29,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from plexus.codec import IngestCodec
+from plexus.codec import IngestCodec, gzip_bytes
 from plexus.errors import AuthenticationError, ConfigError, RetryableSinkError
 from plexus.point import MAX_BODY_BYTES, MAX_POINTS_PER_REQUEST, Point
 from plexus.secret import Secret
@@ -142,6 +141,26 @@ class HttpSink(Sink):
             self._client.close()
             self._client = None
 
+    def check_key(self, source_id: str) -> str | None:
+        """Ask the platform whether it takes the key, storing nothing (an empty
+        ``points`` list is the protocol's auth check). None when it does, else
+        what went wrong, in an operator's words. Opens and closes its own client."""
+        if self._api_key is None:
+            return "no API key"
+        self.open(source_id)
+        try:
+            status, error, _ = self._post(orjson.dumps({"source_id": source_id, "points": []}),
+                                          "key-check")
+        except RetryableSinkError as exc:
+            return f"cannot reach the platform at {self.url}: {exc}"
+        finally:
+            self.close()
+        if status in (401, 403):
+            return f"the platform at {self.url} refused the API key ({status}: {error})"
+        if status != 200:
+            return f"the platform at {self.url} answered {status}: {error}"
+        return None
+
     def codec(self, source_id: str) -> IngestCodec:
         """The persistent buffer stores gzipped ``/ingest`` bodies for this sink."""
         return IngestCodec(source_id)
@@ -166,8 +185,9 @@ class HttpSink(Sink):
     def _require_key(self) -> None:
         if self._api_key is None:
             raise AuthenticationError(
-                "no API key: pass Plexus(api_key=...), set PLEXUS_API_KEY, or put "
-                '{"api_key": ...} in ~/.plexus/config.json'
+                "no API key: set the environment variable PLEXUS_API_KEY (or api_key in the "
+                'rig file, {"api_key": ...} in ~/.plexus/config.json, or Plexus(api_key=...) '
+                "in Python)"
             )
 
     @staticmethod
@@ -268,7 +288,7 @@ class HttpSink(Sink):
         if gzipped:
             headers["Content-Encoding"] = "gzip"
         elif len(body) > opts.gzip_min_bytes:
-            body = gzip.compress(body, compresslevel=opts.gzip_level, mtime=0)
+            body = gzip_bytes(body, opts.gzip_level)
             headers["Content-Encoding"] = "gzip"
         self.requests += 1
         try:

@@ -38,13 +38,13 @@ a backslash, an object with no members) is rejected before sending.
 from __future__ import annotations
 
 import base64
-import gzip
 import logging
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
+from plexus.codec import gzip_bytes
 from plexus.errors import AuthenticationError, ConfigError, RetryableSinkError
 from plexus.point import Point
 from plexus.secret import Secret
@@ -375,7 +375,7 @@ class InfluxdbSink(Sink):
         if self._auth is not None:
             headers["Authorization"] = self._auth.reveal()
         if self.options.gzip:
-            body = gzip.compress(body, compresslevel=1, mtime=0)
+            body = gzip_bytes(body, 1)
             headers["Content-Encoding"] = "gzip"
         self.requests += 1
         try:

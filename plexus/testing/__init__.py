@@ -1,7 +1,7 @@
 """A local, Plexus-compatible ingest receiver for tests and for trying a rig.
 
 :class:`Receiver` is a real HTTP server on 127.0.0.1 that speaks the
-platform's ``POST /ingest`` protocol exactly as PROTOCOL.md writes it down:
+platform's ``POST /ingest`` protocol exactly as docs/protocol.md writes it down:
 the same auth rules (401/403), the same body limits (5 MiB compressed and
 decompressed, 413), gzip, the same per-point validation with errors that name
 ``points[i]``, and the same 200 body. It keeps what it accepted so a test can

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-# The limits of PROTOCOL.md, kept here on purpose rather than imported from
+# The limits of docs/protocol.md, kept here on purpose rather than imported from
 # plexus.point (see the module docstring).
 MAX_BODY_BYTES = 5 * 1024 * 1024
 MAX_POINTS = 10_000

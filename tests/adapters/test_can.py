@@ -489,7 +489,7 @@ def test_a_missing_driver_names_the_extra(monkeypatch, collector, module):
     ({"dbc": ["no/such/file.dbc"]}, "not found"),
     ({"dbc": [str(DATA / "socialledge_candump.log")]}, "cannot load CAN database"),
     ({"interface": "no-such-interface"}, "unknown python-can interface"),
-    ({"replay": "no/such/capture.asc"}, "replay file 'no/such/capture.asc' not found"),
+    ({"replay": "no/such/capture.asc"}, "replay file not found: no/such/capture.asc"),
     ({"replay": str(DATA / "README.md")}, "cannot replay"),
 ])
 def test_start_errors(collector, options, message):

@@ -34,7 +34,7 @@ def test_bad_points_among_good_ones_lose_nothing_else(plexus_receiver):
             with pytest.raises(PlexusError):
                 px.send("", 1.0)  # empty metric
             with pytest.raises(PlexusError):
-                px.send("seq", 1.0, tags={"k": 5})  # type: ignore[dict-item]
+                px.send("seq", 1.0, tags={"k": [5]})  # type: ignore[dict-item]
             with pytest.raises(PlexusError):
                 px.send("seq", 1.0, timestamp=float("nan"))
             batch = [("seq", n + i) for i in range(20)]
@@ -97,7 +97,7 @@ def test_hostile_config_gives_messages_not_tracebacks(tmp_path, name):
     path.write_bytes(content)
     result = run_check(path)
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert result.returncode == 78  # ExitCode.CONFIG, (result.returncode, result.stderr[-2000:])
     for word in words:
         assert word in result.stderr, (word, result.stderr[-2000:])
     assert not (tmp_path / "pwned").exists()
@@ -106,13 +106,13 @@ def test_hostile_config_gives_messages_not_tracebacks(tmp_path, name):
 def test_config_path_that_is_a_directory(tmp_path):
     result = run_check(tmp_path)
     assert "Traceback" not in result.stderr
-    assert result.returncode == 2 and "Is a directory" in result.stderr, result.stderr
+    assert result.returncode == 78  # ExitCode.CONFIG and "Is a directory" in result.stderr, result.stderr
 
 
 def test_config_path_that_does_not_exist(tmp_path):
     result = run_check(tmp_path / "nope.yaml")
     assert "Traceback" not in result.stderr
-    assert result.returncode == 2 and "No such file" in result.stderr, result.stderr
+    assert result.returncode == 78  # ExitCode.CONFIG and "No such file" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("text", [_nested(5000), _nested_maps(2000)],
@@ -122,7 +122,7 @@ def test_deeply_nested_junk_is_a_message(tmp_path, text):
     path.write_text(text)
     result = run_check(path)
     assert "Traceback" not in result.stderr, result.stderr[-600:]
-    assert result.returncode == 2
+    assert result.returncode == 78  # ExitCode.CONFIG
 
 
 BOMB = (
@@ -148,7 +148,7 @@ def test_alias_bomb_is_rejected_quickly(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("--check was still expanding aliases after 5 s")
     assert "Traceback" not in result.stderr, result.stderr[-600:]
-    assert result.returncode == 2
+    assert result.returncode == 78  # ExitCode.CONFIG
 
 
 def _limit_memory() -> None:

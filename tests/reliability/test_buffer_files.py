@@ -260,3 +260,38 @@ def test_delivery_goes_on_while_the_disk_is_full(plexus_receiver, small_tmpfs):
         finally:
             px.close()
     assert "crashed" not in logs.text
+
+
+def test_a_buffer_of_the_previous_version_is_converted_and_delivered(plexus_receiver,
+                                                                     tmp_path):
+    """Schema 2 (the released version): one SQLite row per point (the JSON of its
+    tuple) and an inbox of (length, CRC32, payload) records past the recorded
+    position, with the batch in flight recorded by row ids."""
+    import struct
+    import zlib
+
+    import orjson
+
+    path = tmp_path / "b.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    conn.execute("CREATE TABLE points (id INTEGER PRIMARY KEY AUTOINCREMENT, data BLOB NOT NULL)")
+    conn.executemany("INSERT INTO points (data) VALUES (?)",
+                     [(orjson.dumps(("seq", i, 1700000000000 + i, None)),) for i in range(30)])
+    conn.execute("INSERT INTO meta VALUES ('schema', '2'), ('uuid', 'abc'), ('inbox_gen', '3'), "
+                 "('inbox_offset', '0'), ('in_flight', '1-10')")
+    conn.commit()
+    conn.close()
+    records = b""
+    for i in range(30, 40):
+        data = orjson.dumps(("seq", i, 1700000000000 + i, {"rig": "A"}))
+        records += struct.pack("<II", len(data), zlib.crc32(data)) + data
+    Path(f"{path}.inbox.3").write_bytes(records + bytes(8))  # and a zero tail
+    with LogCapture() as logs:
+        with make_client(plexus_receiver, persistent_buffer=True, buffer_path=path) as px:
+            assert px.buffer_size() == 40
+            px.flush_buffer(timeout=10)
+    assert sorted(values(plexus_receiver)) == list(range(40))
+    assert [p["tags"] for p in plexus_receiver.points if p["value"] == 35] == [{"rig": "A"}]
+    assert "converted the buffer" in logs.text
+    assert "could not be used" not in logs.text

@@ -60,9 +60,11 @@ def test_an_outage_drops_exactly_the_oldest(plexus_receiver):
     """The issue's acceptance: 10,050 sends during an outage, then recovery: exactly
     points 50..10,049 are stored (default cap 10,000)."""
     plexus_receiver.go_down()
-    # The default buffer (memory, 10,000 points) and the default retry schedule, whose
-    # 1 s pause keeps the batch off the wire while the last 5,050 points arrive.
-    px = make_client(plexus_receiver, retry=None)
+    # The default buffer (memory, 10,000 points). The retry pause is held open by the
+    # test (an injected sleep), so the batch is certainly off the wire, waiting for
+    # its retry, while the last 5,050 points arrive, however loaded the machine.
+    retry_may_go = threading.Event()
+    px = make_client(plexus_receiver, retry=None, sleep=lambda s: retry_may_go.wait(30))
     try:
         for i in range(5_000):
             px.send("seq", i)
@@ -73,8 +75,10 @@ def test_an_outage_drops_exactly_the_oldest(plexus_receiver):
             px.send("seq", i)
         assert px.dropped == 50 and px.buffer_size() == 10_000
         plexus_receiver.come_up()
+        retry_may_go.set()
         px.flush_buffer(timeout=30)
     finally:
+        retry_may_go.set()
         plexus_receiver.come_up()
         px.close()
     stored = values(plexus_receiver)
@@ -133,12 +137,10 @@ def test_waiting_for_room_ends_when_the_sink_fails(plexus_receiver, tmp_path, pe
     try:
         thread.start()
         assert done.wait(60), "send() still waiting for room although the sink is failing"
-        assert wait_until(lambda: px.dropped + px.buffer_size() == 10_000, timeout=10)
-        # The persistent buffer trims what is over its cap in its sync thread (every
-        # sync_interval), so the last points put may still be over it for a moment.
-        assert wait_until(
-            lambda: px.dropped >= 8_000 - (px._buffer.block_points if persistent else 0),
-            timeout=10), px.dropped
+        # The persistent buffer trims in its sync thread: wait for it to come down.
+        assert wait_until(lambda: px.buffer_size() <= 2_000, timeout=10), px.buffer_size()
+        assert px.dropped + px.buffer_size() == 10_000
+        assert px.dropped >= 8_000 - (px._buffer.block_points if persistent else 0)
     finally:
         plexus_receiver.come_up()
         px.close()
@@ -240,3 +242,28 @@ def test_a_fleet_comes_back_after_an_outage_without_loss(plexus_receiver):
     assert sorted(stored) == list(range(sent))
     sources = {r.source_ids[0] for r in plexus_receiver.requests if r.count}
     assert len(sources) == 20
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["memory", "persistent"])
+def test_a_full_buffer_wakes_the_uploader_whatever_the_batch_size(plexus_receiver, tmp_path,
+                                                                  persistent):
+    """A batch size above the cap and a long interval: waiting producers must not
+    wait for the interval, the full buffer itself starts an upload."""
+    options = ({"persistent_buffer": True, "buffer_path": tmp_path / "b.db"}
+               if persistent else {})
+    px = make_client(plexus_receiver, max_buffer_points=500, batch_size=1_000_000,
+                     flush_interval=3600, **options)
+    done = threading.Event()
+
+    def produce() -> None:
+        for i in range(2_000):
+            px.send("seq", i)
+        done.set()
+
+    threading.Thread(target=produce, daemon=True).start()
+    try:
+        assert done.wait(60), "producers waited for a flush interval of an hour"
+        assert px.dropped == 0
+    finally:
+        px.close()
+    assert sorted(values(plexus_receiver)) == list(range(2_000))

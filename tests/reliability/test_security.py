@@ -101,7 +101,8 @@ def test_gateway_and_cli_never_show_the_key(plexus_receiver_factory, tmp_path, i
         return result
 
     run = cli("--config", str(rig), "--duration", "2", "--no-status", "--log-level", "debug")
-    assert run.returncode == 0, run.stderr[-2000:]
+    # A refused key keeps the points buffered and says so with its own exit code.
+    assert run.returncode == (0 if accepted else 77), run.stderr[-2000:]
     assert "DEBUG" in run.stderr
     check = cli("--config", str(rig), "--check", "--log-level", "debug")
     assert check.returncode == 0, check.stderr[-2000:]
@@ -150,12 +151,12 @@ def test_config_errors_never_show_the_key(tmp_path):
     rig.chmod(0o600)
     result = subprocess.run([*GATEWAY, "--config", str(rig), "--check"], capture_output=True,
                             text=True, timeout=60, env=child_env(), cwd=REPO)
-    assert result.returncode == 2 and "api_key" in result.stderr
+    assert result.returncode == 78 and "api_key" in result.stderr
     assert_no_canary("a config error", result.stderr)
     rig.write_text(f"api_key: {CANARY}\nsource_id: rig-01\nbuffer: {{type: sqlite, bogus: 1}}\n")
     result = subprocess.run([*GATEWAY, "--config", str(rig), "--check"], capture_output=True,
                             text=True, timeout=60, env=child_env(), cwd=REPO)
-    assert result.returncode == 2
+    assert result.returncode == 78
     assert_no_canary("a config error", result.stderr)
 
 
@@ -214,7 +215,8 @@ def test_key_files_readable_by_others_draw_a_warning(tmp_path, isolated_home, ca
     assert any("readable by other users" in r.getMessage() for r in caplog.records), caplog.text
 
     rig = tmp_path / "rig.yaml"
-    rig.write_text(f"api_key: {CANARY}\nsource_id: rig-01\n")
+    rig.write_text(f"api_key: {CANARY}\nsource_id: rig-01\nadapters:\n  - type: callable\n"
+                   "    function: time:time\n    metric: t\n")
     rig.chmod(0o644)
     result = subprocess.run([*GATEWAY, "--config", str(rig), "--check"], capture_output=True,
                             text=True, timeout=60, env=child_env(), cwd=REPO)

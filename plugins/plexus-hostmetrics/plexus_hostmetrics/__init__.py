@@ -20,29 +20,32 @@ doing?" without waiting for the next interval.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from plexus import hookimpl
 from plexus.adapters.base import ThreadedAdapter
 from plexus.commands import command
+from plexus.config import OptionsModel, option
 
 __version__ = "0.1.0"
 
 
-@dataclass
-class HostMetricsOptions:
-    """Options of the ``hostmetrics`` adapter."""
+class HostMetricsOptions(OptionsModel):
+    """Options of the ``hostmetrics`` adapter.
 
-    interval: float = field(default=5.0, metadata={"help": "seconds between readings"})
-    prefix: str = field(default="host", metadata={"help": "metric name prefix"})
-    disks: list[str] = field(default_factory=lambda: ["/"],
-                             metadata={"help": "mount points whose usage is reported"})
-    temperature: bool = field(default=True,
-                              metadata={"help": "report /sys/class/thermal zones"})
-    proc: str = field(default="/proc", metadata={"help": "where procfs is mounted"})
-    sys: str = field(default="/sys", metadata={"help": "where sysfs is mounted"})
+    A pydantic model: the limits (``gt``, ``min_length``) are checked when the
+    rig file loads, shown by ``plexus-gateway options hostmetrics`` and written
+    into ``plexus-gateway schema``.
+    """
+
+    interval: float = option(5.0, help="seconds between readings", gt=0)
+    prefix: str = option("host", help="metric name prefix", min_length=1)
+    disks: list[str] = option(default_factory=lambda: ["/"],
+                              help="mount points whose usage is reported")
+    temperature: bool = option(True, help="report /sys/class/thermal zones")
+    proc: str = option("/proc", help="where procfs is mounted")
+    sys: str = option("/sys", help="where sysfs is mounted")
 
 
 def read_cpu_times(proc: Path) -> tuple[int, int]:

@@ -75,3 +75,19 @@ def test_fake_proc_values_are_computed_right(plexus_receiver, tmp_path):
     assert 50.0 in metrics["host.cpu.percent"]
     assert metrics["host.memory.used_percent"][0] == 75.0
     assert metrics["host.load.1m"][0] == 0.5
+
+
+def test_options_are_checked_when_the_rig_file_loads(tmp_path):
+    import pytest
+
+    from plexus.config import ConfigErrors
+
+    registry = load_plugins()
+    with pytest.raises(ConfigErrors) as info:
+        load_config_text("adapters:\n  - type: hostmetrics\n    interval: 0\n    prefix: ''\n",
+                         str(tmp_path / "rig.yaml"), adapter_types=registry.adapters,
+                         sink_types=registry.sinks)
+    assert str(info.value).splitlines() == [
+        f"{tmp_path / 'rig.yaml'}:3: adapters[0].interval: must be greater than 0, got 0.0",
+        f"{tmp_path / 'rig.yaml'}:4: adapters[0].prefix: string should have at least 1 character",
+    ]

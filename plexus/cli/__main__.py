@@ -1,0 +1,7 @@
+"""``python -m plexus.cli``: the same as ``plexus-gateway``."""
+
+import sys
+
+from plexus.cli import main
+
+sys.exit(main())

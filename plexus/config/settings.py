@@ -1,0 +1,142 @@
+"""The gateway's own settings: every top-level key of a rig file, in one place.
+
+``adapters`` and ``sinks`` are read by :mod:`plexus.config.rig`; each entry's
+options are declared by its adapter or sink class, in its own module. A new
+top-level section (``commands:``, say) is a field here, with its own model.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
+
+from plexus.config.options import OptionsModel, option
+from plexus.control import CommandsConfig
+
+__all__ = [
+    "BatchConfig",
+    "BufferConfig",
+    "GatewaySettings",
+    "LocalReceiverConfig",
+    "RetrySettings",
+]
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class BufferConfig(OptionsModel):
+    """Where points wait until a sink has acknowledged them."""
+
+    type: Literal["memory", "sqlite"] = option(
+        "memory", help="'memory' (a ring, lost on exit) or 'sqlite' (survives restarts). "
+                       "Default: memory.")
+    path: str | None = option(
+        None, help="The SQLite file (relative to the rig file). Default: null, chosen by the "
+                   "gateway (~/.plexus/buffer/<source_id>.db).", path=True)
+    max_points: Annotated[int, Field(ge=1)] | None = option(
+        None, help="Cap on buffered points (see when_full). Default: null, the buffer's own "
+                   "(10,000 in memory; in sqlite no practical limit, max_bytes governs).")
+    max_bytes: Annotated[int, Field(ge=1)] | None = option(
+        None, help="sqlite only: cap on stored bytes (compressed, about 7 bytes a point). "
+                   "Default: null, 2 GiB.")
+    when_full: Literal["block", "drop_oldest"] = option(
+        "block", help="What a full buffer does: 'block' makes sources wait for room while the "
+                      "sink delivers, and drops the oldest points only while delivery fails; "
+                      "'drop_oldest' never waits. Default: block.")
+    sync_interval: float = option(
+        1.0, help="sqlite only: seconds between fsyncs, the most a power cut can lose. "
+                  "Default: 1.0.", gt=0)
+
+
+class BatchConfig(OptionsModel):
+    """How buffered points are grouped into uploads."""
+
+    size: int = option(1000, help="This many waiting points start an upload at once. "
+                                  "Default: 1000.", ge=1)
+    interval: float = option(1.0, help="Otherwise upload every this many seconds. "
+                                       "Default: 1.0.", gt=0)
+    max_points: int = option(10000, help="Most points in one request (the platform accepts up "
+                                         "to 10,000). Default: 10000.", ge=1, le=10000)
+
+
+class RetrySettings(OptionsModel):
+    """Backoff for a batch that failed to send: base, 2*base, 4*base... +-25%."""
+
+    retries: int = option(3, help="Retries of a failed batch before it waits for the next "
+                                  "send. Default: 3.", ge=0)
+    base: float = option(1.0, help="Seconds before the first retry, doubled each time. "
+                                   "Default: 1.0.", gt=0)
+    max_delay: float = option(30.0, help="Longest wait between retries, in seconds. "
+                                         "Default: 30.0.", gt=0)
+
+
+class LocalReceiverConfig(OptionsModel):
+    """A Plexus-compatible receiver started inside the gateway (demos, bench rigs)."""
+
+    enabled: bool = option(False, help="Start the bundled receiver (plexus.testing) and send "
+                                       "to it instead of the platform. Default: false.")
+    port: int = option(0, help="Its port on 127.0.0.1; 0 picks a free one. Default: 0.",
+                       ge=0, le=65535)
+
+
+class GatewaySettings(OptionsModel):
+    """The rig file's top-level settings (everything but ``adapters`` and ``sinks``)."""
+
+    source_id: str | None = option(
+        None, help="This gateway's id on the platform (lower-case letters, digits, '.', '_', '-'). "
+                   "Default: null, then PLEXUS_SOURCE_ID, ~/.plexus/config.json, or a "
+                   "generated id.")
+    api_key: str | None = option(
+        None, help="The platform API key, normally ${PLEXUS_API_KEY}. Default: null, then "
+                   "PLEXUS_API_KEY or ~/.plexus/config.json.", secret=True)
+    gateway_url: str | None = option(
+        None, help="Base URL of the platform. Default: null, then PLEXUS_GATEWAY_URL, "
+                   "~/.plexus/config.json, or https://gateway.plexus.company.")
+    tags: dict[str, str] = option(default_factory=dict,
+                                  help="Tags added to every point. Default: {}.")
+    buffer: BufferConfig = option(default_factory=BufferConfig, help="Buffer settings.")
+    batch: BatchConfig = option(default_factory=BatchConfig, help="Batch settings.")
+    retry: RetrySettings = option(default_factory=RetrySettings, help="Retry settings.")
+    session: str | None = option(
+        None, help="A session id tagging every point of the whole run. Default: null "
+                   "(no session).")
+    session_tags: dict[str, str] = option(default_factory=dict,
+                                          help="Tags of that session. Default: {}.")
+    grace_period: float = option(
+        5.0, help="Seconds allowed at shutdown to deliver what is buffered. Default: 5.0.", ge=0)
+    log_level: str = option("info", help="debug, info, warning, error or critical. "
+                                         "Default: info.")
+    status_interval: float = option(10.0, help="Seconds between status reports. Default: 10.0.",
+                                    gt=0)
+    verify_tls: bool = option(True, help="Verify the platform's TLS certificate. Default: true.")
+    timeout: float = option(10.0, help="Seconds allowed per HTTP request. Default: 10.0.", gt=0)
+    local_receiver: LocalReceiverConfig = option(
+        default_factory=LocalReceiverConfig,
+        help="A local receiver for running without a Plexus account (demo).")
+    commands: CommandsConfig = option(
+        default_factory=CommandsConfig,
+        help="Remote commands from the dashboard (docs/commands.md).")
+
+    @field_validator("source_id")
+    @classmethod
+    def _valid_source_id(cls, value: str | None) -> str | None:
+        from plexus.errors import ValidationError
+        from plexus.point import validate_source_id
+
+        if value is not None:
+            try:
+                validate_source_id(value)
+            except ValidationError as exc:
+                raise PydanticCustomError("source_id", "{reason}", {"reason": str(exc)}) from None
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.lower() not in LOG_LEVELS:
+            raise PydanticCustomError(
+                "log_level", "must be one of {choices}, got {value}",
+                {"choices": ", ".join(LOG_LEVELS), "value": repr(value)})
+        return value.lower()
