@@ -134,6 +134,24 @@ def _verdict(code: int | None) -> str:
     return {"not checked": "not run", "segfault": "killed"}.get(status, status)
 
 
+def markdown() -> str:
+    """The scores as a markdown table (docs/testing.md quotes it)."""
+    scores = json.loads(RESULTS.read_text())
+    lines = ["| module | mutants | killed (+ timeout) | survived | no tests | equivalent "
+             "| surviving % |", "|---|---|---|---|---|---|---|"]
+    for module, r in sorted(scores.items()):
+        killed = r.get("killed", 0) + r.get("timeout", 0)
+        survived = r.get("survived", 0) + r.get("no tests", 0)
+        equivalent = r.get("equivalent", 0)
+        checked = killed + survived + equivalent
+        n = checked + r.get("not run", 0) + r.get("skipped", 0)
+        done = "" if r.get("not run", 0) == 0 else f" ({checked} checked)"
+        lines.append(f"| {module} | {n}{done} | {killed} | {r.get('survived', 0)} | "
+                     f"{r.get('no tests', 0)} | {equivalent} | "
+                     f"{100.0 * survived / max(1, killed + survived):.1f}% |")
+    return "\n".join(lines)
+
+
 def report() -> None:
     if not RESULTS.exists():
         sys.exit("no runs yet")
@@ -166,6 +184,8 @@ def main() -> int:
     parser.add_argument("modules", nargs="*", help="module names (see --list), or 'all'")
     parser.add_argument("--list", action="store_true", help="the modules and their tests")
     parser.add_argument("--report", action="store_true", help="scores of the last runs")
+    parser.add_argument("--markdown", action="store_true",
+                        help="the scores as a markdown table")
     parser.add_argument("--survivors", action="store_true",
                         help="print the surviving mutants' diffs of the named modules")
     parser.add_argument("--equivalents", action="store_true",
@@ -184,6 +204,9 @@ def main() -> int:
         return 0
     if args.report:
         report()
+        return 0
+    if args.markdown:
+        print(markdown())
         return 0
     modules = list(MODULES) if args.modules == ["all"] else args.modules
     unknown = [m for m in modules if m not in MODULES]
