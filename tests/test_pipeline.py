@@ -560,3 +560,18 @@ def test_close_with_no_time_makes_no_retries(plexus_receiver):
     pipeline.close(timeout=0)
     assert lane.uploader.stats.failures <= 2  # one attempt, not a second of retries
     plexus_receiver.come_up()
+
+
+def test_flush_delivers_every_lane_and_says_so(plexus_receiver_factory):
+    receivers = [plexus_receiver_factory() for _ in range(2)]
+    pipeline = Pipeline("rig-01")
+    for n, rx in enumerate(receivers):
+        pipeline.add_lane(HttpSink(name=f"s{n}", api_key=KEY, gateway_url=rx.url),
+                          MemoryBuffer(), interval=60.0)
+    pipeline.start()
+    try:
+        pipeline.emit_many([("m", 1), ("n", 2)])
+        assert pipeline.flush(timeout=10) is True
+        assert [rx.count for rx in receivers] == [2, 2] and len(pipeline) == 0
+    finally:
+        pipeline.close(timeout=1)
