@@ -186,7 +186,7 @@ def test_a_full_buffer_makes_the_producer_wait_until_a_batch_is_acknowledged():
     done = producer(buffer, ("m", 99, 99, None))
     assert not done.wait(0.3) and buffer.waited == 1
     batch = buffer.take(5)
-    assert batch is not None and not done.wait(0.2)  # in flight still counts
+    assert batch is not None and not done.wait(0.6)  # in flight still counts (0.25 s polls)
     buffer.ack(batch)
     assert done.wait(5) and buffer.dropped == 0 and len(buffer) == 6
 
@@ -262,3 +262,62 @@ def test_an_episode_ends_only_at_half_the_cap_counting_what_is_in_flight(caplog)
         buffer.ack(b)  # 5 + 0 = 5: ends
     assert messages(caplog)[1:] == [
         "MemoryBuffer overflow ended: 4 oldest points were dropped (4 in total since start)"]
+
+
+def test_filling_the_buffer_exactly_to_its_cap_does_not_wait():
+    buffer = MemoryBuffer(10)
+    buffer.set_consumer_running(True)
+    done = threading.Event()
+
+    def fill() -> None:
+        for point in pts(10):
+            buffer.put(point)
+        done.set()
+
+    threading.Thread(target=fill, daemon=True).start()
+    assert done.wait(5) and buffer.waited == 0 and len(buffer) == 10
+
+
+def test_put_many_waits_for_room_for_all_its_points():
+    buffer = MemoryBuffer(10)
+    buffer.set_consumer_running(True)
+    buffer.put_many(pts(8))
+    done = threading.Event()
+    threading.Thread(target=lambda: (buffer.put_many(pts(5, 8)), done.set()),
+                     daemon=True).start()
+    assert not done.wait(0.6)
+    batch = buffer.take(5)
+    assert batch is not None
+    buffer.ack(batch)
+    assert done.wait(5) and len(buffer) == 8
+
+
+def test_put_many_larger_than_the_cap_waits_while_the_buffer_holds_a_point():
+    other = MemoryBuffer(10)
+    other.set_consumer_running(True)
+    other.put(pts(1)[0])
+    done = threading.Event()
+    threading.Thread(target=lambda: (other.put_many(pts(15, 1)), done.set()),
+                     daemon=True).start()
+    assert not done.wait(0.6)  # one point in it: the 15 wait for room
+    other.set_consumer_running(False)
+    assert done.wait(5)
+
+
+def test_every_wait_for_room_is_counted():
+    buffer = full_buffer()
+    first = producer(buffer, ("m", 98, 98, None))
+    second = producer(buffer, ("m", 99, 99, None))
+    assert not first.wait(0.3) and not second.wait(0.01)
+    assert buffer.waited == 2
+    buffer.set_consumer_running(False)
+    assert first.wait(5) and second.wait(5)
+
+
+def test_a_buffer_filled_exactly_to_its_cap_drops_nothing_and_says_nothing(caplog):
+    buffer = MemoryBuffer(5, "drop_oldest")
+    buffer.set_ready_callback(lambda: None, 1)  # every put takes the slow path
+    with caplog.at_level(logging.WARNING, logger="plexus.buffer"):
+        for point in pts(5):
+            buffer.put(point)
+    assert buffer.dropped == 0 and messages(caplog) == []
