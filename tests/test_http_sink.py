@@ -570,3 +570,22 @@ def test_check_key_without_a_key_asks_nothing(plexus_receiver):
     sink = HttpSink(name="plexus", gateway_url=plexus_receiver.url)
     assert sink.check_key("rig-01") == "no API key"
     assert plexus_receiver.requests == []
+
+
+def test_bytes_sent_count_what_went_on_the_wire_even_when_the_answer_is_lost(plexus_receiver,
+                                                                              open_sink):
+    sink = open_sink(plexus_receiver.url, timeout=0.3)
+    sink.send(points(1), "a")
+    assert sink.bytes_sent == plexus_receiver.requests[0].body_bytes > 0
+    sent = sink.bytes_sent
+    plexus_receiver.delay_next(1, 1.0)
+    with pytest.raises(RetryableSinkError, match="ReadTimeout"):
+        sink.send(points(1), "b")
+    assert sink.bytes_sent == 2 * sent  # the body went out; only the answer was lost
+    plexus_receiver.go_down()
+    try:
+        with pytest.raises(RetryableSinkError, match="ConnectError"):
+            sink.send(points(1), "c")
+    finally:
+        plexus_receiver.come_up()
+    assert sink.bytes_sent == 2 * sent  # refused: nothing went out
