@@ -432,8 +432,18 @@ def test_retries_wait_for_real_without_an_injected_sleep(plexus_receiver, lane):
     uploader, buffer, _ = lane(interval=60.0, retry=RetryPolicy(base=0.05))
     buffer.put(point(1))
     uploader.start()
-    assert uploader.flush(timeout=10) is True
     assert uploader.flush() is True  # no timeout at all
+    assert uploader.flush(timeout=10) is True
+    assert values(plexus_receiver) == [1]
+
+
+def test_after_a_flush_the_uploader_waits_for_a_batch_again(plexus_receiver, lane):
+    uploader, buffer, _ = lane(interval=60.0, batch_size=1000)
+    uploader.start()
+    buffer.put(point(1))
+    uploader.flush(timeout=10)
+    buffer.put(point(2))  # one point, no flush: it waits for the batch size or interval
+    time.sleep(0.5)
     assert values(plexus_receiver) == [1]
 
 
