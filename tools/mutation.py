@@ -43,7 +43,9 @@ RESULTS = WORK / "scores.json"
 MODULES: dict[str, tuple[list[str], list[str]]] = {
     "point": (["plexus/point.py"], ["tests/test_point.py"]),
     "pipeline": (["plexus/pipeline.py"], ["tests/test_pipeline.py"]),
-    "buffer": (["plexus/buffer.py"], ["tests/test_memory_buffer.py", "tests/test_buffer.py"]),
+    # test_buffer.py's backlog test is timing-sensitive under mutmut on a loaded
+    # machine (its stats run failed there once), so the focused file runs alone.
+    "buffer": (["plexus/buffer.py"], ["tests/test_memory_buffer.py"]),
     "sqlite_buffer": (["plexus/sqlite_buffer.py"],
                       ["tests/test_buffer.py", "tests/reliability/test_buffers.py"]),
     "inbox": (["plexus/inbox.py"], ["tests/test_inbox.py", "tests/test_buffer.py",
