@@ -65,7 +65,7 @@ def test_a_batch_keeps_what_it_was_given_and_decodes_once():
 def test_the_options_are_kept_and_checked():
     assert MemoryBuffer(10, "drop_oldest").when_full == "drop_oldest"
     assert MemoryBuffer(10).when_full == "block" and MemoryBuffer(10).max_points == 10
-    with pytest.raises(ValueError, match="max_points must be at least 1"):
+    with pytest.raises(ValueError, match="^max_points must be at least 1$"):
         MemoryBuffer(0)
     with pytest.raises(ValueError, match="when_full must be one of"):
         MemoryBuffer(10, "wait")  # type: ignore[arg-type]
@@ -321,3 +321,11 @@ def test_a_buffer_filled_exactly_to_its_cap_drops_nothing_and_says_nothing(caplo
         for point in pts(5):
             buffer.put(point)
     assert buffer.dropped == 0 and messages(caplog) == []
+
+
+def test_without_a_running_consumer_a_full_buffer_drops_instead_of_waiting():
+    buffer = MemoryBuffer(5)  # when_full="block", but no uploader has started
+    done = threading.Event()
+    threading.Thread(target=lambda: ([buffer.put(p) for p in pts(10)], done.set()),
+                     daemon=True).start()
+    assert done.wait(5) and buffer.dropped == 5 and buffer.waited == 0
