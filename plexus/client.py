@@ -138,6 +138,10 @@ class Plexus:
         sleep: the retry clock, for tests.
         ws_url: the device link (remote commands), opened only once a command
             is declared; see :meth:`command`.
+        agent_metrics: send this client's own health as ``plexus.agent.*``
+            points (dropped, rejected, buffered, delivered, retries, upload
+            lag) every 60 s (``True``) or every that many seconds; off by
+            default. See docs/operations.md.
 
     Raises:
         ConfigError: an invalid ``source_id``, ``gateway_url`` or option.
@@ -165,6 +169,7 @@ class Plexus:
         transport: Any = None,
         sleep: Callable[[float], object] | None = None,
         ws_url: str | None = None,
+        agent_metrics: bool | float = False,
     ) -> None:
         path = config_path()
         file_config = read_user_config(path)
@@ -233,6 +238,9 @@ class Plexus:
         # hot path (about 0.1 us a call). The method below documents it.
         self.send = self._pipeline.emit  # type: ignore[method-assign]
         self._pipeline.start()
+        self._agent: Any = None
+        if agent_metrics:
+            self._start_agent(60.0 if agent_metrics is True else float(agent_metrics))
         if persistent_buffer and len(buffer):
             log.info("%d points from an earlier run wait in %s", len(buffer), buffer_path or
                      getattr(buffer, "path", ""))
@@ -412,6 +420,16 @@ class Plexus:
         ``waiting`` (to reconnect) or ``stopped``."""
         return "off" if self._link is None else self._link.state
 
+    def _start_agent(self, interval: float) -> None:
+        from plexus.service.agent import AgentReporter
+        from plexus.service.figures import Figures
+
+        figures = Figures(self.source_id, adapters=lambda: list(self._pollers),
+                          lanes=lambda: list(self._pipeline.lanes),
+                          link=lambda: self._link, commands=lambda: self._commands)
+        self._agent = AgentReporter(self._pipeline, figures, interval=interval)
+        self._agent.start()
+
     def _command_center(self) -> CommandCenter:
         if self._commands is None:
             self._commands = CommandCenter()
@@ -488,6 +506,8 @@ class Plexus:
             self._commands.close()
         for poller in self._pollers:
             poller.stop()
+        if self._agent is not None:
+            self._agent.stop(final_report=True)  # the last figures go with the last points
         try:
             self._pipeline.close(self.close_timeout if timeout is None else timeout)
         finally:

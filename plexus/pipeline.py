@@ -82,12 +82,41 @@ class Pipeline:
         """Add a sink with its own buffer; ``uploader_options`` go to :class:`Uploader`."""
         buffer.set_codec(sink.codec(self.source_id))  # a persistent buffer stores what is sent
         lane = Lane(sink, buffer, Uploader(buffer, sink, **uploader_options))
-        self.lanes.append(lane)
-        if len(self.lanes) == 1:
-            self._put = buffer.put
+        self.lanes = [*self.lanes, lane]  # a new list: readers iterate without a lock
+        self._rewire()
+        return lane
+
+    def remove_lane(self, lane: Lane) -> None:
+        """Stop putting points in ``lane`` (a reload removed its sink); the caller
+        drains and closes it."""
+        self.lanes = [other for other in self.lanes if other is not lane]
+        self._rewire()
+
+    def _rewire(self) -> None:
+        if self._closed:
+            return
+        lanes = self.lanes
+        if not lanes:
+            self._put = self._put_nowhere
+        elif len(lanes) == 1:
+            self._put = lanes[0].buffer.put
         else:
             self._put = self._put_everywhere
-        return lane
+
+    def set_tags(self, tags: dict[str, str] | None) -> None:
+        """Replace the global tags (a reload); sessions keep theirs.
+
+        Raises:
+            ValidationError: invalid tags; nothing changed.
+        """
+        checked = dict(check_tags(tags)) if tags else None
+        with self._session_lock:
+            old, self._global_tags = self._global_tags, checked
+            try:
+                self._context_tags = self._compute_context_tags()
+            except ValidationError:
+                self._global_tags = old
+                raise
 
     def start(self) -> None:
         for lane in self.lanes:
@@ -167,6 +196,24 @@ class Pipeline:
             lane.buffer.put_many(points)
         if self._alarm is not None:
             self._alarm()
+        return len(points)
+
+    def emit_side(self, readings: Sequence[tuple[str, Any, dict[str, str] | None]]) -> int:
+        """Validate and stamp ``(metric, value, tags)`` like any reading, and queue
+        them on each lane's side queue (``Uploader.side``), apart from the sinks'
+        buffers: the gateway's own health points (plexus.service.agent), which
+        must never be counted in the figures they report. Returns the number queued.
+        """
+        ts = int(time.time() * 1000)
+        points: list[Point] = []
+        for metric, value, tags in readings:
+            check_metric(metric)
+            points.append((metric, normalize_value(metric, value), ts,
+                           merge_tags(self._context_tags, tags)))
+        for lane in self.lanes:
+            side = lane.uploader.side
+            if side is not None:
+                side.put_many(points)
         return len(points)
 
     def _put_nowhere(self, point: Point) -> None:

@@ -18,6 +18,7 @@ from plexus.adapters.base import ThreadedAdapter
 from plexus.config import load_config, load_config_text
 from plexus.gateway import Gateway
 from plexus.plugins import load_plugins
+from tests.support import readings
 
 FUNCS = Path(__file__).with_name("gateway_funcs.py")
 REPO = Path(__file__).resolve().parent.parent
@@ -97,7 +98,7 @@ def test_sigterm_delivers_buffered_points_and_exits_0(tmp_path, plexus_receiver)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    values = sorted(p["value"] for p in plexus_receiver.points)
+    values = sorted(p["value"] for p in readings(plexus_receiver))
     assert len(values) > 100
     assert values == list(range(len(values)))  # nothing lost, nothing twice
     assert "buffered 0" in err
@@ -110,7 +111,7 @@ def test_duration_runs_then_shuts_down(tmp_path, plexus_receiver):
     ))
     result = run_cli("--config", str(path), "--duration", "1.5", "--no-status")
     assert result.returncode == 0, result.stderr
-    values = sorted(p["value"] for p in plexus_receiver.points)
+    values = sorted(p["value"] for p in readings(plexus_receiver))
     assert 10 <= len(values) and values == list(range(len(values)))
 
 
