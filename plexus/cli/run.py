@@ -198,7 +198,7 @@ def _run(gateway: Any, args: Any) -> int:
             gateway.request_stop()
 
     try:
-        gateway.wait(args.duration, on_tick=on_tick, tick=view.tick_seconds)
+        gateway.wait(args.duration, on_tick=on_tick, tick=service.tick_seconds(view.tick_seconds))
     finally:
         view.close()
     all_failed = bool(gateway.adapters) and \

@@ -1,0 +1,411 @@
+"""Reload: re-read the rig file on SIGHUP (``systemctl reload``) without losing a point.
+
+The rules (docs/operations.md says the same to users):
+
+1. The file is loaded and validated first. An invalid file changes nothing:
+   the problems are logged, one per line, and the gateway goes on as it was.
+2. Everything new is built before anything running is touched (adapters,
+   sinks, their buffers); if any of it fails, nothing changes either.
+3. Adapters are matched by name. One whose entry (type, options, tags) did
+   not change keeps running, untouched. A changed one is stopped and its
+   replacement started; new ones start, removed ones stop.
+4. Sinks are matched by name. An unchanged sink keeps running. A changed
+   one **hands its buffer over**: its uploader stops after the request now
+   on the wire, the new sink gets the same buffer (same file, same points,
+   the batch given back first with its key) and a new uploader. Nothing is
+   drained, so a slow sink does not hold the reload, and nothing waits
+   twice. A removed sink stops taking points and gets ``grace_period``
+   seconds to deliver what it holds, as at shutdown; what is left stays in
+   its persistent buffer (a memory buffer's rest is lost, and logged).
+   Changing ``batch`` or ``retry`` changes every sink; ``api_key``,
+   ``gateway_url``, ``verify_tls`` and ``timeout`` change every Plexus sink.
+5. ``tags``, ``session``/``session_tags``, ``grace_period``, ``log_level``,
+   ``status_interval``, ``metrics``, ``agent_metrics`` and ``log_events``
+   apply at once. ``source_id``, ``buffer``, ``local_receiver`` and
+   ``commands`` take effect at the next restart: a change to them is logged
+   and the running values stay.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from plexus.adapters.base import Adapter, describe_error
+from plexus.config import ComponentConfig, ConfigErrors, RigConfig
+from plexus.errors import PlexusError
+from plexus.pipeline import Lane, SourceContext
+from plexus.secret import Secret
+from plexus.sinks.base import Sink
+from plexus.sinks.http import HttpSink
+from plexus.uploader import Uploader
+
+__all__ = ["ReloadRefused", "ReloadResult", "Reloader", "plan_reload"]
+
+log = logging.getLogger("plexus.reload")
+
+#: Keys a reload cannot change in a running gateway.
+RESTART_ONLY = ("source_id", "buffer", "local_receiver", "commands")
+#: Keys every sink is built with: a change rebuilds them all.
+ALL_SINKS = ("batch", "retry")
+#: Keys every Plexus (HTTP) sink is built with.
+PLEXUS_SINKS = ("api_key", "gateway_url", "verify_tls", "timeout")
+
+
+class ReloadRefused(PlexusError):
+    """The new rig file is invalid or cannot be built; nothing was changed."""
+
+
+@dataclass
+class ReloadPlan:
+    adapters: dict[str, list[str]] = field(default_factory=dict)  # kept/changed/added/removed
+    sinks: dict[str, list[str]] = field(default_factory=dict)
+    restart_only: list[str] = field(default_factory=list)
+    settings: list[str] = field(default_factory=list)  # other top-level keys that changed
+
+    def describe(self) -> str:
+        parts = []
+        for kind, groups in (("adapters", self.adapters), ("sinks", self.sinks)):
+            words = [f"{verb} {', '.join(names)}" for verb in ("changed", "added", "removed",
+                                                                "kept")
+                     if (names := groups.get(verb))]
+            if words:
+                parts.append(f"{kind}: " + "; ".join(words))
+        if self.settings:
+            parts.append("settings: " + ", ".join(self.settings))
+        return "; ".join(parts) or "nothing changed"
+
+
+@dataclass
+class ReloadResult:
+    plan: ReloadPlan
+    seconds: float
+    problems: list[str] = field(default_factory=list)  # parts that could not be applied
+
+
+def _same_entry(a: ComponentConfig, b: ComponentConfig) -> bool:
+    return (a.type == b.type and a.cls is b.cls and (a.tags or {}) == (b.tags or {})
+            and a.options == b.options)
+
+
+def _changed_settings(old: RigConfig, new: RigConfig) -> list[str]:
+    from plexus.config import GatewaySettings
+
+    return [name for name in GatewaySettings.model_fields
+            if getattr(old, name) != getattr(new, name)]
+
+
+def plan_reload(old: RigConfig, new: RigConfig,
+                old_sinks: list[tuple[type, Any, str]],
+                new_sinks: list[tuple[type, Any, str]]) -> ReloadPlan:
+    """What a reload from ``old`` to ``new`` does (sinks as (class, options, name))."""
+    plan = ReloadPlan()
+    changed = _changed_settings(old, new)
+    plan.restart_only = [k for k in changed if k in RESTART_ONLY]
+    plan.settings = [k for k in changed if k not in RESTART_ONLY]
+    before = {c.name: c for c in old.adapters}
+    after = {c.name: c for c in new.adapters}
+    plan.adapters = {
+        "kept": [n for n in after if n in before and _same_entry(before[n], after[n])],
+        "changed": [n for n in after if n in before and not _same_entry(before[n], after[n])],
+        "added": [n for n in after if n not in before],
+        "removed": [n for n in before if n not in after],
+    }
+    every = any(k in changed for k in ALL_SINKS)
+    plexus_wide = any(k in changed for k in PLEXUS_SINKS)
+    old_by_name = {name: (cls, options) for cls, options, name in old_sinks}
+    plan.sinks = {"kept": [], "changed": [], "added": [], "removed": []}
+    for cls, options, name in new_sinks:
+        if name not in old_by_name:
+            plan.sinks["added"].append(name)
+            continue
+        old_cls, old_options = old_by_name[name]
+        same = (old_cls is cls and old_options == options and not every
+                and not (plexus_wide and issubclass(cls, HttpSink)))
+        plan.sinks["kept" if same else "changed"].append(name)
+    names = {name for _, _, name in new_sinks}
+    plan.sinks["removed"] = [name for _, _, name in old_sinks if name not in names]
+    return plan
+
+
+class Reloader:
+    """Applies a rig file to a running :class:`~plexus.gateway.Gateway`.
+
+    Parameters:
+        gateway: the running gateway.
+        load: reads and validates the rig file (default: the CLI's ``load_rig``);
+            returns ``(config, registry)`` or raises ConfigErrors.
+        on_settings: called with the new config and the changed top-level
+            keys, after the rest is applied (the service applies metrics,
+            agent and log settings there).
+    """
+
+    def __init__(self, gateway: Any, *, load: Callable[[str], tuple[Any, Any]] | None = None,
+                 on_settings: Callable[[RigConfig, list[str]], None] | None = None) -> None:
+        self.gateway = gateway
+        self._load = load or _load_rig
+        self._on_settings = on_settings
+        self._lock = threading.Lock()  # one reload at a time
+        self.reloads = 0
+        self.failures = 0
+
+    def reload(self) -> ReloadResult:
+        """Re-read the rig file and apply it.
+
+        Raises:
+            ReloadRefused: the file is invalid or something new cannot be
+                built; the running gateway is untouched.
+        """
+        with self._lock:
+            started = time.monotonic()
+            try:
+                result = self._reload()
+            except ReloadRefused:
+                self.failures += 1
+                raise
+            result.seconds = time.monotonic() - started
+            self.reloads += 1
+            return result
+
+    # Steps -----------------------------------------------------------------------
+    def _reload(self) -> ReloadResult:
+        gw = self.gateway
+        path = gw.config.path
+        try:
+            new, _registry = self._load(path)
+        except ConfigErrors as exc:
+            raise ReloadRefused(_problems_text(path, exc)) from None
+        except PlexusError as exc:
+            raise ReloadRefused(f"{path}: {exc}") from None
+        old = gw.config
+        keep = {k: getattr(old, k) for k in RESTART_ONLY}
+        plan = plan_reload(old, new, _sink_triples(gw.sink_components(old)),
+                           _sink_triples(gw.sink_components(new)))
+        for key in plan.restart_only:
+            log.warning("reload: %s changed; it takes effect at the next restart (the running "
+                        "value stays)", key)
+        merged = new.model_copy(update=keep)
+        merged._lines = dict(getattr(new, "_lines", {}))
+        built = self._build(merged, plan)
+        problems = self._apply(merged, plan, built)
+        if self._on_settings is not None:
+            try:
+                self._on_settings(merged, plan.settings)
+            except Exception as exc:
+                problems.append(f"settings: {describe_error(exc)}")
+        return ReloadResult(plan, 0.0, problems)
+
+    def _build(self, new: RigConfig, plan: ReloadPlan) -> dict[str, Any]:
+        """Everything new, before anything running is touched; ReloadRefused if any fails."""
+        gw = self.gateway
+        problems: list[str] = []
+        adapters: dict[str, Adapter] = {}
+        entries = {c.name: c for c in new.adapters}
+        for name in plan.adapters["changed"] + plan.adapters["added"]:
+            try:
+                adapters[name] = gw.build_adapter(entries[name])
+            except Exception as exc:
+                problems.append(str(entries[name].problem(new.path, describe_error(exc))))
+        key, url = _key_and_url(gw, new)
+        old_key, old_url = gw._api_key, gw.gateway_url
+        gw._api_key, gw.gateway_url = key, url  # what build_sink gives Plexus sinks
+        sinks: dict[str, tuple[Sink, ComponentConfig | None, int]] = {}
+        buffers: dict[str, Any] = {}
+        try:
+            components = gw.sink_components(new)
+            for index, (cls, options, name, entry) in enumerate(components):
+                if name not in plan.sinks["changed"] + plan.sinks["added"]:
+                    continue
+                try:
+                    sinks[name] = (gw.build_sink(cls, options, name, new), entry, index)
+                    if name in plan.sinks["added"]:
+                        buffers[name] = gw.make_buffer(index, name)
+                        sinks[name][0].open(gw.source_id)
+                except Exception as exc:
+                    where = entry.problem(new.path, describe_error(exc)) if entry else \
+                        f"{new.path}: sink {name}: {describe_error(exc)}"
+                    problems.append(str(where))
+        finally:
+            if problems:
+                gw._api_key, gw.gateway_url = old_key, old_url
+        if problems:
+            for name, buffer in buffers.items():
+                buffer.close()
+                sinks[name][0].close()
+            raise ReloadRefused(f"{new.path}: {len(problems)} problem(s); nothing was "
+                                "changed:\n" + "\n".join(f"  {p}" for p in problems))
+        return {"adapters": adapters, "sinks": sinks, "buffers": buffers}
+
+    def _apply(self, new: RigConfig, plan: ReloadPlan, built: dict[str, Any]) -> list[str]:
+        gw = self.gateway
+        problems: list[str] = []
+        control = getattr(gw.commands, "control", None)
+        lock = control._lock if control is not None else threading.RLock()
+        with lock:
+            # Adapters that go or change stop first, so nothing they emit is
+            # routed to a sink that is leaving.
+            leaving = set(plan.adapters["changed"] + plan.adapters["removed"])
+            _stop_all([a for a, _ in gw.adapters if a.name in leaving])
+            problems += self._apply_sinks(new, plan, built)
+            try:
+                gw.pipeline.set_tags(new.tags or None)
+            except PlexusError as exc:
+                problems.append(f"tags: {exc}")
+            self._apply_session(new)
+            entries = {c.name: c for c in new.adapters}
+            running = {a.name: (a, t) for a, t in gw.adapters}
+            adapters: list[tuple[Adapter, dict[str, str] | None]] = []
+            for name, component in entries.items():
+                if name in built["adapters"]:
+                    adapter = built["adapters"][name]
+                    tags = component.tags or None
+                    try:
+                        adapter.start(SourceContext(gw.pipeline, tags))
+                    except Exception as exc:  # as at start: counted, and the rest goes on
+                        adapter.state = "failed"
+                        adapter.errors += 1
+                        adapter.last_error = describe_error(exc)
+                        problems.append(f"adapter {name} failed to start: {adapter.last_error}")
+                    if control is not None:
+                        control.streams.apply_to(adapter)
+                    adapters.append((adapter, tags))
+                elif name in running:
+                    adapters.append(running[name])
+            gw.adapters[:] = adapters  # in place: the commands' Control holds this list
+            gw.entries = dict(entries)
+            gw.config = new
+        return problems
+
+    def _apply_sinks(self, new: RigConfig, plan: ReloadPlan, built: dict[str, Any]) -> list[str]:
+        gw = self.gateway
+        problems: list[str] = []
+        options = gw.uploader_options(new)
+        lanes = {lane.sink.name: lane for lane in gw.pipeline.lanes}
+        for name in plan.sinks["added"]:
+            sink, _entry, _index = built["sinks"][name]
+            lane = gw.pipeline.add_lane(sink, built["buffers"][name], **options)
+            lane.uploader.start()
+        for name in plan.sinks["changed"]:
+            sink, _entry, _index = built["sinks"][name]
+            problem = _hand_over(lanes[name], sink, gw.source_id, options)
+            if problem:
+                problems.append(problem)
+        for name in plan.sinks["removed"]:
+            lane = lanes[name]
+            gw.pipeline.remove_lane(lane)
+            threading.Thread(target=_retire, args=(lane, new.grace_period), daemon=True,
+                             name=f"plexus-retire:{name}").start()
+        entries = {c.name: c for c in new.sinks}
+        gw.sinks = [(lane.sink, entries.get(lane.sink.name)) for lane in gw.pipeline.lanes]
+        return problems
+
+    def _apply_session(self, new: RigConfig) -> None:
+        gw = self.gateway
+        old = gw.config
+        if (old.session, old.session_tags) == (new.session, new.session_tags):
+            return
+        if old.session:
+            gw.pipeline.end_session(old.session)
+        if new.session:
+            try:
+                gw.pipeline.begin_session(new.session, new.session_tags or None)
+            except PlexusError as exc:
+                log.error("reload: session %r could not begin: %s", new.session, exc)
+
+
+def _hand_over(lane: Lane, sink: Sink, source_id: str, options: dict[str, Any]) -> str | None:
+    """Give ``lane``'s buffer to ``sink`` with a new uploader; the old sink closes.
+
+    Returns a problem (the old sink keeps the lane) or None.
+    """
+    old_uploader, old_sink = lane.uploader, lane.sink
+    old_uploader.stop(0.0)  # ends after the request on the wire, if any; nothing drained
+    timeout = getattr(getattr(old_sink, "options", None), "timeout", None)
+    if not old_uploader.join(float(timeout or 30.0) + 10.0):
+        # Its request outlived the sink's own timeout: the new uploader would
+        # fight it for the batch. Keep the old sink; health reports it wedged.
+        sink.close()
+        return (f"sink {old_sink.name}: its request did not end in time; the old sink keeps "
+                "its settings until a restart")
+    try:
+        sink.open(source_id)
+    except Exception as exc:
+        _restart(lane, old_sink, old_uploader, options)
+        sink.close()
+        return f"sink {old_sink.name}: the new settings cannot open ({describe_error(exc)}); " \
+               "the old ones stay"
+    lane.buffer.set_codec(sink.codec(source_id))
+    uploader = Uploader(lane.buffer, sink, **options)
+    uploader.side = old_uploader.side
+    uploader.stats = old_uploader.stats  # the sink's counts go on across the reload
+    lane.sink, lane.uploader = sink, uploader
+    uploader.start()
+    try:
+        old_sink.close()
+    except Exception as exc:
+        log.warning("closing the old sink %s failed: %s", old_sink.name, describe_error(exc))
+    return None
+
+
+def _restart(lane: Lane, sink: Sink, old: Uploader, options: dict[str, Any]) -> None:
+    uploader = Uploader(lane.buffer, sink, **options)
+    uploader.side = old.side
+    uploader.stats = old.stats
+    lane.uploader = uploader
+    uploader.start()
+
+
+def _retire(lane: Lane, grace: float) -> None:
+    """A removed sink: deliver for up to ``grace`` seconds, then close, as at shutdown."""
+    lane.uploader.stop(grace)
+    left = len(lane.buffer)
+    if left:
+        log.warning("sink %s was removed with %d points not delivered%s", lane.sink.name, left,
+                    "; they stay in its persistent buffer" if hasattr(lane.buffer, "path")
+                    else " (memory buffer: lost)")
+    try:
+        lane.buffer.close()
+    finally:
+        lane.sink.close()
+
+
+def _stop_all(adapters: list[Adapter]) -> None:
+    threads = [threading.Thread(target=a.stop, args=(2.0,)) for a in adapters]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def _sink_triples(components: list[tuple[type, Any, str, Any]]) -> list[tuple[type, Any, str]]:
+    return [(cls, options, name) for cls, options, name, _entry in components]
+
+
+def _key_and_url(gw: Any, config: RigConfig) -> tuple[Secret | None, str | None]:
+    """The key and URL ``config`` gives Plexus sinks, resolved as at start."""
+    from plexus.client import read_user_config
+
+    if gw.receiver is not None:  # the bundled receiver stays (local_receiver is restart-only)
+        return gw._api_key, gw.gateway_url
+    user = read_user_config()
+    key = config.api_key or os.environ.get("PLEXUS_API_KEY") or user.get("api_key")
+    url = config.gateway_url or os.environ.get("PLEXUS_GATEWAY_URL") or user.get("gateway_url")
+    return (Secret(key) if key else None), url
+
+
+def _problems_text(path: str, exc: Exception) -> str:
+    problems = getattr(exc, "errors", None) or [exc]
+    count = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
+    return f"{path}: {count}; the running configuration is unchanged:\n" + \
+        "\n".join(f"  {p}" for p in problems)
+
+
+def _load_rig(path: str) -> tuple[Any, Any]:
+    from plexus.cli.common import load_rig
+
+    return load_rig(path)
