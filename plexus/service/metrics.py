@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from plexus.errors import ConfigError
+from plexus.errors import ConfigError, PlexusError
 from plexus.service.figures import Figures, Snapshot
 
 __all__ = ["MetricsServer", "parse_listen"]
@@ -55,8 +55,8 @@ class MetricsServer:
         health: returns the reasons the gateway is unhealthy (empty: healthy).
 
     Raises:
-        ConfigError: prometheus-client is not installed, or the address
-            cannot be listened on.
+        ConfigError: prometheus-client is not installed.
+        PlexusError: the address cannot be listened on (in use...).
     """
 
     def __init__(self, figures: Figures, listen: str = DEFAULT_LISTEN,
@@ -74,8 +74,8 @@ class MetricsServer:
         host, port = parse_listen(listen)
         try:
             self._server = ThreadingHTTPServer((host, port), _handler(self))
-        except OSError as exc:
-            raise ConfigError(f"metrics: cannot listen on {listen}: {exc.strerror or exc}") \
+        except OSError as exc:  # not a config error: the port may be free at the next try
+            raise PlexusError(f"metrics: cannot listen on {listen}: {exc.strerror or exc}") \
                 from exc
         self._server.daemon_threads = True
         self.host, self.port = host, int(self._server.server_address[1])
@@ -97,7 +97,7 @@ class MetricsServer:
         return self
 
     def stop(self) -> None:
-        if self._thread is not None:
+        if self._thread is not None:  # shutdown() waits for serve_forever: only once started
             self._server.shutdown()
             self._thread.join(5.0)
             self._thread = None

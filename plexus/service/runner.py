@@ -66,13 +66,16 @@ class Service:
     # Start and stop --------------------------------------------------------------
     def open(self) -> None:
         """Bind the metrics endpoint (before the gateway starts, so a busy port
-        fails the start). Raises ConfigError (prometheus-client missing) or
-        PlexusError (the address cannot be listened on)."""
-        self._apply_metrics(self.gateway.config)
+        fails the start; it answers once the gateway is up). Raises ConfigError
+        (prometheus-client missing) or PlexusError (the address cannot be
+        listened on)."""
+        self._apply_metrics(self.gateway.config, serve=False)
 
     def started(self) -> None:
         """The gateway's adapters and sinks are up: the agent, log events, READY=1."""
         self.figures.started_at = self.gateway.started_at or time.time()
+        if self.metrics is not None:
+            self.metrics.start()
         self._apply_agent(self.gateway.config)
         self._apply_log_events(self.gateway.config)
         self.tick()
@@ -190,7 +193,7 @@ class Service:
         if "log_events" in changed or "log_events_per_minute" in changed:
             self._apply_log_events(config)
 
-    def _apply_metrics(self, config: RigConfig) -> None:
+    def _apply_metrics(self, config: RigConfig, serve: bool = True) -> None:
         listen = config.metrics.listen
         if self.metrics is not None and (listen is None or listen != self._metrics_listen):
             self.metrics.stop()
@@ -198,8 +201,10 @@ class Service:
         if listen is not None and self.metrics is None:
             from plexus.service.metrics import MetricsServer
 
-            self.metrics = MetricsServer(self.figures, listen, health=self.problems).start()
+            self.metrics = MetricsServer(self.figures, listen, health=self.problems)
             self._metrics_listen = listen
+            if serve:
+                self.metrics.start()
 
     def _apply_agent(self, config: RigConfig) -> None:
         settings = config.agent_metrics
