@@ -76,6 +76,17 @@ def readings(snapshot: Snapshot) -> list[Reading]:
     return out
 
 
+class SideQueue(MemoryBuffer):
+    """A lane's queue of health points: a memory ring that drops its oldest quietly
+    (losing an old report costs only resolution: the totals ride on the next one)."""
+
+    def __init__(self, max_points: int = DEFAULT_MAX_WAITING) -> None:
+        super().__init__(max_points, "drop_oldest")
+
+    def _count_drops(self, n: int) -> None:
+        self.dropped += n
+
+
 class AgentReporter:
     """Queue a report on each chosen lane every ``interval`` seconds.
 
@@ -114,7 +125,7 @@ class AgentReporter:
             if self.sinks is not None and lane.sink.name not in self.sinks:
                 lane.uploader.side = None  # no longer chosen: its reports go
             elif lane.uploader.side is None:
-                lane.uploader.side = MemoryBuffer(self.max_waiting, "drop_oldest")
+                lane.uploader.side = SideQueue(self.max_waiting)
 
     def report(self) -> int:
         """Queue one report now; returns how many points it has."""
