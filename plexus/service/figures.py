@@ -167,12 +167,14 @@ class Figures:
         lanes: returns the pipeline's lanes (sink, buffer, uploader).
         link: returns the device link, or None.
         commands: returns the command center, or None.
+        service: returns the owner's own figures (reloads...), by name.
         started_at: wall-clock start, for the uptime.
     """
 
     def __init__(self, source_id: str, *, adapters: Callable[[], list[Any]],
                  lanes: Callable[[], list[Any]], link: Callable[[], Any] = lambda: None,
                  commands: Callable[[], Any] = lambda: None,
+                 service: Callable[[], dict[str, float]] = dict,
                  started_at: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.source_id = source_id
@@ -182,9 +184,8 @@ class Figures:
         self._commands = commands
         self.started_at = time.time() if started_at is None else started_at
         self._clock = clock
-        self._lag: dict[int, LagTracker] = {}  # by id(lane): a reloaded sink starts afresh
-        #: the gateway's own figures (reloads, main loop), set by its owner
-        self.service: dict[str, float] = {}
+        self._lag: dict[int, LagTracker] = {}  # by id(lane)
+        self._service = service
 
     def tick(self) -> None:
         """Record how far each lane has got (for the upload lag); call about once a second."""
@@ -203,7 +204,7 @@ class Figures:
             adapters=[adapter_figures(a, now) for a in self._adapters()],
             sinks=[self._sink(lane) for lane in self._lanes()],
             link=link_figures(self._link()), commands=command_figures(self._commands()),
-            service=dict(self.service),
+            service=dict(self._service()),
         )
 
     def _sink(self, lane: Any) -> SinkFigures:

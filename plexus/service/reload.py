@@ -78,7 +78,15 @@ class ReloadPlan:
                 parts.append(f"{kind}: " + "; ".join(words))
         if self.settings:
             parts.append("settings: " + ", ".join(self.settings))
-        return "; ".join(parts) or "nothing changed"
+        if not self.changed:
+            return "nothing changed" + (f" ({'; '.join(parts)})" if parts else "")
+        return "; ".join(parts)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.settings) or any(groups.get(verb) for groups in (self.adapters,
+                                                                          self.sinks)
+                                          for verb in ("changed", "added", "removed"))
 
 
 @dataclass

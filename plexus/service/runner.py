@@ -50,6 +50,8 @@ class Service:
             lanes=lambda: list(gateway.pipeline.lanes),
             link=lambda: getattr(gateway.commands, "link", None),
             commands=lambda: getattr(gateway.commands, "center", None),
+            service=lambda: {"reloads": self.reloader.reloads,
+                             "reload_failures": self.reloader.failures},
         )
         self.metrics: Any = None  # plexus.service.metrics.MetricsServer
         self._metrics_listen: str | None = None
@@ -100,8 +102,6 @@ class Service:
         now = time.monotonic()
         self._last_tick = now
         self.figures.tick()
-        self.figures.service.update(reloads=self.reloader.reloads,
-                                    reload_failures=self.reloader.failures)
         if self.agent is not None:
             self.agent.poll(now)
         if self._reload_wanted.is_set() and not self.reloading:
