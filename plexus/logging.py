@@ -62,10 +62,12 @@ class PlexusHandler(logging.Handler):
         per_minute: most events a minute (bursts up to twice that).
         secret: a key to keep out of events besides ``plx_...`` shapes;
             taken from a Plexus client by default.
+        clock: monotonic seconds, for the rate limit (injectable for tests).
     """
 
     def __init__(self, target: Any, level: int | str = logging.WARNING, *,
-                 per_minute: float = 10.0, secret: str | None = None) -> None:
+                 per_minute: float = 10.0, secret: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(_level(level))
         if per_minute <= 0:
             raise ValueError(f"per_minute must be positive, got {per_minute!r}")
@@ -74,13 +76,14 @@ class PlexusHandler(logging.Handler):
                                                        "reveal", lambda: None)()
         self._secret: str | None = key or None
         self.per_minute = float(per_minute)
+        self._clock = clock
         self._tokens = 2 * self.per_minute
-        self._refilled = time.monotonic()
+        self._refilled = clock()
         self.sent = 0
         self.suppressed = 0  # held back by the rate limit, ever
         self.failed = 0  # could not be sent (the target refused or was closed)
         self._held = 0  # held back since the last event sent
-        self._queue: deque[logging.LogRecord] = deque(maxlen=MAX_QUEUED)
+        self._queue: deque[tuple[logging.LogRecord, int]] = deque(maxlen=MAX_QUEUED)
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="plexus-log-events", daemon=True)
@@ -93,24 +96,25 @@ class PlexusHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if self._closed or threading.current_thread() is self._thread:
             return  # what sending an event logs is never sent again
-        if not self._take_token():
-            self._held += 1
-            self.suppressed += 1
-            return
         with self._wake:
-            self._queue.append(record)
+            if not self._take_token():
+                self._held += 1
+                self.suppressed += 1
+                return
+            # The records held back since the last one that went ride on this one.
+            self._queue.append((record, self._held))
+            self._held = 0
             self._wake.notify()
 
     def _take_token(self) -> bool:
-        now = time.monotonic()
-        with self._wake:
-            burst = 2 * self.per_minute
-            self._tokens = min(burst, self._tokens + (now - self._refilled) * self.per_minute / 60)
-            self._refilled = now
-            if self._tokens < 1:
-                return False
-            self._tokens -= 1
-            return True
+        now = self._clock()
+        burst = 2 * self.per_minute
+        self._tokens = min(burst, self._tokens + (now - self._refilled) * self.per_minute / 60)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
     # The sending thread -------------------------------------------------------------
     def _run(self) -> None:
@@ -120,13 +124,12 @@ class PlexusHandler(logging.Handler):
                     self._wake.wait()
                 if not self._queue:
                     return
-                record = self._queue.popleft()
-            self._deliver(record)
+                record, held = self._queue.popleft()
+            self._deliver(record, held)
             with self._wake:
                 self._wake.notify_all()  # flush() waits for an empty queue
 
-    def _deliver(self, record: logging.LogRecord) -> None:
-        held, self._held = self._held, 0
+    def _deliver(self, record: logging.LogRecord, held: int) -> None:
         try:
             data = self.event_data(record, held)
             self._send(EVENT_NAME, data, {"level": record.levelname.lower(),
@@ -134,7 +137,6 @@ class PlexusHandler(logging.Handler):
             self.sent += 1
         except Exception:  # a closed client, a refused key: the log itself must go on
             self.failed += 1
-            self._held += held
 
     def event_data(self, record: logging.LogRecord, held: int = 0) -> dict[str, Any]:
         """The event's data for ``record``: redacted, and cut to 4 KB of JSON."""
@@ -150,10 +152,17 @@ class PlexusHandler(logging.Handler):
             message = f"{record.msg!r} (could not be formatted: {exc})"
         message = self._clean(message)
         data["message"] = message
-        while go_json_size(_dumps(data)) > MAX_JSON_VALUE_BYTES:
-            over = go_json_size(_dumps(data)) - MAX_JSON_VALUE_BYTES
-            keep = max(0, len(data["message"]) - max(over, 16) - 3)
-            data["message"] = data["message"][:keep] + "..."
+        if go_json_size(_dumps(data)) > MAX_JSON_VALUE_BYTES:
+            # The most characters that fit: sizes count Go's escapes (< > & are 6 bytes).
+            low, high = 0, len(message)
+            while low < high:
+                mid = (low + high + 1) // 2
+                data["message"] = message[:mid] + "..."
+                if go_json_size(_dumps(data)) <= MAX_JSON_VALUE_BYTES:
+                    low = mid
+                else:
+                    high = mid - 1
+            data["message"] = message[:low] + "..."
         return data
 
     def _clean(self, text: str) -> str:
