@@ -8,7 +8,8 @@ entry has been built (a callable that does not import, a bad source id):
   it names exist and load (CAN databases, captures, TLS certificates),
   settings only its driver can judge;
 - a Plexus sink has an API key from somewhere;
-- the folders a persistent buffer or a file sink will write to can be written.
+- the folders a persistent buffer or a file sink will write to can be written;
+- the metrics endpoint's library is installed and its address is free.
 
 Online (``--check --online``) it also touches the world without sending any
 data: the platform is asked to accept the key with an empty ``points`` list
@@ -66,6 +67,7 @@ def check_gateway(gateway: Gateway, *, online: bool = False,
                 problems.append(sink_entry.problem(config.path, str(exc)) if sink_entry
                                 else config.problem("sinks", str(exc)))
     problems += _writable_places(gateway)
+    problems += _metrics_endpoint(gateway)
     if online:
         for sink, sink_entry in gateway.sinks:
             if isinstance(sink, HttpSink) and gateway.has_api_key \
@@ -137,6 +139,30 @@ def _writable_places(gateway: Gateway) -> list[ConfigProblem]:
         if reason:
             problems.append(entry.problem(config.path, reason))
     return problems
+
+
+def _metrics_endpoint(gateway: Gateway) -> list[ConfigProblem]:
+    """``metrics.listen``: the library is installed and the address can be listened on."""
+    import importlib.util
+    import socket
+
+    config = gateway.config
+    listen = config.metrics.listen
+    if listen is None:
+        return []
+    if importlib.util.find_spec("prometheus_client") is None:
+        return [config.problem("metrics", "the Prometheus endpoint needs prometheus-client: "
+                                          "pip install 'plexus-gateway[metrics]'")]
+    from plexus.service.metrics import parse_listen
+
+    host, port = parse_listen(listen)
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, port))
+    except OSError as exc:
+        return [config.problem("metrics", f"cannot listen on {listen}: {exc.strerror or exc}")]
+    return []
 
 
 def _cannot_write(path: Path) -> str | None:

@@ -130,6 +130,24 @@ def test_a_busy_port_fails_the_start_with_a_clear_message(tmp_path):
     assert f"metrics: cannot listen on 127.0.0.1:{port}" in gw.log
 
 
+def test_check_reports_a_busy_metrics_port(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rig = tmp_path / "rig.yaml"
+        rig.write_text(f"source_id: rig-01\napi_key: plx_k\n"
+                       f"metrics: {{listen: '127.0.0.1:{port}'}}\n"
+                       f"adapters:\n  - type: callable\n    function: {FUNCS}:number\n"
+                       "    metric: t\n")
+        result = subprocess.run([sys.executable, "-m", "plexus.cli", "--config", str(rig),
+                                 "--check"], capture_output=True, text=True)
+    assert result.returncode == 78, result.stderr
+    assert f"metrics: cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
 @pytest.mark.parametrize("listen", ["9273", "localhost:http", "127.0.0.1:70000"])
 def test_a_bad_listen_address_is_a_config_error(tmp_path, listen):
     rig = tmp_path / "rig.yaml"
