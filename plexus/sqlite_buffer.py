@@ -1082,6 +1082,8 @@ def buffer_stats(path: str | os.PathLike[str]) -> dict[str, Any]:
         else:  # an older schema, converted when a client opens it
             count = conn.execute("SELECT COUNT(*) FROM points").fetchone()[0]
             stamps = []
+        losses = dict(conn.execute("SELECT name, value FROM counters").fetchall()) \
+            if "counters" in tables else {}
     finally:
         conn.close()
     size = sum(Path(f"{p}{s}").stat().st_size for s in ("", "-wal") if Path(f"{p}{s}").exists())
@@ -1099,7 +1101,8 @@ def buffer_stats(path: str | os.PathLike[str]) -> dict[str, Any]:
                        for pt in _safe_points(codec, codec.block([r]))]
     return {"path": str(p), "points": count + pending,
             "oldest_ms": min(stamps) if stamps else None,
-            "newest_ms": max(stamps) if stamps else None, "bytes": size}
+            "newest_ms": max(stamps) if stamps else None, "bytes": size,
+            "losses": {k: int(v) for k, v in losses.items() if v}}
 
 
 def _block_stamps(tag: str, data: bytes) -> list[int]:

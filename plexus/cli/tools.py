@@ -195,6 +195,9 @@ def cmd_buffer(argv: list[str]) -> int:
     print(f"{stats['path']}: {stats['points']} points, {stats['bytes']} bytes")
     if stats["points"]:
         print(f"  oldest: {_fmt_ms(stats['oldest_ms'])}\n  newest: {_fmt_ms(stats['newest_ms'])}")
+    if stats.get("losses"):  # stored with the points: they survive crashes
+        print("  lost since the file was made: " + ", ".join(
+            f"{reason} {n}" for reason, n in sorted(stats["losses"].items())))
     if not args.flush:
         return ExitCode.OK
     from plexus.client import Plexus

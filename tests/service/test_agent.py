@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,9 @@ def test_drop_count_survives_kill_9(tmp_path, plexus_receiver_factory):
     gw.wait()
     before = stored_losses(db)["buffer_full"]  # what the crash left on disk
     assert before > 1000
+    shown = subprocess.run([sys.executable, "-m", "plexus.cli", "buffer", "--path", str(db)],
+                           capture_output=True, text=True)
+    assert f"lost since the file was made: buffer_full {before}" in shown.stdout, shown.stderr
 
     rx.come_up()
     again = GatewayProcess(rig)
