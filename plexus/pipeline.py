@@ -8,6 +8,13 @@ several sinks never lets a slow or failing sink stall or starve another:
 the failing one's buffer fills (and, if it overflows, drops its own oldest
 points, counted) while the others keep delivering.
 
+A sink with upload rules (:mod:`plexus.upload_rules`) may have a second,
+"held" lane: points of the metrics its ``hold`` patterns name go to a
+buffer of their own, whose uploader pauses while the hold condition is
+true. Which lane a metric goes to is decided once per metric name and kept
+in a dict, so the hot path gains a lookup, not a pattern match. Both lanes
+share the sink (taking turns) and its byte budget.
+
 Sessions are pipeline-wide (every thread, every source): the points carry
 the tag ``session_id=<id>`` plus the session's tags. Sessions nest: the
 innermost one's id wins, tags merge with inner tags winning, and ending the
@@ -21,8 +28,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from plexus.buffer import Buffer
 from plexus.errors import ClientClosedError, PlexusError, PointTypeError, ValidationError
@@ -41,6 +48,10 @@ from plexus.point import (
 from plexus.sinks.base import Sink
 from plexus.uploader import Uploader
 
+if TYPE_CHECKING:  # imported when a sink has rules: `import plexus` stays lean
+    from plexus.conditions import HoldGate
+    from plexus.upload_rules import ByteBudget, UploadRules
+
 log = logging.getLogger(__name__)
 _time_ns = time.time_ns
 # A metric this short cannot exceed 256 bytes of UTF-8 (4 bytes a character at most).
@@ -48,12 +59,38 @@ _FAST_METRIC_CHARS = MAX_METRIC_CHARS // 4
 
 
 @dataclass
+class HeldLane:
+    """The second lane of a sink with hold rules: held points wait here while the gate is shut."""
+
+    buffer: Buffer
+    uploader: Uploader
+    gate: HoldGate
+
+
+@dataclass
 class Lane:
-    """One sink with its own buffer and uploader."""
+    """One sink with its own buffer and uploader (and, with hold rules, a held lane)."""
 
     sink: Sink
     buffer: Buffer
     uploader: Uploader
+    rules: UploadRules | None = None
+    budget: ByteBudget | None = None
+    held: HeldLane | None = None
+    put: Callable[[Point], None] = field(init=False, repr=False)
+    put_many: Callable[[list[Point]], None] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.put = self.buffer.put
+        self.put_many = self.buffer.put_many
+
+    def __len__(self) -> int:
+        """Points of this sink not yet acknowledged, held ones included."""
+        return len(self.buffer) + (len(self.held.buffer) if self.held is not None else 0)
+
+    @property
+    def dropped(self) -> int:
+        return self.buffer.dropped + (self.held.buffer.dropped if self.held is not None else 0)
 
 
 class Pipeline:
@@ -74,18 +111,87 @@ class Pipeline:
         self._sessions: list[tuple[str, dict[str, str]]] = []
         self._session_lock = threading.Lock()
         self._context_tags: dict[str, str] | None = self._global_tags
-        self._put = self._put_nowhere
+        self._put: Callable[[Point], None] = self._put_nowhere
         self._alarm: Callable[[], None] | None = None
         self._closed = False
 
     # Building ------------------------------------------------------------
-    def add_lane(self, sink: Sink, buffer: Buffer, **uploader_options: Any) -> Lane:
-        """Add a sink with its own buffer; ``uploader_options`` go to :class:`Uploader`."""
-        buffer.set_codec(sink.codec(self.source_id))  # a persistent buffer stores what is sent
-        lane = Lane(sink, buffer, Uploader(buffer, sink, **uploader_options))
+    def add_lane(
+        self,
+        sink: Sink,
+        buffer: Buffer,
+        *,
+        rules: UploadRules | None = None,
+        held_buffer: Buffer | None = None,
+        hold_check: Callable[[], bool | None] | None = None,
+        **uploader_options: Any,
+    ) -> Lane:
+        """Add a sink with its own buffer (see :meth:`make_lane` for the parameters)."""
+        lane = self.make_lane(sink, buffer, rules=rules, held_buffer=held_buffer,
+                              hold_check=hold_check, **uploader_options)
         self.lanes = [*self.lanes, lane]  # a new list: readers iterate without a lock
         self._rewire()
         return lane
+
+    def make_lane(
+        self,
+        sink: Sink,
+        buffer: Buffer,
+        *,
+        rules: UploadRules | None = None,
+        held_buffer: Buffer | None = None,
+        hold_check: Callable[[], bool | None] | None = None,
+        **uploader_options: Any,
+    ) -> Lane:
+        """A lane for ``sink`` over ``buffer``, not yet in the pipeline (:meth:`add_lane`,
+        :meth:`replace_lane`); ``uploader_options`` go to :class:`Uploader`.
+
+        Parameters:
+            rules: the sink's upload rules: a byte budget, and metrics to hold.
+            held_buffer: where held points wait; required when ``rules`` hold
+                metrics. Make it persistent: a memory buffer drops the oldest held
+                points in a long hold and loses them all on exit (a rig file that
+                holds with the memory buffer is refused for that reason).
+            hold_check: evaluates the hold condition instead of the rule's own
+                check (for tests, and for conditions set by code).
+
+        Raises:
+            ValueError: ``rules`` hold metrics and no ``held_buffer`` is given.
+        """
+        holding = rules is not None and bool(rules.hold)
+        if holding and held_buffer is None:
+            raise ValueError(f"sink {sink.name}: hold rules need a held_buffer")
+        codec = sink.codec(self.source_id)
+        buffer.set_codec(codec)  # a persistent buffer stores what is sent
+        budget = None
+        if rules is not None and rules.max_bytes_per_s:
+            from plexus.upload_rules import ByteBudget
+
+            budget = ByteBudget(rules.max_bytes_per_s, rules.burst_bytes)
+        send_lock = threading.Lock() if holding else None
+        lane = Lane(sink, buffer, Uploader(buffer, sink, budget=budget, send_lock=send_lock,
+                                           **uploader_options), rules, budget)
+        if holding:
+            assert rules is not None and held_buffer is not None
+            from plexus.conditions import HoldGate  # subprocess & co. only when a rig holds
+            from plexus.upload_rules import MetricRouter
+
+            held_buffer.set_codec(codec)
+            gate = HoldGate(sink.name, rules, held_buffer, check=hold_check)
+            held_uploader = Uploader(held_buffer, sink, budget=budget, send_lock=send_lock,
+                                     gate=gate.is_open, label=f"{sink.name} (held)",
+                                     **uploader_options)
+            gate.add_listener(held_uploader.wake)
+            lane.held = HeldLane(held_buffer, held_uploader, gate)
+            router = MetricRouter(rules.hold, rules.always, buffer.put, held_buffer.put,
+                                  buffer.put_many, held_buffer.put_many)
+            lane.put, lane.put_many = router.put, router.put_many
+        return lane
+
+    def replace_lane(self, old: Lane, new: Lane) -> None:
+        """Put ``new`` where ``old`` was (a reload handed its buffer over)."""
+        self.lanes = [new if lane is old else lane for lane in self.lanes]
+        self._rewire()
 
     def remove_lane(self, lane: Lane) -> None:
         """Stop putting points in ``lane`` (a reload removed its sink); the caller
@@ -100,7 +206,7 @@ class Pipeline:
         if not lanes:
             self._put = self._put_nowhere
         elif len(lanes) == 1:
-            self._put = lanes[0].buffer.put
+            self._put = lanes[0].put
         else:
             self._put = self._put_everywhere
 
@@ -122,7 +228,15 @@ class Pipeline:
     def start(self) -> None:
         for lane in self.lanes:
             lane.sink.open(self.source_id)
-            lane.uploader.start()
+            self.start_lane(lane)
+
+    @staticmethod
+    def start_lane(lane: Lane) -> None:
+        """Start a lane's uploaders (its sink is open)."""
+        lane.uploader.start()
+        if lane.held is not None:
+            lane.held.uploader.start()
+            lane.held.gate.start()
 
     # The hot path --------------------------------------------------------
     def emit(
@@ -214,7 +328,7 @@ class Pipeline:
                 raise type(exc)(f"points[{i}]: {exc}") from exc
             points.append((metric, value, point_ts, point_tags))
         for lane in self.lanes:
-            lane.buffer.put_many(points)
+            lane.put_many(points)
         if self._alarm is not None:
             self._alarm()
         return len(points)
@@ -248,7 +362,7 @@ class Pipeline:
         errors: list[PlexusError] = []
         for lane in self.lanes:
             try:
-                lane.buffer.put(point)
+                lane.put(point)
             except PlexusError as exc:  # one sink's buffer failing must not starve the others
                 errors.append(exc)
         if errors:
@@ -302,17 +416,21 @@ class Pipeline:
 
     # Delivery ------------------------------------------------------------
     def __len__(self) -> int:
-        """Points not yet acknowledged by every sink (the slowest lane's count)."""
-        return max((len(lane.buffer) for lane in self.lanes), default=0)
+        """Points not yet acknowledged by every sink (the slowest sink's count, held included)."""
+        return max((len(lane) for lane in self.lanes), default=0)
 
     @property
     def dropped(self) -> int:
-        return sum(lane.buffer.dropped for lane in self.lanes)
+        return sum(lane.dropped for lane in self.lanes)
 
     def flush(self, timeout: float | None = None) -> bool:
+        """Deliver what every lane holds; False when held points stay (a hold is on)."""
+        done = True
         for lane in self.lanes:
             lane.uploader.flush(timeout)
-        return True
+            if lane.held is not None:
+                done = lane.held.uploader.flush(timeout) and done
+        return done
 
     @property
     def closed(self) -> bool:
@@ -327,13 +445,16 @@ class Pipeline:
         deadline = time.monotonic() + timeout
         threads = []
         for lane in self.lanes:
-            if lane.uploader.running:
-                # Lanes drain in parallel so one dead sink does not eat the others' time.
-                thread = threading.Thread(
-                    target=lane.uploader.stop, args=(max(0.0, deadline - time.monotonic()),)
-                )
-                thread.start()
-                threads.append(thread)
+            uploaders = [lane.uploader] + ([lane.held.uploader] if lane.held else [])
+            for uploader in uploaders:
+                if uploader.running:
+                    # Lanes drain in parallel so one dead sink does not eat the others'
+                    # time. A held lane that is holding stops at once.
+                    thread = threading.Thread(
+                        target=uploader.stop, args=(max(0.0, deadline - time.monotonic()),)
+                    )
+                    thread.start()
+                    threads.append(thread)
         for thread in threads:
             thread.join()
         for lane in self.lanes:
@@ -343,10 +464,21 @@ class Pipeline:
                             lane.sink.name,
                             "; they stay in the persistent buffer" if _persistent(lane.buffer)
                             else " and are lost (memory buffer)")
+            held = lane.held
             try:
-                lane.buffer.close()
+                if held is not None:
+                    held.gate.stop()
+                    if len(held.buffer):
+                        log.log(logging.INFO if _persistent(held.buffer) else logging.WARNING,
+                                "%d held points of %s %s", len(held.buffer), lane.sink.name,
+                                "stay in the persistent buffer until the hold clears"
+                                if _persistent(held.buffer) else "are lost (memory buffer)")
+                    held.buffer.close()
             finally:
-                lane.sink.close()
+                try:
+                    lane.buffer.close()
+                finally:
+                    lane.sink.close()
 
 
 def _persistent(buffer: Buffer) -> bool:

@@ -19,6 +19,10 @@ The rules (docs/operations.md says the same to users):
    its persistent buffer (a memory buffer's rest is lost, and logged).
    Changing ``batch`` or ``retry`` changes every sink; ``api_key``,
    ``gateway_url``, ``verify_tls`` and ``timeout`` change every Plexus sink.
+   A sink's ``upload:`` rules count as its options: a change hands over the
+   held lane's buffer too (a sink that starts holding gets one); a sink
+   that stops holding keeps its old settings until a restart, so its held
+   points are not stranded.
 5. ``tags``, ``session``/``session_tags``, ``grace_period``, ``log_level``,
    ``status_interval``, ``metrics``, ``agent_metrics`` and ``log_events``
    apply at once. ``source_id``, ``buffer``, ``local_receiver`` and
@@ -43,7 +47,6 @@ from plexus.pipeline import Lane, SourceContext
 from plexus.secret import Secret
 from plexus.sinks.base import Sink
 from plexus.sinks.http import HttpSink
-from plexus.uploader import Uploader
 
 __all__ = ["ReloadRefused", "ReloadResult", "Reloader", "plan_reload"]
 
@@ -109,9 +112,10 @@ def _changed_settings(old: RigConfig, new: RigConfig) -> list[str]:
 
 
 def plan_reload(old: RigConfig, new: RigConfig,
-                old_sinks: list[tuple[type, Any, str]],
-                new_sinks: list[tuple[type, Any, str]]) -> ReloadPlan:
-    """What a reload from ``old`` to ``new`` does (sinks as (class, options, name))."""
+                old_sinks: list[tuple[type, Any, str, Any]],
+                new_sinks: list[tuple[type, Any, str, Any]]) -> ReloadPlan:
+    """What a reload from ``old`` to ``new`` does (sinks as (class, options, name,
+    upload rules))."""
     plan = ReloadPlan()
     changed = _changed_settings(old, new)
     plan.restart_only = [k for k in changed if k in RESTART_ONLY]
@@ -126,18 +130,18 @@ def plan_reload(old: RigConfig, new: RigConfig,
     }
     every = any(k in changed for k in ALL_SINKS)
     plexus_wide = any(k in changed for k in PLEXUS_SINKS)
-    old_by_name = {name: (cls, options) for cls, options, name in old_sinks}
+    old_by_name = {name: (cls, options, rules) for cls, options, name, rules in old_sinks}
     plan.sinks = {"kept": [], "changed": [], "added": [], "removed": []}
-    for cls, options, name in new_sinks:
+    for cls, options, name, rules in new_sinks:
         if name not in old_by_name:
             plan.sinks["added"].append(name)
             continue
-        old_cls, old_options = old_by_name[name]
-        same = (old_cls is cls and old_options == options and not every
-                and not (plexus_wide and issubclass(cls, HttpSink)))
+        old_cls, old_options, old_rules = old_by_name[name]
+        same = (old_cls is cls and old_options == options and old_rules == rules
+                and not every and not (plexus_wide and issubclass(cls, HttpSink)))
         plan.sinks["kept" if same else "changed"].append(name)
-    names = {name for _, _, name in new_sinks}
-    plan.sinks["removed"] = [name for _, _, name in old_sinks if name not in names]
+    names = {name for _, _, name, _ in new_sinks}
+    plan.sinks["removed"] = [name for _, _, name, _ in old_sinks if name not in names]
     return plan
 
 
@@ -222,18 +226,33 @@ class Reloader:
         key, url = _key_and_url(gw, new)
         old_key, old_url = gw._api_key, gw.gateway_url
         gw._api_key, gw.gateway_url = key, url  # what build_sink gives Plexus sinks
-        sinks: dict[str, tuple[Sink, ComponentConfig | None, int]] = {}
-        buffers: dict[str, Any] = {}
+        sinks: dict[str, tuple[Sink, Any]] = {}  # the sink and its upload rules
+        buffers: dict[str, Any] = {}  # new sinks' buffers
+        held: dict[str, Any] = {}  # new held buffers (a sink that starts holding)
+        lanes = {lane.sink.name: lane for lane in gw.pipeline.lanes}
+        for name in list(plan.sinks["changed"]):
+            entry = next((c for c in new.sinks if c.name == name), None)
+            rules = gw.upload_rules(entry)
+            if lanes[name].held is not None and not (rules is not None and rules.hold):
+                # Its held points would have no lane to wait in: they stay where they are.
+                plan.sinks["changed"].remove(name)
+                plan.sinks.setdefault("kept", []).append(name)
+                log.warning("reload: sink %s no longer holds points; that change takes effect "
+                            "at the next restart (its held points stay with it)", name)
         try:
             components = gw.sink_components(new)
             for index, (cls, options, name, entry) in enumerate(components):
                 if name not in plan.sinks["changed"] + plan.sinks["added"]:
                     continue
                 try:
-                    sinks[name] = (gw.build_sink(cls, options, name, new), entry, index)
+                    rules = gw.upload_rules(entry)
+                    sinks[name] = (gw.build_sink(cls, options, name, new), rules)
+                    holds = rules is not None and bool(rules.hold)
                     if name in plan.sinks["added"]:
                         buffers[name] = gw.make_buffer(index, name)
                         sinks[name][0].open(gw.source_id)
+                    if holds and (name in plan.sinks["added"] or lanes[name].held is None):
+                        held[name] = gw.make_buffer(index, name, held=True)
                 except Exception as exc:
                     where = entry.problem(new.path, describe_error(exc)) if entry else \
                         f"{new.path}: sink {name}: {describe_error(exc)}"
@@ -242,12 +261,13 @@ class Reloader:
             if problems:
                 gw._api_key, gw.gateway_url = old_key, old_url
         if problems:
-            for name, buffer in buffers.items():
+            for buffer in [*buffers.values(), *held.values()]:
                 buffer.close()
+            for name in buffers:
                 sinks[name][0].close()
             raise ReloadRefused(f"{new.path}: {len(problems)} problem(s); nothing was "
                                 "changed:\n" + "\n".join(f"  {p}" for p in problems))
-        return {"adapters": adapters, "sinks": sinks, "buffers": buffers}
+        return {"adapters": adapters, "sinks": sinks, "buffers": buffers, "held": held}
 
     def _apply(self, new: RigConfig, plan: ReloadPlan, built: dict[str, Any]) -> list[str]:
         gw = self.gateway
@@ -295,12 +315,14 @@ class Reloader:
         options = gw.uploader_options(new)
         lanes = {lane.sink.name: lane for lane in gw.pipeline.lanes}
         for name in plan.sinks["added"]:
-            sink, _entry, _index = built["sinks"][name]
-            lane = gw.pipeline.add_lane(sink, built["buffers"][name], **options)
-            lane.uploader.start()
+            sink, rules = built["sinks"][name]
+            lane = gw.pipeline.add_lane(sink, built["buffers"][name], rules=rules,
+                                        held_buffer=built["held"].get(name), **options)
+            gw.pipeline.start_lane(lane)
         for name in plan.sinks["changed"]:
-            sink, _entry, _index = built["sinks"][name]
-            problem = _hand_over(lanes[name], sink, gw.source_id, options)
+            sink, rules = built["sinks"][name]
+            problem = _hand_over(gw.pipeline, lanes[name], sink, rules, built["held"].get(name),
+                                 options)
             if problem:
                 problems.append(problem)
         for name in plan.sinks["removed"]:
@@ -326,57 +348,72 @@ class Reloader:
                 log.error("reload: session %r could not begin: %s", new.session, exc)
 
 
-def _hand_over(lane: Lane, sink: Sink, source_id: str, options: dict[str, Any]) -> str | None:
-    """Give ``lane``'s buffer to ``sink`` with a new uploader; the old sink closes.
-
-    Returns a problem (the old sink keeps the lane) or None.
-    """
-    old_uploader, old_sink = lane.uploader, lane.sink
-    old_uploader.stop(0.0)  # ends after the request on the wire, if any; nothing drained
-    timeout = getattr(getattr(old_sink, "options", None), "timeout", None)
-    if not old_uploader.join(float(timeout or 30.0) + 10.0):
-        # Its request outlived the sink's own timeout: the new uploader would
-        # fight it for the batch. Keep the old sink; health reports it wedged.
+def _hand_over(pipeline: Any, lane: Lane, sink: Sink, rules: Any, new_held: Any,
+               options: dict[str, Any]) -> str | None:
+    """Give ``lane``'s buffer (and held buffer) to ``sink`` in a new lane; the old
+    sink closes. Returns a problem (the old sink keeps the lane) or None."""
+    olds = [lane.uploader] + ([lane.held.uploader] if lane.held is not None else [])
+    for uploader in olds:
+        uploader.stop(0.0)  # ends after the request on the wire, if any; nothing drained
+    if lane.held is not None:
+        lane.held.gate.stop()
+    timeout = getattr(getattr(lane.sink, "options", None), "timeout", None)
+    if not all(uploader.join(float(timeout or 30.0) + 10.0) for uploader in olds):
+        # Its request outlived the sink's own timeout: a new uploader would fight it
+        # for the batch. Health reports the lane stuck, and the watchdog restarts.
         sink.close()
-        return (f"sink {old_sink.name}: its request did not end in time; the old sink keeps "
-                "its settings until a restart")
+        if new_held is not None:
+            new_held.close()
+        return (f"sink {lane.sink.name}: its request did not end in time; its new settings "
+                "wait for a restart")
     try:
-        sink.open(source_id)
+        sink.open(pipeline.source_id)
     except Exception as exc:
-        _restart(lane, old_sink, old_uploader, options)
         sink.close()
-        return f"sink {old_sink.name}: the new settings cannot open ({describe_error(exc)}); " \
+        if new_held is not None:
+            new_held.close()
+        _restart(pipeline, lane, lane.sink, lane.rules, options)
+        return f"sink {lane.sink.name}: the new settings cannot open ({describe_error(exc)}); " \
                "the old ones stay"
-    lane.buffer.set_codec(sink.codec(source_id))
-    uploader = Uploader(lane.buffer, sink, **options)
-    uploader.side = old_uploader.side
-    uploader.stats = old_uploader.stats  # the sink's counts go on across the reload
-    lane.sink, lane.uploader = sink, uploader
-    uploader.start()
+    _swap(pipeline, lane, sink, rules, new_held, options)
     try:
-        old_sink.close()
+        lane.sink.close()
     except Exception as exc:
-        log.warning("closing the old sink %s failed: %s", old_sink.name, describe_error(exc))
+        log.warning("closing the old sink %s failed: %s", lane.sink.name, describe_error(exc))
     return None
 
 
-def _restart(lane: Lane, sink: Sink, old: Uploader, options: dict[str, Any]) -> None:
-    uploader = Uploader(lane.buffer, sink, **options)
-    uploader.side = old.side
-    uploader.stats = old.stats
-    lane.uploader = uploader
-    uploader.start()
+def _swap(pipeline: Any, lane: Lane, sink: Sink, rules: Any, new_held: Any,
+          options: dict[str, Any]) -> None:
+    """A new lane over ``lane``'s buffers, in its place, started."""
+    held = lane.held.buffer if lane.held is not None else new_held
+    if not (rules is not None and rules.hold):
+        held = None
+    new = pipeline.make_lane(sink, lane.buffer, rules=rules, held_buffer=held, **options)
+    new.uploader.side = lane.uploader.side  # health reports waiting for the sink
+    new.uploader.stats = lane.uploader.stats  # the sink's counts go on across the reload
+    pipeline.replace_lane(lane, new)
+    pipeline.start_lane(new)
+
+
+def _restart(pipeline: Any, lane: Lane, sink: Sink, rules: Any, options: dict[str, Any]) -> None:
+    _swap(pipeline, lane, sink, rules, None, options)
 
 
 def _retire(lane: Lane, grace: float) -> None:
     """A removed sink: deliver for up to ``grace`` seconds, then close, as at shutdown."""
+    if lane.held is not None:
+        lane.held.uploader.stop(0.0)  # held points wait for the hold to clear, on disk
+        lane.held.gate.stop()
     lane.uploader.stop(grace)
-    left = len(lane.buffer)
+    left = len(lane)
     if left:
         log.warning("sink %s was removed with %d points not delivered%s", lane.sink.name, left,
                     "; they stay in its persistent buffer" if hasattr(lane.buffer, "path")
                     else " (memory buffer: lost)")
     try:
+        if lane.held is not None:
+            lane.held.buffer.close()
         lane.buffer.close()
     finally:
         lane.sink.close()
@@ -390,8 +427,10 @@ def _stop_all(adapters: list[Adapter]) -> None:
         thread.join()
 
 
-def _sink_triples(components: list[tuple[type, Any, str, Any]]) -> list[tuple[type, Any, str]]:
-    return [(cls, options, name) for cls, options, name, _entry in components]
+def _sink_triples(components: list[tuple[type, Any, str, Any]]) -> list[tuple[type, Any, str, Any]]:
+    """(class, options, name, upload rules) of each sink."""
+    return [(cls, options, name, getattr(entry, "upload", None))
+            for cls, options, name, entry in components]
 
 
 def _key_and_url(gw: Any, config: RigConfig) -> tuple[Secret | None, str | None]:
