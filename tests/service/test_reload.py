@@ -185,3 +185,36 @@ def test_reload_without_a_rig_change_is_harmless_and_quick_to_repeat(tmp_path, p
         assert gw.stop() == 0, gw.log
     values = seq_values(plexus_receiver)
     assert values == list(range(len(values)))
+
+
+def test_a_holding_sink_hands_its_held_points_over(tmp_path, plexus_receiver_factory):
+    old, new = plexus_receiver_factory(), plexus_receiver_factory()
+    metered = tmp_path / "metered"
+    metered.touch()  # the hold is on: seq waits in the held buffer
+    port = free_port()
+    rig = tmp_path / "rig.yaml"
+
+    def write(url: str) -> None:
+        rig.write_text(
+            f"source_id: rig-01\napi_key: plx_test\nbuffer: {{type: sqlite, path: {tmp_path / 'b.db'}}}\n"
+            f"metrics: {{listen: '127.0.0.1:{port}'}}\nbatch: {{interval: 0.05}}\n"
+            "agent_metrics: {enabled: false}\nadapters:\n" + SEQ +
+            f"sinks:\n  - type: plexus\n    gateway_url: {url}\n"
+            f"    upload: {{hold: ['test.*'], hold_while: {{file: {metered}}}}}\n")
+
+    write(old.url)
+    gw = GatewayProcess(rig)
+    try:
+        gw.wait_log("metrics on")
+        assert wait_until(lambda: adapter_points(port, "seq") > 200)
+        assert old.count == 0  # all held
+        write(new.url)
+        gw.signal(signal.SIGHUP)
+        assert "sinks: changed plexus" in gw.wait_log("reloaded ")
+        metered.unlink()  # the hold clears: what was held goes to the new sink
+        assert wait_until(lambda: len(seq_values(new)) > 300, 30), gw.log
+    finally:
+        assert gw.stop() == 0, gw.log
+    values = seq_values(new)
+    assert values == list(range(len(values)))
+    assert old.count == 0
