@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from plexus.adapters.base import Adapter, describe_error
+from plexus.adapters.callable import CallableAdapter
 from plexus.buffer import DEFAULT_MAX_POINTS, Buffer, MemoryBuffer
 from plexus.client import config_path, read_user_config, resolve_source_id
 from plexus.config import ComponentConfig, ConfigErrors, ConfigProblem, RigConfig
@@ -125,7 +126,7 @@ class Gateway:
             try:
                 options = resolve_paths(component.options, self.base_dir)
                 kwargs: dict[str, Any] = {}
-                if component.type == "callable":
+                if issubclass(component.cls, CallableAdapter):
                     kwargs["base_dir"] = self.base_dir
                 adapter = component.cls(options, name=component.name, **kwargs)
             except Exception as exc:  # a plugin's constructor may raise anything
@@ -232,7 +233,7 @@ class Gateway:
             if problems:
                 continue  # nothing will run: open no buffer file
             self.pipeline.add_lane(
-                sink, self._make_buffer(index, name),
+                sink, self._make_buffer(index, name), tags=entry.tags if entry else None,
                 batch_size=cfg.batch.size, interval=cfg.batch.interval,
                 max_batch=cfg.batch.max_points, retry=retry,
             )
@@ -324,15 +325,26 @@ class Gateway:
         sinks = []
         for lane in self.pipeline.lanes:
             st = lane.uploader.stats
+            opener = lane.opener
+            opening = opener is not None and opener.state == "opening"
             sinks.append({
-                "name": lane.sink.name, "buffered": len(lane.buffer), "delivered": st.delivered,
+                "name": lane.sink.name, "state": opener.state if opener else "closed",
+                "buffered": len(lane.buffer), "delivered": st.delivered,
                 "dropped": lane.buffer.dropped, "rejected": st.rejected,
                 "since_last_upload": None if st.last_success is None
                 else round(now - st.last_success, 1),
-                "last_error": st.last_error,
+                "last_error": _open_error(opener) if opening else st.last_error,
             })
         return {"source_id": self.source_id, "session": self.pipeline.current_session,
                 "uptime": round(now - (self.started_at or now), 1),
                 "adapters": adapters, "sinks": sinks,
                 "link": None if self.commands is None else self.commands.status()}
 
+
+
+def _open_error(opener: Any) -> str:
+    """Why a sink is not open yet, and when it is tried again."""
+    text = f"cannot open: {opener.last_error}"
+    if opener.next_attempt_at is not None:
+        text += f"; next attempt in {max(0.0, opener.next_attempt_at - time.time()):.0f} s"
+    return text

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from plexus.buffer import Buffer
@@ -29,6 +29,7 @@ from plexus.errors import ClientClosedError, PlexusError, PointTypeError, Valida
 from plexus.point import (
     MAX_METRIC_CHARS,
     MAX_TAG_CHARS,
+    MAX_TAGS,
     Point,
     check_metric,
     check_tags,
@@ -37,10 +38,13 @@ from plexus.point import (
     timestamp_ms,
     validate_source_id,
 )
+from plexus.ratelimit import RateLimitedLog
+from plexus.sink_opener import SinkOpener
 from plexus.sinks.base import Sink
 from plexus.uploader import Uploader
 
 log = logging.getLogger(__name__)
+_tag_log = RateLimitedLog(log, interval=60.0)
 _time_ns = time.time_ns
 # A metric this short cannot exceed 256 bytes of UTF-8 (4 bytes a character at most).
 _FAST_METRIC_CHARS = MAX_METRIC_CHARS // 4
@@ -48,11 +52,25 @@ _FAST_METRIC_CHARS = MAX_METRIC_CHARS // 4
 
 @dataclass
 class Lane:
-    """One sink with its own buffer and uploader."""
+    """One sink with its own buffer and uploader.
+
+    ``put``/``put_many`` store a point in this lane: the buffer's own, or a
+    wrapper that adds the sink entry's tags.
+    """
 
     sink: Sink
     buffer: Buffer
     uploader: Uploader
+    tags: dict[str, str] | None = None
+    #: set by Pipeline.start: opens the sink, retrying while it cannot (plexus.sink_opener)
+    opener: SinkOpener | None = None
+    put: Callable[[Point], None] = field(init=False, repr=False)
+    put_many: Callable[[list[Point]], None] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.put, self.put_many = self.buffer.put, self.buffer.put_many
+        if self.tags:
+            self.put, self.put_many = _tagging(self.buffer, self.tags)
 
 
 class Pipeline:
@@ -73,26 +91,34 @@ class Pipeline:
         self._sessions: list[tuple[str, dict[str, str]]] = []
         self._session_lock = threading.Lock()
         self._context_tags: dict[str, str] | None = self._global_tags
-        self._put = self._put_nowhere
+        self._put: Callable[[Point], None] = self._put_nowhere
         self._alarm: Callable[[], None] | None = None
         self._closed = False
 
     # Building ------------------------------------------------------------
-    def add_lane(self, sink: Sink, buffer: Buffer, **uploader_options: Any) -> Lane:
-        """Add a sink with its own buffer; ``uploader_options`` go to :class:`Uploader`."""
+    def add_lane(self, sink: Sink, buffer: Buffer, *, tags: dict[str, str] | None = None,
+                 **uploader_options: Any) -> Lane:
+        """Add a sink with its own buffer; ``uploader_options`` go to :class:`Uploader`.
+
+        ``tags`` are added to every point this sink gets (the rig entry's
+        ``tags:``); a point's own tags, and the gateway's, win over them.
+        """
         buffer.set_codec(sink.codec(self.source_id))  # a persistent buffer stores what is sent
-        lane = Lane(sink, buffer, Uploader(buffer, sink, **uploader_options))
+        lane = Lane(sink, buffer, Uploader(buffer, sink, **uploader_options),
+                    dict(check_tags(tags)) if tags else None)
         self.lanes.append(lane)
         if len(self.lanes) == 1:
-            self._put = buffer.put
+            self._put = lane.put
         else:
             self._put = self._put_everywhere
         return lane
 
     def start(self) -> None:
+        """Open each sink and start its uploader; a sink that cannot open is retried in
+        the background while the others deliver (see :mod:`plexus.sink_opener`)."""
         for lane in self.lanes:
-            lane.sink.open(self.source_id)
-            lane.uploader.start()
+            lane.opener = SinkOpener(lane.sink, self.source_id, lane.uploader.start)
+            lane.opener.start()
 
     # The hot path --------------------------------------------------------
     def emit(
@@ -164,7 +190,7 @@ class Pipeline:
             except PlexusError as exc:
                 raise type(exc)(f"points[{i}]: {exc}") from exc
         for lane in self.lanes:
-            lane.buffer.put_many(points)
+            lane.put_many(points)
         if self._alarm is not None:
             self._alarm()
         return len(points)
@@ -180,7 +206,7 @@ class Pipeline:
         errors: list[PlexusError] = []
         for lane in self.lanes:
             try:
-                lane.buffer.put(point)
+                lane.put(point)
             except PlexusError as exc:  # one sink's buffer failing must not starve the others
                 errors.append(exc)
         if errors:
@@ -257,6 +283,9 @@ class Pipeline:
         self._closed = True
         self._put = self._put_closed
         deadline = time.monotonic() + timeout
+        for lane in self.lanes:
+            if lane.opener is not None:
+                lane.opener.stop(max(0.0, deadline - time.monotonic()))
         threads = []
         for lane in self.lanes:
             if lane.uploader.running:
@@ -278,7 +307,38 @@ class Pipeline:
             try:
                 lane.buffer.close()
             finally:
-                lane.sink.close()
+                if lane.opener is not None and lane.opener.opened:
+                    lane.sink.close()
+
+
+def _tagging(buffer: Buffer, tags: dict[str, str],
+             ) -> tuple[Callable[[Point], None], Callable[[list[Point]], None]]:
+    """``put``/``put_many`` that add a sink entry's tags under the point's own."""
+    put, put_many = buffer.put, buffer.put_many
+    # Points of one source share their tags dict, so the merge is kept for the last
+    # one seen: a dict lookup per point, not a merge.
+    last: list[Any] = [None, tags]
+
+    def merged(point_tags: dict[str, str] | None) -> dict[str, str]:
+        if point_tags is last[0]:
+            return last[1]  # type: ignore[no-any-return]
+        result = {**tags, **point_tags} if point_tags else tags
+        if len(result) > MAX_TAGS:
+            # The platform would reject the point; deliver it as the other sinks do.
+            _tag_log(logging.WARNING, "a point with %d tags has no room for the sink's %d "
+                     "tags (at most %d a point); sent without them", len(point_tags or ()),
+                     len(tags), MAX_TAGS)
+            result = point_tags or {}
+        last[0], last[1] = point_tags, result
+        return result
+
+    def tagged_put(point: Point) -> None:
+        put((point[0], point[1], point[2], merged(point[3])))
+
+    def tagged_put_many(points: list[Point]) -> None:
+        put_many([(p[0], p[1], p[2], merged(p[3])) for p in points])
+
+    return tagged_put, tagged_put_many
 
 
 def _persistent(buffer: Buffer) -> bool:

@@ -37,13 +37,13 @@ def rig_schema(adapter_types: Mapping[str, type], sink_types: Mapping[str, type]
         "description": "Sources: each a mapping with type, optional name and tags, and the "
                        "type's options.",
         "items": {"anyOf": [_entry(cls, name, defs, f"adapter.{name}")
-                            for name, cls in sorted(adapter_types.items())]},
+                            for name, cls in _types(adapter_types)]},
     }
     top["properties"]["sinks"] = {
         "type": "array",
         "description": "Destinations, written like adapters. Default: the Plexus platform.",
         "items": {"anyOf": [_entry(cls, name, defs, f"sink.{name}")
-                            for name, cls in sorted(sink_types.items())]},
+                            for name, cls in _types(sink_types)]},
     }
     return {
         "$schema": SCHEMA_DIALECT,
@@ -52,6 +52,12 @@ def rig_schema(adapter_types: Mapping[str, type], sink_types: Mapping[str, type]
         **top,
         "$defs": dict(sorted(defs.items())),
     }
+
+
+def _types(types: Mapping[str, type]) -> list[tuple[str, type]]:
+    """The names a rig may write: bare, and ``name@package`` where packages share a name."""
+    qualified = getattr(types, "qualified", None)  # a plugin registry's TypeTable
+    return sorted([*types.items(), *(qualified().items() if qualified else [])])
 
 
 def _entry(cls: type, type_name: str, defs: dict[str, Any], prefix: str) -> dict[str, Any]:
