@@ -23,6 +23,7 @@ from plexus.adapters.base import Adapter, describe_error
 from plexus.adapters.callable import CallableAdapter
 from plexus.buffer import DEFAULT_MAX_POINTS, Buffer, MemoryBuffer
 from plexus.client import config_path, read_user_config, resolve_source_id
+from plexus.codec import register_codec
 from plexus.config import ComponentConfig, ConfigErrors, ConfigProblem, RigConfig
 from plexus.errors import PlexusError
 from plexus.pipeline import Pipeline, SourceContext
@@ -232,6 +233,8 @@ class Gateway:
             self.sinks.append((sink, entry))
             if problems:
                 continue  # nothing will run: open no buffer file
+            # A plugin's own codec must be known before its buffer recovers records.
+            register_codec(sink.codec(self.source_id))
             self.pipeline.add_lane(
                 sink, self._make_buffer(index, name), tags=entry.tags if entry else None,
                 batch_size=cfg.batch.size, interval=cfg.batch.interval,

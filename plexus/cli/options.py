@@ -34,7 +34,7 @@ def options_markdown(registry: Any, types: list[str] | None = None,
         for name in sorted([*found, *qualified]):
             if types and name not in types and name.partition("@")[0] not in types:
                 continue
-            cls = found.get(name) or qualified[name]
+            cls: Any = found.get(name) or qualified[name]
             provider = found.provider(name) if hasattr(found, "provider") else None
             package = provider.package if provider else registry.providers[(kind, name)].package
             lines += [f"## {kind} `{name}` ({package})", ""]

@@ -127,11 +127,14 @@ def _describe(schema: dict[str, Any], cls: type) -> None:
             prop["description"] = spec.help
         if spec.secret:
             prop["writeOnly"] = True
-        if "type" in prop:  # limits written in metadata={"gt": 0}, unseen by pydantic
+        # Limits written in metadata={"gt": 0}, unseen by pydantic's JSON Schema.
+        for target in [prop, *prop.get("anyOf", [])]:
+            if target.get("type") not in ("number", "integer"):
+                continue
             for key, keyword in (("gt", "exclusiveMinimum"), ("ge", "minimum"),
                                  ("lt", "exclusiveMaximum"), ("le", "maximum")):
                 if key in spec.limits:
-                    prop.setdefault(keyword, spec.limits[key])
+                    target.setdefault(keyword, spec.limits[key])
 
 
 def _rewrite_refs(node: Any, renames: Mapping[str, str]) -> Any:
