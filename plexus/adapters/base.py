@@ -183,6 +183,16 @@ class Adapter:
         self.last_point_time = time.time()
         return True
 
+    def begin_session(self, session_id: str, tags: dict[str, str] | None = None) -> None:
+        """Tag every point of the gateway with ``session_id`` (and ``tags``) until ended."""
+        assert self._ctx is not None, "begin_session() before start()"
+        self._ctx.begin_session(session_id, tags)
+
+    def end_session(self, session_id: str) -> None:
+        """End the session begun with ``session_id``."""
+        assert self._ctx is not None, "end_session() before start()"
+        self._ctx.end_session(session_id)
+
     def bad_input(self, reason: str) -> None:
         """Count a frame/payload/line that could not be used, and log it (rate-limited)."""
         self.errors += 1
