@@ -26,10 +26,11 @@ from plexus.adapters.base import (
     describe_error,
     require,
 )
+from plexus.batching import BatchSender
 from plexus.buffer import Batch
 from plexus.client import Plexus
 from plexus.codec import PointCodec
-from plexus.commands import Cancelled, Run
+from plexus.commands import Cancelled, ParamError, Run
 from plexus.errors import (
     AdapterError,
     AuthenticationError,
@@ -42,18 +43,25 @@ from plexus.errors import (
     PlexusError,
     PluginError,
     PointTypeError,
+    RateLimitedError,
     RetryableSinkError,
     SinkError,
+    UnsupportedError,
     ValidationError,
 )
 from plexus.optioncheck import declared_problems
 from plexus.point import Point
+from plexus.sdk_compat import RetryConfig
 from plexus.sinks.base import SendResult, Sink
 from plexus.uploader import RetryPolicy
 from plexus.writable import cannot_write
 
 if TYPE_CHECKING:
     from plexus.config.options import OptionsModel, option
+
+# The official SDK's names for two of ours, so its users' imports keep working.
+CommandParamError = ParamError
+CommandRun = Run
 
 __version__ = "0.1.0"
 
@@ -82,10 +90,13 @@ __all__ = [
     "AdapterHealth",
     "AuthenticationError",
     "Batch",
+    "BatchSender",
     "BufferingError",
     "Cancelled",
     "ClientClosedError",
     "CommandDeclarationError",
+    "CommandParamError",
+    "CommandRun",
     "ConfigError",
     "DeliveryError",
     "InvalidOptions",
@@ -96,6 +107,8 @@ __all__ = [
     "Point",
     "PointCodec",
     "PointTypeError",
+    "RateLimitedError",
+    "RetryConfig",
     "RetryPolicy",
     "RetryableSinkError",
     "Run",
@@ -103,6 +116,7 @@ __all__ = [
     "Sink",
     "SinkError",
     "ThreadedAdapter",
+    "UnsupportedError",
     "ValidationError",
     "__version__",
     "cannot_write",

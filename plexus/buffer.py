@@ -276,6 +276,8 @@ class MemoryBuffer(Buffer):
         if not (self._full(adding) and self._should_wait()):
             return
         self.waited += 1
+        if self._on_ready is not None:
+            self._on_ready()  # a full buffer is worth an upload, whatever the batch size
         while self._full(adding) and self._should_wait():
             self._room.wait(_WAIT_SLICE)
 

@@ -27,6 +27,7 @@ from typing import Any
 from plexus.buffer import Buffer
 from plexus.errors import ClientClosedError, PlexusError, PointTypeError, ValidationError
 from plexus.point import (
+    MAX_FUTURE_SECONDS,
     MAX_METRIC_CHARS,
     MAX_TAG_CHARS,
     MAX_TAGS,
@@ -163,32 +164,52 @@ class Pipeline:
 
     def emit_many(
         self,
-        readings: Sequence[tuple[str, Any]],
+        readings: Sequence[tuple[str, Any] | tuple[str, Any, float | None]],
         timestamp: float | None = None,
         tags: dict[str, str] | None = None,
     ) -> int:
-        """Validate every ``(metric, value)``, then buffer them all at once.
+        """Validate every ``(metric, value)`` or ``(metric, value, timestamp)``,
+        then buffer them all at once.
 
-        All-or-nothing: if any reading is invalid, nothing is buffered and the
-        error names the reading's position. Returns the number buffered.
+        A reading without its own timestamp (or with None) takes ``timestamp``,
+        default now, the same for the whole call. All-or-nothing: if any
+        reading is invalid, nothing is buffered and the error names the
+        reading's position. Returns the number buffered.
         """
         if self._closed:
             raise ClientClosedError("this client is closed; create a new Plexus() to send")
         ts = int(time.time() * 1000) if timestamp is None else timestamp_ms(timestamp)
         point_tags = self._context_tags if tags is None else merge_tags(self._context_tags, tags)
+        # Checked once per call: a timestamp up to this is not in the far future.
+        latest = time.time() + MAX_FUTURE_SECONDS
         points: list[Point] = []
         for i, reading in enumerate(readings):
             try:
-                metric, value = reading
+                if len(reading) == 2:
+                    metric, value = reading
+                    when = None
+                else:
+                    metric, value, when = reading  # type: ignore[misc]
             except (ValueError, TypeError) as exc:
                 raise PointTypeError(
-                    f"points[{i}] must be a (metric, value) tuple, got {reading!r:.80}"
+                    f"points[{i}] must be a (metric, value) or (metric, value, timestamp) "
+                    f"tuple, got {reading!r:.80}"
                 ) from exc
             try:
-                check_metric(metric)
-                points.append((metric, normalize_value(metric, value), ts, point_tags))
+                # The same fast checks as emit(); anything unusual takes the full one.
+                if type(metric) is not str or not 0 < len(metric) <= _FAST_METRIC_CHARS:
+                    check_metric(metric)
+                if type(value) is not float or value - value != 0.0:
+                    value = normalize_value(metric, value)
+                if when is None:
+                    point_ts = ts
+                elif (type(when) is float or type(when) is int) and 0 <= when <= latest:
+                    point_ts = int(when * 1000)
+                else:
+                    point_ts = timestamp_ms(when)
             except PlexusError as exc:
                 raise type(exc)(f"points[{i}]: {exc}") from exc
+            points.append((metric, value, point_ts, point_tags))
         for lane in self.lanes:
             lane.put_many(points)
         if self._alarm is not None:

@@ -555,6 +555,8 @@ class SqliteBuffer(Buffer):
 
     def _wait_for_room(self, adding: int = 0) -> None:
         self.waited += 1
+        if self._on_ready is not None:
+            self._on_ready()  # a full buffer is worth an upload, whatever the batch size
         while self._full(adding) and self._should_wait():
             self._room.wait(0.25)
 

@@ -149,6 +149,26 @@ class HttpSink(Sink):
             self._client.close()
             self._client = None
 
+    def check_key(self, source_id: str) -> str | None:
+        """Ask the platform whether it takes the key, storing nothing (an empty
+        ``points`` list is the protocol's auth check). None when it does, else
+        what went wrong, in an operator's words. Opens and closes its own client."""
+        if self._api_key is None:
+            return "no API key"
+        self.open(source_id)
+        try:
+            status, error, _ = self._post(orjson.dumps({"source_id": source_id, "points": []}),
+                                          "key-check")
+        except RetryableSinkError as exc:
+            return f"cannot reach the platform at {self.url}: {exc}"
+        finally:
+            self.close()
+        if status in (401, 403):
+            return f"the platform at {self.url} refused the API key ({status}: {error})"
+        if status != 200:
+            return f"the platform at {self.url} answered {status}: {error}"
+        return None
+
     def codec(self, source_id: str) -> IngestCodec:
         """The persistent buffer stores gzipped ``/ingest`` bodies for this sink."""
         return IngestCodec(source_id)
