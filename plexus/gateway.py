@@ -344,7 +344,6 @@ class Gateway:
                 "link": None if self.commands is None else self.commands.status()}
 
 
-
 def _open_error(opener: Any) -> str:
     """Why a sink is not open yet, and when it is tried again."""
     text = f"cannot open: {opener.last_error}"

@@ -337,12 +337,14 @@ def _tagging(buffer: Buffer, tags: dict[str, str],
     """``put``/``put_many`` that add a sink entry's tags under the point's own."""
     put, put_many = buffer.put, buffer.put_many
     # Points of one source share their tags dict, so the merge is kept for the last
-    # one seen: a dict lookup per point, not a merge.
-    last: list[Any] = [None, tags]
+    # one seen: an identity check per point, not a merge. One tuple in one slot, so
+    # producer threads never see one dict's merge filed under another's.
+    last: list[tuple[Any, dict[str, str]]] = [(None, tags)]
 
     def merged(point_tags: dict[str, str] | None) -> dict[str, str]:
-        if point_tags is last[0]:
-            return last[1]  # type: ignore[no-any-return]
+        seen, result = last[0]
+        if point_tags is seen:
+            return result
         result = {**tags, **point_tags} if point_tags else tags
         if len(result) > MAX_TAGS:
             # The platform would reject the point; deliver it as the other sinks do.
@@ -350,7 +352,7 @@ def _tagging(buffer: Buffer, tags: dict[str, str],
                      "tags (at most %d a point); sent without them", len(point_tags or ()),
                      len(tags), MAX_TAGS)
             result = point_tags or {}
-        last[0], last[1] = point_tags, result
+        last[0] = (point_tags, result)
         return result
 
     def tagged_put(point: Point) -> None:

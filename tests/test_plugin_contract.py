@@ -669,3 +669,81 @@ def test_sink_opener_stops_cleanly_while_an_open_hangs():
     release.set()
     opener.stop(2)
     assert opener.state in ("open", "stopped")
+
+
+def test_a_sink_entrys_tags_never_push_a_point_over_the_tag_limit():
+    from plexus.buffer import MemoryBuffer
+    from plexus.pipeline import Pipeline
+    from plexus.sinks.stdout import StdoutSink
+
+    pipeline = Pipeline("rig-01")
+    plain, tagged = MemoryBuffer(100), MemoryBuffer(100)
+    pipeline.add_lane(StdoutSink(name="a"), plain)
+    pipeline.add_lane(StdoutSink(name="b"), tagged, tags={"dest": "b"})
+    full = {f"t{i}": "v" for i in range(16)}
+    pipeline.emit("x", 1.0, tags=full)
+    pipeline.emit("y", 2.0)
+    pipeline.emit("z", 3.0, tags={"dest": "own"})
+    taken = tagged.take(10)
+    assert taken is not None
+    assert [p[3] for p in taken.points] == [full, {"dest": "b"}, {"dest": "own"}]
+    assert len(plain) == 3
+
+
+def test_a_plugins_pydantic_options_are_as_strict_as_the_built_ins():
+    from pydantic import model_validator
+
+    from plexus import OptionsModel, option
+
+    class Inner(OptionsModel):
+        level: int = option(1, help="a level", ge=0)
+
+    class StrictOptions(OptionsModel):
+        port: int = option(1883, help="a port", ge=1, le=65535)
+        tls: bool = option(False, help="use TLS")
+        inner: Inner = option(default_factory=Inner, help="nested")
+
+        @model_validator(mode="after")
+        def _tls_port(self) -> StrictOptions:
+            if self.tls and self.port == 1883:
+                raise InvalidOptions([("port", "1883 is the plain port; TLS uses 8883")])
+            return self
+
+    class Strict(Adapter):
+        type_name = "strict"
+        Options = StrictOptions
+
+    registry = load_plugins(extra={"strict": plugin_module("strict", adapters=(Strict,))})
+
+    def problems(text: str) -> list[str]:
+        try:
+            load_config_text(text, adapter_types=registry.adapters, sink_types=registry.sinks)
+        except ConfigErrors as exc:
+            return [str(p) for p in exc.errors]
+        return []
+
+    assert problems('adapters:\n  - type: strict\n    port: "1883"\n    tls: 1\n'
+                    '    inner: {level: "2", extra: 1}\n') == [
+        "<string>:3: adapters[0].port: expected an integer, got '1883'",
+        "<string>:4: adapters[0].tls: expected a boolean, got 1",
+        "<string>:5: adapters[0].inner.level: expected an integer, got '2'",
+        "<string>:5: adapters[0].inner.extra: unknown key; allowed keys: level",
+    ]
+    assert problems("adapters:\n  - type: strict\n    tls: true\n") == [
+        "<string>:2: adapters[0].port: 1883 is the plain port; TLS uses 8883"]
+    assert problems("adapters:\n  - type: strict\n    tls: true\n    port: 8883\n") == []
+
+
+def test_a_legacy_check_is_reported_with_the_entrys_other_problems(tmp_path):
+    problems = check_rig("""
+        commands:
+          enabled: true
+          ws_url: http://nope
+          stream_max_seconds: 0
+        adapters: [{type: callable, function: "time:time", metric: t}]
+    """, folder=tmp_path)
+    rig = tmp_path / "rig.yaml"
+    assert problems == [
+        f"{rig}:3: commands.ws_url: must start with ws:// or wss://, got 'http://nope'",
+        f"{rig}:4: commands.stream_max_seconds: must be greater than 0, got 0.0",
+    ]

@@ -356,18 +356,43 @@ def _add_metadata_limits(schema: Any) -> Any:
             args = schema.get("schema", {})
             for item in args.get("fields", []) if isinstance(args, dict) else []:
                 spec = specs.get(item.get("name"))
-                limits = _metadata_limits(_dataclass_metadata(schema["cls"], item.get("name")))
+                metadata = _dataclass_metadata(schema["cls"], item.get("name"))
+                limits = _metadata_limits(metadata)
                 if spec is not None and limits:
                     number = _number_schema(item.get("schema"))
                     if number is not None:
                         for key, limit in limits.items():
                             number.setdefault(key, limit)
+                if spec is not None and callable(metadata.get("check")):
+                    _wrap_with_check(item, metadata["check"], spec.secret)
         for value in schema.values():
             _add_metadata_limits(value)
     elif isinstance(schema, list):
         for value in schema:
             _add_metadata_limits(value)
     return schema
+
+
+def _wrap_with_check(field_schema: dict[str, Any], check: Check, secret: bool) -> None:
+    """Run a legacy ``metadata={"check": f}`` inside pydantic, on the value under any
+    default and null, so its problem is reported with the entry's others."""
+    holder = field_schema
+    key = "schema"
+    while isinstance(holder.get(key), dict) and holder[key].get("type") in ("default",
+                                                                            "nullable"):
+        holder = holder[key]
+    inner = holder.get(key)
+    if not isinstance(inner, dict):
+        return
+
+    def run(value: Any) -> Any:
+        message = check(value)
+        if message is not None:
+            raise ValueError("the value (hidden) is invalid" if secret else message)
+        return value
+
+    holder[key] = {"type": "function-after", "function": {"type": "no-info", "function": run},
+                   "schema": inner}
 
 
 def _dataclass_metadata(cls: type, name: Any) -> Mapping[str, Any]:
@@ -389,9 +414,58 @@ def _number_schema(schema: Any) -> dict[str, Any] | None:
     return None
 
 
+def _unprebuilt(schema: Any) -> Any:
+    """Make pydantic validate models by the schema we hardened, not their own validator.
+
+    pydantic-core builds a ``model`` node from the class's own prebuilt
+    validator when the class has one (every finished pydantic model), ignoring
+    the node's schema, and so our strict scalars and closed mappings. Each model
+    node becomes its fields' schema (which is hardened) followed by
+    ``model_validate`` of what they produced, which runs the model's own
+    validators on values already of the right types.
+    """
+    if isinstance(schema, list):
+        return [_unprebuilt(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _unprebuilt(value) for key, value in schema.items()}
+    cls = schema.get("cls")
+    fields = out.get("schema")
+    if schema.get("type") == "model" and isinstance(cls, type) and issubclass(cls, BaseModel) \
+            and isinstance(fields, dict) and fields.get("type") == "model-fields":
+        replaced: dict[str, Any] = {
+            "type": "function-after", "schema": fields,
+            "function": {"type": "no-info", "function": _model_builder(cls)}}
+        if "ref" in schema:
+            replaced["ref"] = schema["ref"]
+        return replaced
+    return out
+
+
+def _model_builder(cls: type[BaseModel]) -> Callable[[Any], Any]:
+    def build(validated: Any) -> Any:
+        values = validated[0] if isinstance(validated, tuple) else validated
+        try:
+            return cls.model_validate(values)
+        except PydanticValidationError as exc:
+            # The model's own validators (the fields were right): their problems,
+            # each at its key, as InvalidOptions does.
+            problems = []
+            for error in exc.errors():
+                reason = (error.get("ctx") or {}).get("error")
+                if isinstance(reason, InvalidOptions):
+                    problems += reason.problems
+                    continue
+                key = ".".join(str(part) for part in error["loc"])
+                problems.append((key, str(reason) if reason is not None else error["msg"]))
+            raise InvalidOptions(problems) from None
+
+    return build
+
+
 @functools.cache
 def _validator(cls: type) -> SchemaValidator:
-    core = copy.deepcopy(TypeAdapter(cls).core_schema)
+    core = _unprebuilt(copy.deepcopy(TypeAdapter(cls).core_schema))
     return SchemaValidator(_harden(_add_metadata_limits(core)))  # type: ignore[arg-type]
 
 
