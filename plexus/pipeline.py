@@ -8,6 +8,13 @@ several sinks never lets a slow or failing sink stall or starve another:
 the failing one's buffer fills (and, if it overflows, drops its own oldest
 points, counted) while the others keep delivering.
 
+A sink with upload rules (:mod:`plexus.upload_rules`) may have a second,
+"held" lane: points of the metrics its ``hold`` patterns name go to a
+buffer of their own, whose uploader pauses while the hold condition is
+true. Which lane a metric goes to is decided once per metric name and kept
+in a dict, so the hot path gains a lookup, not a pattern match. Both lanes
+share the sink (taking turns) and its byte budget.
+
 Sessions are pipeline-wide (every thread, every source): the points carry
 the tag ``session_id=<id>`` plus the session's tags. Sessions nest: the
 innermost one's id wins, tags merge with inner tags winning, and ending the
@@ -17,12 +24,13 @@ inner one restores the outer one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from plexus.buffer import Buffer
 from plexus.errors import ClientClosedError, PlexusError, PointTypeError, ValidationError
@@ -44,6 +52,10 @@ from plexus.sink_opener import SinkOpener
 from plexus.sinks.base import Sink
 from plexus.uploader import Uploader
 
+if TYPE_CHECKING:  # imported when a sink has rules: `import plexus` stays lean
+    from plexus.conditions import HoldGate
+    from plexus.upload_rules import ByteBudget, UploadRules
+
 log = logging.getLogger(__name__)
 _tag_log = RateLimitedLog(log, interval=60.0)
 _time_ns = time.time_ns
@@ -52,16 +64,28 @@ _FAST_METRIC_CHARS = MAX_METRIC_CHARS // 4
 
 
 @dataclass
-class Lane:
-    """One sink with its own buffer and uploader.
+class HeldLane:
+    """The second lane of a sink with hold rules: held points wait here while the gate is shut."""
 
-    ``put``/``put_many`` store a point in this lane: the buffer's own, or a
-    wrapper that adds the sink entry's tags.
+    buffer: Buffer
+    uploader: Uploader
+    gate: HoldGate
+
+
+@dataclass
+class Lane:
+    """One sink with its own buffer and uploader (and, with hold rules, a held lane).
+
+    ``put``/``put_many`` store a point in this lane: the buffer's own, the hold
+    rules' router, and a wrapper that adds the sink entry's tags.
     """
 
     sink: Sink
     buffer: Buffer
     uploader: Uploader
+    rules: UploadRules | None = None
+    budget: ByteBudget | None = None
+    held: HeldLane | None = None
     tags: dict[str, str] | None = None
     #: set by Pipeline.start: opens the sink, retrying while it cannot (plexus.sink_opener)
     opener: SinkOpener | None = None
@@ -69,9 +93,16 @@ class Lane:
     put_many: Callable[[list[Point]], None] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.put, self.put_many = self.buffer.put, self.buffer.put_many
-        if self.tags:
-            self.put, self.put_many = _tagging(self.buffer, self.tags)
+        self.put = self.buffer.put
+        self.put_many = self.buffer.put_many
+
+    def __len__(self) -> int:
+        """Points of this sink not yet acknowledged, held ones included."""
+        return len(self.buffer) + (len(self.held.buffer) if self.held is not None else 0)
+
+    @property
+    def dropped(self) -> int:
+        return self.buffer.dropped + (self.held.buffer.dropped if self.held is not None else 0)
 
 
 class Pipeline:
@@ -97,16 +128,64 @@ class Pipeline:
         self._closed = False
 
     # Building ------------------------------------------------------------
-    def add_lane(self, sink: Sink, buffer: Buffer, *, tags: dict[str, str] | None = None,
-                 **uploader_options: Any) -> Lane:
+    def add_lane(
+        self,
+        sink: Sink,
+        buffer: Buffer,
+        *,
+        rules: UploadRules | None = None,
+        held_buffer: Buffer | None = None,
+        hold_check: Callable[[], bool | None] | None = None,
+        tags: dict[str, str] | None = None,
+        **uploader_options: Any,
+    ) -> Lane:
         """Add a sink with its own buffer; ``uploader_options`` go to :class:`Uploader`.
 
-        ``tags`` are added to every point this sink gets (the rig entry's
-        ``tags:``); a point's own tags, and the gateway's, win over them.
+        Parameters:
+            rules: the sink's upload rules: a byte budget, and metrics to hold.
+            held_buffer: where held points wait; required when ``rules`` hold
+                metrics. Make it persistent: a memory buffer drops the oldest held
+                points in a long hold and loses them all on exit (a rig file that
+                holds with the memory buffer is refused for that reason).
+            hold_check: evaluates the hold condition instead of the rule's own
+                check (for tests, and for conditions set by code).
+            tags: added to every point this sink gets (the rig entry's ``tags:``);
+                a point's own tags, and the gateway's, win over them.
+
+        Raises:
+            ValueError: ``rules`` hold metrics and no ``held_buffer`` is given.
         """
-        buffer.set_codec(sink.codec(self.source_id))  # a persistent buffer stores what is sent
-        lane = Lane(sink, buffer, Uploader(buffer, sink, **uploader_options),
-                    dict(check_tags(tags)) if tags else None)
+        holding = rules is not None and bool(rules.hold)
+        if holding and held_buffer is None:
+            raise ValueError(f"sink {sink.name}: hold rules need a held_buffer")
+        codec = sink.codec(self.source_id)
+        buffer.set_codec(codec)  # a persistent buffer stores what is sent
+        budget = None
+        if rules is not None and rules.max_bytes_per_s:
+            from plexus.upload_rules import ByteBudget
+
+            budget = ByteBudget(rules.max_bytes_per_s, rules.burst_bytes)
+        send_lock = threading.Lock() if holding else None
+        lane = Lane(sink, buffer, Uploader(buffer, sink, budget=budget, send_lock=send_lock,
+                                           **uploader_options), rules, budget)
+        if holding:
+            assert rules is not None and held_buffer is not None
+            from plexus.conditions import HoldGate  # subprocess & co. only when a rig holds
+            from plexus.upload_rules import MetricRouter
+
+            held_buffer.set_codec(codec)
+            gate = HoldGate(sink.name, rules, held_buffer, check=hold_check)
+            held_uploader = Uploader(held_buffer, sink, budget=budget, send_lock=send_lock,
+                                     gate=gate.is_open, label=f"{sink.name} (held)",
+                                     **uploader_options)
+            gate.add_listener(held_uploader.wake)
+            lane.held = HeldLane(held_buffer, held_uploader, gate)
+            router = MetricRouter(rules.hold, rules.always, buffer.put, held_buffer.put,
+                                  buffer.put_many, held_buffer.put_many)
+            lane.put, lane.put_many = router.put, router.put_many
+        if tags:
+            lane.tags = dict(check_tags(tags))
+            lane.put, lane.put_many = _tagging(lane.put, lane.put_many, lane.tags)
         self.lanes.append(lane)
         if len(self.lanes) == 1:
             self._put = lane.put
@@ -118,7 +197,8 @@ class Pipeline:
         """Open each sink and start its uploader; a sink that cannot open is retried in
         the background while the others deliver (see :mod:`plexus.sink_opener`)."""
         for lane in self.lanes:
-            lane.opener = SinkOpener(lane.sink, self.source_id, lane.uploader.start)
+            lane.opener = SinkOpener(lane.sink, self.source_id,
+                                     functools.partial(_start_uploading, lane))
             lane.opener.start()
 
     # The hot path --------------------------------------------------------
@@ -281,17 +361,21 @@ class Pipeline:
 
     # Delivery ------------------------------------------------------------
     def __len__(self) -> int:
-        """Points not yet acknowledged by every sink (the slowest lane's count)."""
-        return max((len(lane.buffer) for lane in self.lanes), default=0)
+        """Points not yet acknowledged by every sink (the slowest sink's count, held included)."""
+        return max((len(lane) for lane in self.lanes), default=0)
 
     @property
     def dropped(self) -> int:
-        return sum(lane.buffer.dropped for lane in self.lanes)
+        return sum(lane.dropped for lane in self.lanes)
 
     def flush(self, timeout: float | None = None) -> bool:
+        """Deliver what every lane holds; False when held points stay (a hold is on)."""
+        done = True
         for lane in self.lanes:
             lane.uploader.flush(timeout)
-        return True
+            if lane.held is not None:
+                done = lane.held.uploader.flush(timeout) and done
+        return done
 
     @property
     def closed(self) -> bool:
@@ -309,13 +393,16 @@ class Pipeline:
                 lane.opener.stop(max(0.0, deadline - time.monotonic()))
         threads = []
         for lane in self.lanes:
-            if lane.uploader.running:
-                # Lanes drain in parallel so one dead sink does not eat the others' time.
-                thread = threading.Thread(
-                    target=lane.uploader.stop, args=(max(0.0, deadline - time.monotonic()),)
-                )
-                thread.start()
-                threads.append(thread)
+            uploaders = [lane.uploader] + ([lane.held.uploader] if lane.held else [])
+            for uploader in uploaders:
+                if uploader.running:
+                    # Lanes drain in parallel so one dead sink does not eat the others'
+                    # time. A held lane that is holding stops at once.
+                    thread = threading.Thread(
+                        target=uploader.stop, args=(max(0.0, deadline - time.monotonic()),)
+                    )
+                    thread.start()
+                    threads.append(thread)
         for thread in threads:
             thread.join()
         for lane in self.lanes:
@@ -325,17 +412,35 @@ class Pipeline:
                             lane.sink.name,
                             "; they stay in the persistent buffer" if _persistent(lane.buffer)
                             else " and are lost (memory buffer)")
+            held = lane.held
             try:
-                lane.buffer.close()
+                if held is not None:
+                    held.gate.stop()
+                    if len(held.buffer):
+                        log.log(logging.INFO if _persistent(held.buffer) else logging.WARNING,
+                                "%d held points of %s %s", len(held.buffer), lane.sink.name,
+                                "stay in the persistent buffer until the hold clears"
+                                if _persistent(held.buffer) else "are lost (memory buffer)")
+                    held.buffer.close()
             finally:
-                if lane.opener is not None and lane.opener.opened:
-                    lane.sink.close()
+                try:
+                    lane.buffer.close()
+                finally:
+                    if lane.opener is not None and lane.opener.opened:
+                        lane.sink.close()
 
 
-def _tagging(buffer: Buffer, tags: dict[str, str],
+def _start_uploading(lane: Lane) -> None:
+    lane.uploader.start()
+    if lane.held is not None:
+        lane.held.uploader.start()
+        lane.held.gate.start()
+
+
+def _tagging(put: Callable[[Point], None], put_many: Callable[[list[Point]], None],
+             tags: dict[str, str],
              ) -> tuple[Callable[[Point], None], Callable[[list[Point]], None]]:
     """``put``/``put_many`` that add a sink entry's tags under the point's own."""
-    put, put_many = buffer.put, buffer.put_many
     # Points of one source share their tags dict, so the merge is kept for the last
     # one seen: an identity check per point, not a merge. One tuple in one slot, so
     # producer threads never see one dict's merge filed under another's.
@@ -362,6 +467,7 @@ def _tagging(buffer: Buffer, tags: dict[str, str],
         put_many([(p[0], p[1], p[2], merged(p[3])) for p in points])
 
     return tagged_put, tagged_put_many
+
 
 
 def _persistent(buffer: Buffer) -> bool:

@@ -117,6 +117,7 @@ class HttpSink(Sink):
         self._transport = transport
         self._client: httpx.Client | None = None
         self._http_error: type[Exception] = Exception
+        self._not_sent: tuple[type[Exception], ...] = ()  # failures before any byte went out
         self.source_id = ""
         self.requests = 0
 
@@ -143,6 +144,7 @@ class HttpSink(Sink):
             headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"},
         )
         self._http_error = httpx.HTTPError
+        self._not_sent = (httpx.ConnectError, httpx.ConnectTimeout)
 
     def close(self) -> None:
         if self._client is not None:
@@ -302,7 +304,10 @@ class HttpSink(Sink):
         try:
             response = self._client.post(self.url, content=body, headers=headers)
         except self._http_error as exc:
+            if not isinstance(exc, self._not_sent):
+                self.record_sent(len(body))
             raise RetryableSinkError(f"{type(exc).__name__}: {exc}") from exc
+        self.record_sent(len(body))
         return response.status_code, *_parse_response(response)
 
 
