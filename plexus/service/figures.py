@@ -87,6 +87,9 @@ class SinkFigures:
     health_points: int
     last_error: str | None
     persistent: bool
+    #: the sink has not opened yet (retried in the background; plexus.sink_opener)
+    opening: bool = False
+    open_error: str | None = None
 
     @property
     def wedged(self) -> bool:
@@ -219,6 +222,8 @@ class Figures:
         tracker = self._lag.get(id(lane))
         left, waiting = _left_and_waiting(lane)
         stored = getattr(buffer, "stored_bytes", None)
+        opener = getattr(lane, "opener", None)
+        opening = opener is not None and not opener.opened
         return SinkFigures(
             name=sink.name, type=getattr(sink, "type_name", "") or type(sink).__name__,
             buffered=waiting, buffered_bytes=stored if isinstance(stored, int) else None,
@@ -226,13 +231,15 @@ class Figures:
             retries=stats.retries, failures=stats.failures, requests=stats.requests_ok,
             upload_lag=tracker.lag(left, waiting) if tracker is not None else 0.0,
             last_success=stats.last_success, delivering=uploader.healthy,
-            auth_refused=uploader.auth_error is not None, uploader_alive=uploader.running,
+            auth_refused=uploader.auth_error is not None,
+            uploader_alive=uploader.running or opening,  # it starts once the sink opens
             sending_for=None if since is None else max(0.0, self._clock() - since),
             wedged_after=3 * float(timeout) + WEDGED_GRACE,
             waited=buffer.waited, spilled=getattr(buffer, "spilled", 0),
             torn_records=getattr(buffer, "torn_records", 0),
             health_points=uploader.side_delivered, last_error=stats.last_error,
-            persistent=hasattr(buffer, "path"),
+            persistent=hasattr(buffer, "path"), opening=opening,
+            open_error=opener.last_error if opening else None,
         )
 
 

@@ -50,6 +50,9 @@ def problems(snapshot: Snapshot, *, stale_after: float = DEFAULT_STALE_AFTER,
             reasons.append(f"adapter {adapter.name}: failed: {adapter.last_error or 'no reason'}")
     now = snapshot.taken_at
     for sink in snapshot.sinks:
+        if sink.opening:
+            reasons.append(f"sink {sink.name}: cannot open yet: {sink.open_error or 'retrying'}")
+            continue
         if sink.auth_refused:
             reasons.append(f"sink {sink.name}: the platform refuses the API key")
             continue

@@ -230,6 +230,8 @@ def _sink_families(snap: Snapshot, counter: Any, gauge: Any) -> Iterator[Any]:
                       "accepted request (0 before the first)", labels=labels),
         "delivering": gauge("plexus_sink_delivering", "1 while the last attempt succeeded",
                             labels=labels),
+        "open": gauge("plexus_sink_open", "1 once the sink has opened (0 while its opening "
+                      "is retried)", labels=labels),
         "auth": gauge("plexus_sink_auth_refused", "1 while the platform refuses the key",
                       labels=labels),
         "waited": counter("plexus_sink_backpressure_waits", "Times a source waited for room "
@@ -259,6 +261,7 @@ def _sink_families(snap: Snapshot, counter: Any, gauge: Any) -> Iterator[Any]:
             fams["age"].add_metric(key, age)
         fams["last"].add_metric(key, s.last_success or 0.0)
         fams["delivering"].add_metric(key, 1 if s.delivering else 0)
+        fams["open"].add_metric(key, 0 if s.opening else 1)
         fams["auth"].add_metric(key, 1 if s.auth_refused else 0)
         fams["waited"].add_metric(key, s.waited)
         if s.persistent:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from plexus.adapters.base import Adapter, describe_error
+from plexus.codec import register_codec
 from plexus.config import ComponentConfig, ConfigErrors, RigConfig
 from plexus.errors import PlexusError
 from plexus.pipeline import Lane, SourceContext
@@ -115,7 +116,7 @@ def plan_reload(old: RigConfig, new: RigConfig,
                 old_sinks: list[tuple[type, Any, str, Any]],
                 new_sinks: list[tuple[type, Any, str, Any]]) -> ReloadPlan:
     """What a reload from ``old`` to ``new`` does (sinks as (class, options, name,
-    upload rules))."""
+    what else their entry sets: upload rules, tags))."""
     plan = ReloadPlan()
     changed = _changed_settings(old, new)
     plan.restart_only = [k for k in changed if k in RESTART_ONLY]
@@ -226,7 +227,7 @@ class Reloader:
         key, url = _key_and_url(gw, new)
         old_key, old_url = gw._api_key, gw.gateway_url
         gw._api_key, gw.gateway_url = key, url  # what build_sink gives Plexus sinks
-        sinks: dict[str, tuple[Sink, Any]] = {}  # the sink and its upload rules
+        sinks: dict[str, tuple[Sink, Any, Any]] = {}  # the sink, its upload rules, its tags
         buffers: dict[str, Any] = {}  # new sinks' buffers
         held: dict[str, Any] = {}  # new held buffers (a sink that starts holding)
         lanes = {lane.sink.name: lane for lane in gw.pipeline.lanes}
@@ -246,11 +247,12 @@ class Reloader:
                     continue
                 try:
                     rules = gw.upload_rules(entry)
-                    sinks[name] = (gw.build_sink(cls, options, name, new), rules)
+                    sink = gw.build_sink(cls, options, name, new)
+                    sinks[name] = (sink, rules, (entry.tags or None) if entry else None)
                     holds = rules is not None and bool(rules.hold)
                     if name in plan.sinks["added"]:
+                        register_codec(sink.codec(gw.source_id))  # before its buffer opens
                         buffers[name] = gw.make_buffer(index, name)
-                        sinks[name][0].open(gw.source_id)
                     if holds and (name in plan.sinks["added"] or lanes[name].held is None):
                         held[name] = gw.make_buffer(index, name, held=True)
                 except Exception as exc:
@@ -263,8 +265,6 @@ class Reloader:
         if problems:
             for buffer in [*buffers.values(), *held.values()]:
                 buffer.close()
-            for name in buffers:
-                sinks[name][0].close()
             raise ReloadRefused(f"{new.path}: {len(problems)} problem(s); nothing was "
                                 "changed:\n" + "\n".join(f"  {p}" for p in problems))
         return {"adapters": adapters, "sinks": sinks, "buffers": buffers, "held": held}
@@ -315,14 +315,14 @@ class Reloader:
         options = gw.uploader_options(new)
         lanes = {lane.sink.name: lane for lane in gw.pipeline.lanes}
         for name in plan.sinks["added"]:
-            sink, rules = built["sinks"][name]
+            sink, rules, tags = built["sinks"][name]
             lane = gw.pipeline.add_lane(sink, built["buffers"][name], rules=rules,
-                                        held_buffer=built["held"].get(name), **options)
-            gw.pipeline.start_lane(lane)
+                                        held_buffer=built["held"].get(name), tags=tags, **options)
+            gw.pipeline.open_lane(lane)  # a sink that cannot open yet is retried, as at start
         for name in plan.sinks["changed"]:
-            sink, rules = built["sinks"][name]
-            problem = _hand_over(gw.pipeline, lanes[name], sink, rules, built["held"].get(name),
-                                 options)
+            sink, rules, tags = built["sinks"][name]
+            problem = _hand_over(gw.pipeline, lanes[name], sink, rules, tags,
+                                 built["held"].get(name), options)
             if problem:
                 problems.append(problem)
         for name in plan.sinks["removed"]:
@@ -348,10 +348,13 @@ class Reloader:
                 log.error("reload: session %r could not begin: %s", new.session, exc)
 
 
-def _hand_over(pipeline: Any, lane: Lane, sink: Sink, rules: Any, new_held: Any,
+def _hand_over(pipeline: Any, lane: Lane, sink: Sink, rules: Any, tags: Any, new_held: Any,
                options: dict[str, Any]) -> str | None:
     """Give ``lane``'s buffer (and held buffer) to ``sink`` in a new lane; the old
-    sink closes. Returns a problem (the old sink keeps the lane) or None."""
+    sink closes. The new sink opens as at start (retried while it cannot).
+    Returns a problem or None."""
+    if lane.opener is not None:
+        lane.opener.stop(0.0)
     olds = [lane.uploader] + ([lane.held.uploader] if lane.held is not None else [])
     for uploader in olds:
         uploader.stop(0.0)  # ends after the request on the wire, if any; nothing drained
@@ -361,47 +364,32 @@ def _hand_over(pipeline: Any, lane: Lane, sink: Sink, rules: Any, new_held: Any,
     if not all(uploader.join(float(timeout or 30.0) + 10.0) for uploader in olds):
         # Its request outlived the sink's own timeout: a new uploader would fight it
         # for the batch. Health reports the lane stuck, and the watchdog restarts.
-        sink.close()
         if new_held is not None:
             new_held.close()
         return (f"sink {lane.sink.name}: its request did not end in time; its new settings "
                 "wait for a restart")
-    try:
-        sink.open(pipeline.source_id)
-    except Exception as exc:
-        sink.close()
-        if new_held is not None:
-            new_held.close()
-        _restart(pipeline, lane, lane.sink, lane.rules, options)
-        return f"sink {lane.sink.name}: the new settings cannot open ({describe_error(exc)}); " \
-               "the old ones stay"
-    _swap(pipeline, lane, sink, rules, new_held, options)
-    try:
-        lane.sink.close()
-    except Exception as exc:
-        log.warning("closing the old sink %s failed: %s", lane.sink.name, describe_error(exc))
-    return None
-
-
-def _swap(pipeline: Any, lane: Lane, sink: Sink, rules: Any, new_held: Any,
-          options: dict[str, Any]) -> None:
-    """A new lane over ``lane``'s buffers, in its place, started."""
     held = lane.held.buffer if lane.held is not None else new_held
     if not (rules is not None and rules.hold):
         held = None
-    new = pipeline.make_lane(sink, lane.buffer, rules=rules, held_buffer=held, **options)
+    new = pipeline.make_lane(sink, lane.buffer, rules=rules, held_buffer=held, tags=tags,
+                             **options)
     new.uploader.side = lane.uploader.side  # health reports waiting for the sink
     new.uploader.stats = lane.uploader.stats  # the sink's counts go on across the reload
     pipeline.replace_lane(lane, new)
-    pipeline.start_lane(new)
-
-
-def _restart(pipeline: Any, lane: Lane, sink: Sink, rules: Any, options: dict[str, Any]) -> None:
-    _swap(pipeline, lane, sink, rules, None, options)
+    pipeline.open_lane(new)
+    if lane.opener is None or lane.opener.opened:
+        try:
+            lane.sink.close()
+        except Exception as exc:
+            log.warning("closing the old sink %s failed: %s", lane.sink.name,
+                        describe_error(exc))
+    return None
 
 
 def _retire(lane: Lane, grace: float) -> None:
     """A removed sink: deliver for up to ``grace`` seconds, then close, as at shutdown."""
+    if lane.opener is not None:
+        lane.opener.stop(0.0)
     if lane.held is not None:
         lane.held.uploader.stop(0.0)  # held points wait for the hold to clear, on disk
         lane.held.gate.stop()
@@ -416,7 +404,8 @@ def _retire(lane: Lane, grace: float) -> None:
             lane.held.buffer.close()
         lane.buffer.close()
     finally:
-        lane.sink.close()
+        if lane.opener is None or lane.opener.opened:
+            lane.sink.close()
 
 
 def _stop_all(adapters: list[Adapter]) -> None:
@@ -428,8 +417,9 @@ def _stop_all(adapters: list[Adapter]) -> None:
 
 
 def _sink_triples(components: list[tuple[type, Any, str, Any]]) -> list[tuple[type, Any, str, Any]]:
-    """(class, options, name, upload rules) of each sink."""
-    return [(cls, options, name, getattr(entry, "upload", None))
+    """(class, options, name, (upload rules, tags)) of each sink."""
+    return [(cls, options, name, (getattr(entry, "upload", None), getattr(entry, "tags", None)
+                                  or None))
             for cls, options, name, entry in components]
 
 
