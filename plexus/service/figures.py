@@ -239,7 +239,7 @@ class Figures:
             torn_records=getattr(buffer, "torn_records", 0),
             health_points=uploader.side_delivered, last_error=stats.last_error,
             persistent=hasattr(buffer, "path"), opening=opening,
-            open_error=opener.last_error if opening else None,
+            open_error=opener.last_error if opener is not None and opening else None,
         )
 
 
