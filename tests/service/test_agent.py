@@ -33,6 +33,8 @@ def stored_losses(path: Path) -> dict[str, int]:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         return dict(conn.execute("SELECT name, value FROM counters").fetchall())
+    except sqlite3.OperationalError:  # the buffer is still being made
+        return {}
     finally:
         conn.close()
 
