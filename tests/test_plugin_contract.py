@@ -32,6 +32,7 @@ from plexus import (
 from plexus.config import ConfigErrors, describe_options, load_config_text
 from plexus.plugins import load_plugins
 from plexus.testing import check_rig, run_gateway
+from tests.support import readings
 
 REPO = Path(__file__).resolve().parent.parent
 FUNCS = Path(__file__).with_name("gateway_funcs.py")
@@ -424,7 +425,7 @@ def test_the_rig_chooses_a_package_with_type_at_package(two_bme280_packages, tmp
     assert "note: adapter type 'bme280' is registered by two packages" in check.stdout
     run = cli("--config", str(rig), "--duration", "1.5", "--no-status", env=env)
     assert run.returncode == 0, run.stderr
-    assert set(plexus_receiver.metrics()) == {"from.bme280_sim"}
+    assert {p["metric"] for p in readings(plexus_receiver)} == {"from.bme280_sim"}
     listing = cli("plugins", env=env)
     rows = [line.split() for line in listing.stdout.splitlines() if " bme280 " in line]
     assert rows == [["adapter", "bme280", "plexus-bme280", "1.0"],
