@@ -106,6 +106,7 @@ class Buffer:
         self.max_points = max_points
         self.when_full = when_full
         self.dropped = 0  # points dropped because the buffer was full
+        self.rejected = 0  # points the sink refused for good (told by the uploader)
         self.waited = 0  # times a producer waited for room (backpressure)
         self._on_ready: Callable[[], None] | None = None
         self._wake_at = 1 << 62
@@ -143,6 +144,22 @@ class Buffer:
 
         After a delivery cycle gave up, the next reading starts a new one.
         """
+
+    def count_rejected(self, n: int) -> None:
+        """The sink refused ``n`` points of the batch about to be acknowledged.
+
+        A persistent buffer stores the count with that acknowledgement, so a
+        crash cannot lose it (see :meth:`loss_counts`).
+        """
+        self.rejected += n
+
+    def loss_counts(self) -> dict[str, int]:
+        """Points that will never be delivered, by reason: ``buffer_full``,
+        ``rejected``, and for the persistent buffer ``unreadable`` and
+        ``after_gap``. Since this buffer was made; for a persistent buffer,
+        since its file was made: the counts are stored with the points and
+        survive crashes and restarts."""
+        return {"buffer_full": self.dropped, "rejected": self.rejected}
 
     def set_block_limit(self, points: int) -> None:
         """Store at most about ``points`` points per block from now on.

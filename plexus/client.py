@@ -177,6 +177,10 @@ class Plexus:
             runs) is accepted and ignored, ``retry_config`` (a
             :class:`~plexus.RetryConfig`) is another way to give ``retry``,
             ``max_buffer_size`` another name for ``max_buffer_points``.
+        agent_metrics: send this client's own health as ``plexus.agent.*``
+            points (dropped, rejected, buffered, delivered, retries, upload
+            lag) every 60 s (``True``) or every that many seconds; off by
+            default. See docs/operations.md.
 
     Positional arguments after ``api_key`` are ``(source_id, gateway_url)``,
     or the SDK's ``(endpoint, source_id, timeout, retry_config,
@@ -216,6 +220,7 @@ class Plexus:
         endpoint: str | None = None,
         retry_config: RetryConfig | None = None,
         max_buffer_size: int | None = None,
+        agent_metrics: bool | float = False,
     ) -> None:
         if args:
             fixed = positional_arguments(args, {
@@ -303,6 +308,9 @@ class Plexus:
         # hot path (about 0.1 us a call). The method below documents it.
         self.send = self._pipeline.emit  # type: ignore[method-assign]
         self._pipeline.start()
+        self._agent: Any = None
+        if agent_metrics:
+            self._start_agent(60.0 if agent_metrics is True else float(agent_metrics))
         if persistent_buffer and len(buffer):
             log.info("%d points from an earlier run wait in %s", len(buffer), buffer_path or
                      getattr(buffer, "path", ""))
@@ -551,6 +559,16 @@ class Plexus:
         ``waiting`` (to reconnect) or ``stopped``."""
         return "off" if self._link is None else self._link.state
 
+    def _start_agent(self, interval: float) -> None:
+        from plexus.service.agent import AgentReporter
+        from plexus.service.figures import Figures
+
+        figures = Figures(self.source_id, adapters=lambda: list(self._pollers),
+                          lanes=lambda: list(self._pipeline.lanes),
+                          link=lambda: self._link, commands=lambda: self._commands)
+        self._agent = AgentReporter(self._pipeline, figures, interval=interval)
+        self._agent.start()
+
     def _command_center(self) -> CommandCenter:
         if self._commands is None:
             self._commands = CommandCenter()
@@ -683,6 +701,8 @@ class Plexus:
             self._commands.close()
         for poller in self._pollers:
             poller.stop()
+        if self._agent is not None:
+            self._agent.stop(final_report=True)  # the last figures go with the last points
         try:
             self._pipeline.close(self.close_timeout if timeout is None else timeout)
         finally:

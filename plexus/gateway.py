@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from plexus.adapters.base import Adapter, describe_error
+from plexus.adapters.callable import CallableAdapter
 from plexus.buffer import DEFAULT_MAX_POINTS, Buffer, MemoryBuffer
 from plexus.client import config_path, read_user_config, resolve_source_id
+from plexus.codec import register_codec
 from plexus.config import ComponentConfig, ConfigErrors, ConfigProblem, RigConfig
 from plexus.errors import PlexusError
 from plexus.pipeline import Pipeline, SourceContext
@@ -126,21 +128,12 @@ class Gateway:
         self.entries: dict[str, ComponentConfig] = {}
         for component in config.adapters:
             try:
-                options = resolve_paths(component.options, self.base_dir)
-                kwargs: dict[str, Any] = {}
-                if component.type == "callable":
-                    kwargs["base_dir"] = self.base_dir
-                adapter = component.cls(options, name=component.name, **kwargs)
+                adapter = self.build_adapter(component)
             except Exception as exc:  # a plugin's constructor may raise anything
                 problems.append(component.problem(config.path, describe_error(exc)))
                 continue
             self.adapters.append((adapter, component.tags or None))
             self.entries[adapter.name] = component
-            if getattr(adapter, "acknowledges_upstream", False) and config.buffer.type == "memory":
-                log.warning(
-                    "adapter %s acknowledges messages once they are buffered, but the buffer "
-                    "is in memory: a crash loses what was acknowledged and not yet sent; use "
-                    "buffer: {type: sqlite}", adapter.name)
         #: for --check: what could not be built; the rest is still checked
         self.build_problems = problems
         if problems and not check_only:
@@ -186,6 +179,21 @@ class Gateway:
         return problems
 
     # Building ------------------------------------------------------------
+    def build_adapter(self, component: ComponentConfig) -> Adapter:
+        """An adapter for a rig entry, not started. Raises what its constructor raises."""
+        options = resolve_paths(component.options, self.base_dir)
+        kwargs: dict[str, Any] = {}
+        if issubclass(component.cls, CallableAdapter):
+            kwargs["base_dir"] = self.base_dir
+        adapter: Adapter = component.cls(options, name=component.name, **kwargs)
+        if getattr(adapter, "acknowledges_upstream", False) and \
+                self.config.buffer.type == "memory":
+            log.warning(
+                "adapter %s acknowledges messages once they are buffered, but the buffer "
+                "is in memory: a crash loses what was acknowledged and not yet sent; use "
+                "buffer: {type: sqlite}", adapter.name)
+        return adapter
+
     def _start_local_receiver(self) -> None:
         local = self.config.local_receiver
         if not local.enabled or self.check_only:
@@ -199,15 +207,42 @@ class Gateway:
             self._api_key = Secret("plx_local")
         log.info("local receiver listening on %s", self.receiver.url)
 
-    def _sink_components(
-        self, dry_run: bool,
+    def sink_components(
+        self, config: RigConfig | None = None,
     ) -> list[tuple[type[Sink], Any, str, ComponentConfig | None]]:
-        if dry_run:  # points are printed, not uploaded: no upload rules
+        """(class, options, name, rig entry) of each sink ``config`` (default: the
+        running one) asks for; the default Plexus sink has no entry."""
+        config = config or self.config
+        if self.dry_run:  # points are printed, not uploaded: no upload rules
             return [(StdoutSink, StdoutSink.Options(), "stdout", None)]
-        if not self.config.sinks:
+        if not config.sinks:
             return [(HttpSink, HttpSink.Options(), "plexus", None)]
         return [(c.cls, resolve_paths(c.options, self.base_dir), c.name, c)
-                for c in self.config.sinks]
+                for c in config.sinks]
+
+    def build_sink(self, cls: type[Sink], options: Any, name: str,
+                   config: RigConfig | None = None) -> Sink:
+        """A sink, not opened; a Plexus sink gets the key, URL, TLS and timeout
+        settings of ``config`` (default: the running one). Raises what its
+        constructor raises."""
+        cfg = config or self.config
+        if issubclass(cls, HttpSink):
+            options = dataclasses.replace(
+                options,
+                verify_tls=options.verify_tls and cfg.verify_tls,
+                timeout=cfg.timeout if options.timeout == HttpSink.Options().timeout
+                else options.timeout,
+            )
+            return cls(options, name=name, api_key=self._api_key, gateway_url=self.gateway_url)
+        return cls(options, name=name)
+
+    def uploader_options(self, config: RigConfig | None = None) -> dict[str, Any]:
+        """What each sink's uploader is built with, from ``config``'s batch and retry."""
+        cfg = config or self.config
+        return {"batch_size": cfg.batch.size, "interval": cfg.batch.interval,
+                "max_batch": cfg.batch.max_points,
+                "retry": RetryPolicy(retries=cfg.retry.retries, base=cfg.retry.base,
+                                     max_delay=cfg.retry.max_delay)}
 
     def _resolve_rules(self, rules: UploadRules | None) -> UploadRules | None:
         """A hold condition's file is relative to the rig file's folder, like other paths."""
@@ -222,22 +257,9 @@ class Gateway:
 
     def _build_lanes(self, dry_run: bool, problems: list[ConfigProblem]) -> None:
         cfg = self.config
-        retry = RetryPolicy(retries=cfg.retry.retries, base=cfg.retry.base,
-                            max_delay=cfg.retry.max_delay)
-        for index, (cls, options, name, entry) in enumerate(self._sink_components(dry_run)):
-            sink: Sink
+        for index, (cls, options, name, entry) in enumerate(self.sink_components()):
             try:
-                if issubclass(cls, HttpSink):
-                    options = dataclasses.replace(
-                        options,
-                        verify_tls=options.verify_tls and cfg.verify_tls,
-                        timeout=cfg.timeout if options.timeout == HttpSink.Options().timeout
-                        else options.timeout,
-                    )
-                    sink = cls(options, name=name, api_key=self._api_key,
-                               gateway_url=self.gateway_url)
-                else:
-                    sink = cls(options, name=name)
+                sink = self.build_sink(cls, options, name)
             except Exception as exc:
                 problems.append(entry.problem(cfg.path, describe_error(exc)) if entry else
                                 cfg.problem("gateway_url", describe_error(exc)))
@@ -245,16 +267,22 @@ class Gateway:
             self.sinks.append((sink, entry))
             if problems:
                 continue  # nothing will run: open no buffer file
-            rules = self._resolve_rules(entry.upload if entry is not None else None)
-            held_buffer = self._make_buffer(index, name, held=True) \
+            # A plugin's own codec must be known before its buffer recovers records.
+            register_codec(sink.codec(self.source_id))
+            rules = self.upload_rules(entry)
+            held_buffer = self.make_buffer(index, name, held=True) \
                 if rules is not None and rules.hold else None
-            self.pipeline.add_lane(
-                sink, self._make_buffer(index, name), rules=rules, held_buffer=held_buffer,
-                batch_size=cfg.batch.size, interval=cfg.batch.interval,
-                max_batch=cfg.batch.max_points, retry=retry,
-            )
+            self.pipeline.add_lane(sink, self.make_buffer(index, name), rules=rules,
+                                   held_buffer=held_buffer, tags=entry.tags if entry else None,
+                                   **self.uploader_options())
 
-    def _make_buffer(self, index: int, sink_name: str, held: bool = False) -> Buffer:
+    def upload_rules(self, entry: ComponentConfig | None) -> UploadRules | None:
+        """A sink entry's upload rules, their paths resolved; None without rules."""
+        return self._resolve_rules(entry.upload if entry is not None else None)
+
+    def make_buffer(self, index: int, sink_name: str, held: bool = False) -> Buffer:
+        """The buffer of the sink at ``index``: its own file beside the first's (and,
+        with ``held``, the one for its held points)."""
         opts = self.config.buffer
         if opts.type == "memory" or self.check_only:
             return MemoryBuffer(opts.max_points or DEFAULT_MAX_POINTS, opts.when_full)
@@ -355,17 +383,21 @@ class Gateway:
         sinks = []
         for lane in self.pipeline.lanes:
             st = lane.uploader.stats
+            opener = lane.opener
+            opening = opener is not None and opener.state == "opening"
             held = lane.held
             stamps = [st.last_success] + ([held.uploader.stats.last_success] if held else [])
             last_success = max((t for t in stamps if t is not None), default=None)
             entry: dict[str, Any] = {
-                "name": lane.sink.name, "buffered": len(lane.buffer),
+                "name": lane.sink.name, "state": opener.state if opener else "closed",
+                "buffered": len(lane.buffer),
                 "delivered": st.delivered + (held.uploader.stats.delivered if held else 0),
                 "dropped": lane.dropped,
                 "rejected": st.rejected + (held.uploader.stats.rejected if held else 0),
                 "since_last_upload": None if last_success is None
                 else round(now - last_success, 1),
-                "last_error": st.last_error or (held.uploader.stats.last_error if held else None),
+                "last_error": _open_error(opener) if opening
+                else st.last_error or (held.uploader.stats.last_error if held else None),
             }
             if held is not None:
                 entry["held"] = len(held.buffer)
@@ -380,3 +412,10 @@ class Gateway:
                 "adapters": adapters, "sinks": sinks,
                 "link": None if self.commands is None else self.commands.status()}
 
+
+def _open_error(opener: Any) -> str:
+    """Why a sink is not open yet, and when it is tried again."""
+    text = f"cannot open: {opener.last_error}"
+    if opener.next_attempt_at is not None:
+        text += f"; next attempt in {max(0.0, opener.next_attempt_at - time.time()):.0f} s"
+    return text

@@ -35,6 +35,13 @@ kept in memory (``spilled``, at most 100,000, the oldest dropped beyond) and
 stored once there is room; blocks already on disk keep being delivered, and
 while SQLite cannot take more, records are sent straight from memory.
 
+Losses are stored with the points: the table ``counters`` holds, by reason,
+how many points were dropped (``buffer_full``), refused by the sink
+(``rejected``) or could not be read back (``unreadable``, ``after_gap``)
+since the file was made, each written in the transaction that deleted the
+points (or, for points dropped from memory, the next one). A crash never
+takes a count with it; :meth:`SqliteBuffer.loss_counts` reads them.
+
 Files that cannot be opened as our buffer are moved aside with a
 timestamped name and a fresh buffer starts. Buffers of earlier schemas (one
 SQLite row per point) are converted to blocks when opened.
@@ -80,6 +87,13 @@ _MAGIC, _HEADER_SIZE, _pack_header, _crc32 = (inbox.MAGIC, inbox.HEADER_SIZE,
                                               inbox._HEADER.pack, zlib.crc32)
 
 
+# Adds a count to the stored one; part of the caller's transaction.
+_ADD_COUNT = ("INSERT INTO counters (name, value) VALUES (?, ?) "
+              "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value")
+# How ``lost`` reasons (as logged) are named among the stored counts.
+_LOSS_KEYS = {"after a gap": "after_gap", "unreadable": "unreadable"}
+
+
 class _WrongSchema(Exception):
     pass
 
@@ -115,6 +129,10 @@ class SqliteBuffer(Buffer):
         self.spilled = 0  # points kept in memory because the disk was full
         self.torn_records = 0  # inbox segments whose readable part ended early at open
         self.lost: dict[str, int] = {}  # points that could not be read back, by reason
+        # Losses since the file was made (stored), and the part not stored yet.
+        self._counts_lock = threading.Lock()  # innermost: nothing is taken while held
+        self._totals: dict[str, int] = {}
+        self._unsaved: dict[str, int] = {}
         self._lock = threading.Lock()  # producers: the segment, the pending records
         self._room = threading.Condition(self._lock)
         self._db_lock = threading.Lock()  # the SQLite connection; taken before _lock
@@ -229,6 +247,10 @@ class SqliteBuffer(Buffer):
             # never in the way of what comes after it.
             conn.execute("CREATE TABLE IF NOT EXISTS set_aside "
                          "(id INTEGER PRIMARY KEY, reason TEXT NOT NULL, data BLOB)")
+            # Losses by reason since the file was made (see the module docstring).
+            conn.execute("CREATE TABLE IF NOT EXISTS counters "
+                         "(name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+            totals = dict(conn.execute("SELECT name, value FROM counters").fetchall())
             columns = [r[1] for r in conn.execute("PRAGMA table_info(blocks)")]
             if columns != ["id", "count", "raw_bytes", "codec", "crc", "data"]:
                 raise _WrongSchema(f"unexpected columns {columns}")
@@ -240,6 +262,10 @@ class SqliteBuffer(Buffer):
             raise
         self._uuid = meta["uuid"]
         self._schema = schema
+        with self._counts_lock:
+            self._totals = {k: int(v) for k, v in totals.items()}
+            for key, n in self._unsaved.items():  # counted while opening (a damaged inbox)
+                self._totals[key] = self._totals.get(key, 0) + n
         self._replay_gen = int(meta.get("inbox_gen", "0") or 0)
         self._replay_from = int(meta.get("inbox_offset", "0") or 0)
         if meta.get("in_flight"):
@@ -318,7 +344,9 @@ class SqliteBuffer(Buffer):
         conn.execute("BEGIN IMMEDIATE")
         self._set_position(next_gen, 0)
         conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA_VERSION,))
+        stored = self._store_counts()
         conn.execute("COMMIT")
+        self._forget_stored(stored)
         conn.execute("PRAGMA wal_checkpoint(FULL)")  # on disk before the inbox files go
         for gen in gens:
             inbox.segment_path(self.path, gen).unlink(missing_ok=True)
@@ -387,13 +415,65 @@ class SqliteBuffer(Buffer):
                              "VALUES (?, ?, ?, ?, ?)", rows)
             if position is not None:
                 self._set_position(*position)
+            stored = self._store_counts()  # points dropped from memory meanwhile
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:  # SQLite may have rolled back already (disk full)
                 conn.execute("ROLLBACK")
             raise
+        self._forget_stored(stored)
         self._block_points += len(records)
         self._block_bytes += sum(len(r[4]) for r in rows)
+
+    # Losses, stored with the points ---------------------------------------------
+    def _note(self, key: str, n: int) -> None:
+        """Count ``n`` points lost for ``key``; stored by the next transaction."""
+        with self._counts_lock:
+            self._totals[key] = self._totals.get(key, 0) + n
+            self._unsaved[key] = self._unsaved.get(key, 0) + n
+
+    def _store_counts(self) -> dict[str, int]:
+        """Add the losses not stored yet. Part of the caller's transaction; pass
+        the result to :meth:`_forget_stored` once it has committed."""
+        with self._counts_lock:
+            todo = {k: v for k, v in self._unsaved.items() if v}
+        if todo:
+            self._conn.executemany(_ADD_COUNT, list(todo.items()))
+        return todo
+
+    def _forget_stored(self, stored: dict[str, int]) -> None:
+        with self._counts_lock:
+            for key, n in stored.items():
+                self._unsaved[key] -= n
+
+    def _store_counts_now(self) -> None:
+        """Store the losses not stored yet, in a transaction of their own."""
+        if not any(self._unsaved.values()):
+            return
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            stored = self._store_counts()
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._warn(logging.WARNING, "could not store the loss counts of %s: %s",
+                       self.path, exc)
+            return
+        self._forget_stored(stored)
+
+    def count_rejected(self, n: int) -> None:
+        # Stored by the acknowledgement that follows: a crash before it sends the
+        # batch again, and the sink refuses (and we count) the points again.
+        super().count_rejected(n)
+        self._note("rejected", n)
+
+    def loss_counts(self) -> dict[str, int]:
+        with self._counts_lock:
+            totals = dict(self._totals)
+        return {"buffer_full": totals.pop("buffer_full", 0),
+                "rejected": totals.pop("rejected", 0), **totals}
 
     def _set_position(self, gen: int, offset: int) -> None:
         """Record how far the inbox is in SQLite. Part of the caller's transaction."""
@@ -532,6 +612,7 @@ class SqliteBuffer(Buffer):
         del self._pending[:n]
         self._pending_bytes -= sum(len(r) + inbox.HEADER_SIZE for r in dropped)
         self._spilled_now = max(0, self._spilled_now - len(dropped))
+        self._note("buffer_full", len(dropped))  # stored by the next transaction
         self._count_drops(len(dropped))
 
     def _full(self, adding: int = 0) -> bool:
@@ -652,6 +733,7 @@ class SqliteBuffer(Buffer):
             self._move()
             self._retry_deletes()
             self._trim()
+            self._store_counts_now()  # losses no other transaction carried yet
             busy = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0]
             if not busy:  # the WAL is fsynced: what retired segments held is safe
                 self._delete_retired()
@@ -694,7 +776,12 @@ class SqliteBuffer(Buffer):
             points += count
             size += nbytes
         if doomed:
-            self._delete_blocks(doomed)
+            self._note("buffer_full", points)  # stored with the delete
+            try:
+                self._delete_blocks(doomed)
+            except BaseException:
+                self._note("buffer_full", -points)
+                raise
             self._block_points -= points
             self._block_bytes -= size
             self._count_drops(points)
@@ -716,11 +803,13 @@ class SqliteBuffer(Buffer):
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany("DELETE FROM blocks WHERE id = ?", [(i,) for i in ids])
+            stored = self._store_counts()
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        self._forget_stored(stored)
 
     def _retry_deletes(self) -> None:
         if self._undeleted:
@@ -729,6 +818,7 @@ class SqliteBuffer(Buffer):
 
     def _count_lost(self, reason: str, n: int) -> None:
         self.lost[reason] = self.lost.get(reason, 0) + n
+        self._note(_LOSS_KEYS.get(reason, reason.replace(" ", "_")), n)
 
     # Uploader side -------------------------------------------------------------
     def take(self, max_points: int, newest: bool = False) -> Batch | None:
@@ -846,22 +936,24 @@ class SqliteBuffer(Buffer):
     def _set_aside(self, bad: list[tuple[int, bytes, str]], counts: dict[int, int]) -> None:
         conn = self._conn
         ids = [b[0] for b in bad]
+        points = sum(counts.get(i, 0) for i in ids)
+        self._count_lost("unreadable", points)  # stored with the move
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany("INSERT OR REPLACE INTO set_aside (id, reason, data) VALUES (?, ?, ?)",
                              [(i, f"unreadable block: {reason}"[:200], data)
                               for i, data, reason in bad])
             conn.executemany("DELETE FROM blocks WHERE id = ?", [(i,) for i in ids])
+            stored = self._store_counts()
             conn.execute("COMMIT")
+            self._forget_stored(stored)
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._undeleted += ids  # still skipped in this run
             log.warning("could not set aside unreadable blocks of %s: %s", self.path, exc)
-        points = sum(counts.get(i, 0) for i in ids)
         self._block_points -= points
         self._block_bytes -= sum(len(b[1]) for b in bad)
-        self._count_lost("unreadable", points)
         log.error("%d points in %s could not be read back; their blocks were set aside "
                   "(table set_aside, ids %s) and counted as lost; delivery goes on",
                   points, self.path, ids)
@@ -898,7 +990,9 @@ class SqliteBuffer(Buffer):
                     conn.execute("BEGIN IMMEDIATE")
                     conn.executemany("DELETE FROM blocks WHERE id = ?", [(i,) for i in ids])
                     conn.execute("DELETE FROM meta WHERE key = 'in_flight'")
+                    stored = self._store_counts()  # the rejections of this batch
                     conn.execute("COMMIT")
+                    self._forget_stored(stored)
                 except sqlite3.Error as exc:
                     # A full disk can refuse even a DELETE (the WAL must grow). The
                     # points are delivered: skip them from now on, delete them later.
@@ -955,6 +1049,7 @@ class SqliteBuffer(Buffer):
             log.warning("final sync of %s failed: %s", self.path, exc)
         with self._db_lock:
             self._closed = True
+            self._store_counts_now()
             try:
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 self._delete_retired()
@@ -991,6 +1086,8 @@ def buffer_stats(path: str | os.PathLike[str]) -> dict[str, Any]:
         else:  # an older schema, converted when a client opens it
             count = conn.execute("SELECT COUNT(*) FROM points").fetchone()[0]
             stamps = []
+        losses = dict(conn.execute("SELECT name, value FROM counters").fetchall()) \
+            if "counters" in tables else {}
     finally:
         conn.close()
     size = sum(Path(f"{p}{s}").stat().st_size for s in ("", "-wal") if Path(f"{p}{s}").exists())
@@ -1008,7 +1105,8 @@ def buffer_stats(path: str | os.PathLike[str]) -> dict[str, Any]:
                        for pt in _safe_points(codec, codec.block([r]))]
     return {"path": str(p), "points": count + pending,
             "oldest_ms": min(stamps) if stamps else None,
-            "newest_ms": max(stamps) if stamps else None, "bytes": size}
+            "newest_ms": max(stamps) if stamps else None, "bytes": size,
+            "losses": {k: int(v) for k, v in losses.items() if v}}
 
 
 def _block_stamps(tag: str, data: bytes) -> list[int]:

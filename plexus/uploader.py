@@ -173,6 +173,13 @@ class Uploader:
         self.min_request_interval = min_request_interval
         self.stats = UploaderStats()
         self.auth_error: AuthenticationError | None = None
+        #: monotonic time the request now on the wire was started; None between
+        #: requests (the service's health check finds a wedged sink with it)
+        self.sending_since: float | None = None
+        #: the gateway's own health points (plexus.service.agent): sent between
+        #: batches while the sink delivers, never counted in ``stats``
+        self.side: Buffer | None = None
+        self.side_delivered = 0
         self._on_auth_change = on_auth_change
         self._rng = rng or random.Random()
         self.label = label or sink.name
@@ -265,6 +272,12 @@ class Uploader:
             self._thread.join(timeout + 5.0)
         self.buffer.set_consumer_running(False)
 
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a stopped uploader's thread; True once ended."""
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     @property
     def running(self) -> bool:
         return self._thread.is_alive()
@@ -291,6 +304,9 @@ class Uploader:
             while True:
                 if self._stop.is_set() and (len(self.buffer) == 0 or self._past_deadline()
                                             or self._gated()):
+                    if self._sink_ok and not (self._past_deadline() or self._gated()):
+                        with self._send_lock:
+                            self._send_side()  # the last health report, when there is time
                     break  # held points stay in the buffer until the hold clears
                 try:
                     if not self._cycle():
@@ -331,6 +347,8 @@ class Uploader:
         with self._send_lock:
             if self._gated():
                 return True  # the hold began while we waited
+            if self._sink_ok:
+                self._send_side()
             if self._budget is not None and not self._await_budget():
                 return True
             batch = self._take()
@@ -464,6 +482,28 @@ class Uploader:
                 if wake_on_put:
                     return
 
+    def _send_side(self) -> None:
+        """Send the waiting health points, once; a failure leaves them waiting
+        (the user's batches find out about the sink on their own)."""
+        side = self.side
+        if side is None or not len(side):
+            return
+        batch = side.take(self.max_batch)
+        if batch is None:
+            return
+        self._pace()
+        self.sending_since = time.monotonic()
+        try:
+            result = self._send(batch)  # a byte budget counts these bytes too
+        except Exception as exc:
+            side.release(batch)
+            log.debug("sending health points to %s failed: %s", self.sink.name, exc)
+            return
+        finally:
+            self.sending_since = None
+        side.ack(batch)
+        self.side_delivered += result.delivered
+
     def _pace(self) -> None:
         gap = self._last_request + self.min_request_interval - time.monotonic()
         if gap > 0:
@@ -478,6 +518,7 @@ class Uploader:
         """
         while True:
             self._pace()
+            self.sending_since = time.monotonic()
             try:
                 result = self._send(batch)
             except AuthenticationError as exc:
@@ -496,6 +537,8 @@ class Uploader:
                 log.debug("sink %s raised", self.sink.name, exc_info=True)
                 self._failed(PlexusError(f"{type(exc).__name__}: {exc}"))
                 return None
+            finally:
+                self.sending_since = None
             self._rate_limited = 0
             self._retry = 0
             self._record_success(batch, result.delivered, result.rejected)
@@ -557,6 +600,7 @@ class Uploader:
         stats.last_error = None
         if rejected:
             stats.rejected += len(rejected)
+            self.buffer.count_rejected(len(rejected))  # stored with the ack that follows
             points = batch.points
             for index, reason in rejected:
                 metric = points[index][0] if index < len(points) else "?"

@@ -38,3 +38,13 @@ def sometimes_broken() -> dict[str, int]:
     if n % 2:
         raise RuntimeError(f"odd call {n}")
     return {"test.even": n}
+
+
+def leaky() -> float:
+    """Careless user code: logs the API key it found in the environment."""
+    import logging
+    import os
+
+    logging.getLogger("user.code").warning("calling home with key %s",
+                                           os.environ.get("PLEXUS_API_KEY"))
+    return 1.0

@@ -13,6 +13,12 @@ import pytest
 from plexus.point import Point, make_point
 
 
+def readings(receiver: Any) -> list[dict[str, Any]]:
+    """What a receiver stored, less the gateway's own health points (plexus.agent.*),
+    which plexus-gateway sends by default."""
+    return [p for p in receiver.points if not p["metric"].startswith("plexus.agent.")]
+
+
 class CollectingContext:
     """An AdapterContext that validates and stamps points like the pipeline and keeps them.
 

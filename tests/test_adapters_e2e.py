@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from tests.adapters.mosquitto import MosquittoBroker
-from tests.support import require_binary
+from tests.support import readings, require_binary
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
@@ -238,7 +238,7 @@ def test_can_replay_delivers_every_decoded_signal(tmp_path, plexus_receiver, sta
     assert gateway.stop() == 0, gateway.stderr
     after_ms = int(time.time() * 1000)
 
-    points = plexus_receiver.points
+    points = readings(plexus_receiver)
     assert stored(points) == expected  # the same values, in capture order, nothing more
     assert {p["source_id"] for p in points} == {"rig-01"}
     # replay_timestamps defaults to "now": stamped with this run's wall clock.
@@ -308,7 +308,7 @@ def test_can_live_virtual_bus_in_process(tmp_path, plexus_receiver):
     finally:
         gateway.shutdown(5.0)
 
-    points = plexus_receiver.points
+    points = readings(plexus_receiver)
     assert stored(points) == expected
     metrics = plexus_receiver.metrics()
     assert metrics["can.MOTOR_STATUS.MOTOR_STATUS_speed_kph"] == [pytest.approx(12.5),
@@ -395,7 +395,7 @@ def test_mqtt_messages_reach_the_receiver(tmp_path, plexus_receiver, start_gatew
         assert wait_until(lambda: "sensors.status" in plexus_receiver.metrics()), gateway.stderr
         assert gateway.stop() == 0, gateway.stderr
 
-    points = plexus_receiver.points
+    points = readings(plexus_receiver)
     check_mqtt_points(points)
     # Every probe that was published after the subscription arrived, in order.
     probe_values = plexus_receiver.metrics()["sensors.probe"]
@@ -503,7 +503,7 @@ def test_mavlink_fields_and_flight_session(tmp_path, plexus_receiver, start_gate
         gateway.stderr
     assert gateway.stop() == 0, gateway.stderr
 
-    points = plexus_receiver.points
+    points = readings(plexus_receiver)
     check_flight(points)
     adapters, _sinks = gateway.final_status()
     _state, count, errors = adapters["fc"]
@@ -611,7 +611,7 @@ def test_serial_nmea_reaches_the_receiver(tmp_path, plexus_receiver, start_gatew
             gateway.stderr
         assert gateway.stop() == 0, gateway.stderr
 
-    points = plexus_receiver.points
+    points = readings(plexus_receiver)
     check_nmea_points(points)
     assert all("tags" not in p for p in points)  # no tags configured, none invented
     adapters, _sinks = gateway.final_status()
@@ -655,7 +655,7 @@ def test_all_four_adapters_in_one_rig(tmp_path, plexus_receiver, start_gateway):
         assert wait_until(all_arrived), gateway.stderr
         assert gateway.stop() == 0, gateway.stderr
 
-    points = plexus_receiver.points
+    points = readings(plexus_receiver)
     can_points = with_prefix(points, "can.")
     assert stored(can_points) == expected_can
     check_nmea_points(points)

@@ -93,6 +93,7 @@ class CallableAdapter(ThreadedAdapter):
                  func: Callable[..., Any] | None = None, base_dir: Path | None = None) -> None:
         super().__init__(options, name)
         self.calls = 0
+        self.late_ticks = 0  # ticks skipped because a call (or the machine) ran late
         self._func = func or resolve_function(options.function, base_dir)
         if options.interval <= 0:
             raise AdapterError(f"interval must be greater than 0, got {options.interval:g}")
@@ -119,12 +120,14 @@ class CallableAdapter(ThreadedAdapter):
             else:
                 self._send(result)
             # Fixed-rate schedule: the call's own duration does not stretch the period.
+            # When late (a slow call, a busy machine), the missed ticks are skipped
+            # rather than caught up in a burst of readings a few µs apart.
             next_call += opts.interval
-            delay = next_call - time.monotonic()
-            if delay < 0:
-                next_call = time.monotonic()
-                delay = 0
-            self.stopping.wait(delay)
+            now = time.monotonic()
+            if next_call < now:
+                self.late_ticks += int((now - next_call) // opts.interval) + 1
+                next_call += (int((now - next_call) // opts.interval) + 1) * opts.interval
+            self.stopping.wait(next_call - now)
 
     def _send(self, result: Any) -> None:
         if result is None:
@@ -146,4 +149,4 @@ class CallableAdapter(ThreadedAdapter):
             )
 
     def health_extra(self) -> dict[str, Any]:
-        return {"calls": self.calls}
+        return {"calls": self.calls, "late_ticks": self.late_ticks}

@@ -28,7 +28,8 @@ def run_parser() -> Parser:
         prog=PROG,
         usage="%(prog)s [run] --config RIG.yaml [options]",
         description="Run the adapters of a rig file and deliver their readings until "
-                    "SIGINT/SIGTERM (or --duration), then deliver what is buffered.",
+                    "SIGINT/SIGTERM (or --duration), then deliver what is buffered. SIGHUP "
+                    "re-reads the rig file (docs/operations.md).",
         epilog="Exit codes: 0 ok (also after SIGINT/SIGTERM), 69 no adapter could start or "
                "every one failed, 77 no API key or the platform refused it, 78 the rig file "
                "is invalid or --check found a problem. Other commands: plexus-gateway help.",
@@ -105,14 +106,19 @@ def _check(gateway: Any, registry: Any, online: bool) -> int:
     if gateway.commands is not None:
         problems += [f"{gateway.config.path}: commands: {p}" for p in gateway.commands.problems]
     problems += [f"plugin: {error}" for error in registry.errors]
+    notes = [f"  note: {warning}" for warning in registry.warnings]
     if problems:
         count = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
         print_error(PROG, f"{gateway.config.path}: {count} found:")
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
+        for note in notes:
+            print(note, file=sys.stderr)
         only_key = all("API key" in p for p in problems)
         return ExitCode.AUTH if only_key else ExitCode.CONFIG
     _print_check(gateway, online)
+    for note in notes:
+        print(note)
     return ExitCode.OK
 
 
@@ -147,30 +153,55 @@ def _print_check(gateway: Any, online: bool) -> None:
 
 
 def _run(gateway: Any, args: Any) -> int:
+    from plexus.errors import ConfigError
+    from plexus.service.runner import Service
+
+    service = Service(gateway)
+    if args.dry_run:  # the points printed are the adapters' own
+        gateway.config = gateway.config.model_copy(
+            update={"agent_metrics": gateway.config.agent_metrics.model_copy(
+                update={"enabled": False})})
+
     def on_signal(signum: int, _frame: Any) -> None:
         log.info("received %s: shutting down", signal.Signals(signum).name)
         gateway.request_stop()
 
+    def on_hangup(_signum: int, _frame: Any) -> None:
+        service.request_reload()  # done by the main loop's next tick, never in the handler
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
 
+    try:
+        service.open()
+    except PlexusError as exc:
+        gateway.shutdown(0)
+        code = ExitCode.CONFIG if isinstance(exc, ConfigError) else ExitCode.UNAVAILABLE
+        return fail(PROG, str(exc), code)
     gateway.start()
     if not gateway.adapters and gateway.commands is None:
         log.error("no adapters are configured: nothing to run")
         gateway.shutdown(0)
+        service.close()
         return ExitCode.UNAVAILABLE
     if gateway.commands is None and len(gateway.failed_adapters()) == len(gateway.adapters):
         summary = _failure_summary(gateway, "no adapter could start")
         gateway.shutdown(0)
+        service.close()
         print_error(PROG, summary)
         return ExitCode.UNAVAILABLE
 
     view = make_status_view(gateway, gateway.config.status_interval,
                             enabled=not args.no_status, live=args.log_format == "text"
                             and not args.dry_run)
+    service.started()
 
     def on_tick() -> None:
+        if getattr(view, "interval", None) not in (None, gateway.config.status_interval):
+            view.interval = gateway.config.status_interval  # type: ignore[union-attr]  # reloaded
         view.tick()
+        service.tick()
         if gateway.nothing_left_to_run():
             if gateway.failed_adapters():
                 log.error("every adapter has stopped for good: shutting down")
@@ -179,13 +210,16 @@ def _run(gateway: Any, args: Any) -> int:
             gateway.request_stop()
 
     try:
-        gateway.wait(args.duration, on_tick=on_tick, tick=view.tick_seconds)
+        gateway.wait(args.duration, on_tick=on_tick, tick=service.tick_seconds(view.tick_seconds))
     finally:
         view.close()
     all_failed = bool(gateway.adapters) and \
         len(gateway.failed_adapters()) == len(gateway.adapters)
     summary = _failure_summary(gateway, "every adapter failed")
+    service.stopping()
+    service.wait_reloaded()
     gateway.shutdown()
+    service.close()
     view.final()
     if all_failed:
         print_error(PROG, summary)

@@ -35,6 +35,8 @@ def cmd_plugins(argv: list[str]) -> int:
         print(f"{kind:<8} {name:<16} {package:<28} {version}")
     for name in registry.disabled:
         print(f"disabled plugin: {name}")
+    for warning in registry.warnings:
+        print(f"note: {warning}")
     for error in registry.errors:
         fail(parser.prog, error, ExitCode.FAILURE)
     return ExitCode.FAILURE if registry.errors else ExitCode.OK
@@ -195,6 +197,9 @@ def cmd_buffer(argv: list[str]) -> int:
     print(f"{stats['path']}: {stats['points']} points, {stats['bytes']} bytes")
     if stats["points"]:
         print(f"  oldest: {_fmt_ms(stats['oldest_ms'])}\n  newest: {_fmt_ms(stats['newest_ms'])}")
+    if stats.get("losses"):  # stored with the points: they survive crashes
+        print("  lost since the file was made: " + ", ".join(
+            f"{reason} {n}" for reason, n in sorted(stats["losses"].items())))
     if not args.flush:
         return ExitCode.OK
     from plexus.client import Plexus

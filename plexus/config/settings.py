@@ -16,10 +16,12 @@ from plexus.config.options import OptionsModel, option
 from plexus.control import CommandsConfig
 
 __all__ = [
+    "AgentMetricsConfig",
     "BatchConfig",
     "BufferConfig",
     "GatewaySettings",
     "LocalReceiverConfig",
+    "MetricsConfig",
     "RetrySettings",
 ]
 
@@ -81,6 +83,41 @@ class LocalReceiverConfig(OptionsModel):
                        ge=0, le=65535)
 
 
+class MetricsConfig(OptionsModel):
+    """The Prometheus and health endpoint (docs/operations.md)."""
+
+    listen: str | None = option(
+        None, help="host:port to serve /metrics and /healthz on, e.g. 127.0.0.1:9273 (keep it "
+                   "on loopback unless a firewall guards it: there is no authentication). "
+                   "Default: null, no endpoint.")
+    stale_after: float = option(
+        300.0, help="/healthz reports a sink that has delivered nothing for this many seconds "
+                    "while points wait. Default: 300.0.", gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        from plexus.errors import ConfigError
+        from plexus.service.metrics import parse_listen
+
+        if value is not None:
+            try:
+                parse_listen(value)
+            except ConfigError as exc:
+                raise PydanticCustomError("listen", "{reason}", {"reason": str(exc)}) from None
+        return value
+
+
+class AgentMetricsConfig(OptionsModel):
+    """The gateway's own health, sent as points (plexus.agent.*; docs/operations.md)."""
+
+    enabled: bool = option(True, help="Send plexus.agent.* points (drops, rejections, "
+                                      "backlog, lag, adapter errors). Default: true.")
+    interval: float = option(60.0, help="Seconds between reports. Default: 60.0.", ge=1)
+    sinks: list[str] | None = option(
+        None, help="Names of the sinks that get the reports. Default: null, every sink.")
+
+
 class GatewaySettings(OptionsModel):
     """The rig file's top-level settings (everything but ``adapters`` and ``sinks``)."""
 
@@ -118,6 +155,18 @@ class GatewaySettings(OptionsModel):
     commands: CommandsConfig = option(
         default_factory=CommandsConfig,
         help="Remote commands from the dashboard (docs/commands.md).")
+    metrics: MetricsConfig = option(
+        default_factory=MetricsConfig,
+        help="The Prometheus (/metrics) and health (/healthz) endpoint; off by default.")
+    agent_metrics: AgentMetricsConfig = option(
+        default_factory=AgentMetricsConfig,
+        help="The gateway's own health sent as plexus.agent.* points; on by default.")
+    log_events: str | None = option(
+        None, help="Send log records at or above this level (debug ... critical) as events "
+                   "named log (tagged level and logger), rate-limited. Default: null, none.")
+    log_events_per_minute: int = option(
+        10, help="Most log events sent a minute (bursts of up to twice that); the rest are "
+                 "counted and summed up in the next one. Default: 10.", ge=1)
 
     @field_validator("source_id")
     @classmethod
@@ -132,9 +181,11 @@ class GatewaySettings(OptionsModel):
                 raise PydanticCustomError("source_id", "{reason}", {"reason": str(exc)}) from None
         return value
 
-    @field_validator("log_level")
+    @field_validator("log_level", "log_events")
     @classmethod
-    def _known_level(cls, value: str) -> str:
+    def _known_level(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if value.lower() not in LOG_LEVELS:
             raise PydanticCustomError(
                 "log_level", "must be one of {choices}, got {value}",

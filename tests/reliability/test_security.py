@@ -145,6 +145,62 @@ def test_gateway_and_cli_never_show_the_key(plexus_receiver_factory, tmp_path, i
     assert_no_canary("the gateway's logs", logs.text)
 
 
+def test_service_outputs_never_show_the_key(plexus_receiver_factory, tmp_path, isolated_home):
+    """Log events, agent points, /metrics, /healthz, systemd's STATUS and a refused
+    reload: none carries the key, even when user code logs it."""
+    import signal
+
+    import httpx
+
+    from tests.service.support import GatewayProcess, NotifySocket, free_port, wait_until
+
+    rx = plexus_receiver_factory(api_keys=[CANARY])
+    port = free_port()
+    rig = tmp_path / "rig.yaml"
+    text = ("source_id: rig-01\napi_key: ${PLEXUS_API_KEY}\n"
+            f"gateway_url: {rx.url}\nlog_level: debug\nlog_events: debug\n"
+            f"metrics: {{listen: '127.0.0.1:{port}'}}\nagent_metrics: {{interval: 1}}\n"
+            f"buffer: {{type: sqlite, path: {tmp_path / 'buf' / 'rig.db'}}}\n"
+            "batch: {interval: 0.05}\nlog_events_per_minute: 600\n"
+            "adapters:\n  - type: callable\n    function: tests.gateway_funcs:leaky\n"
+            "    metric: leak\n    interval: 0.2\n"
+            "  - type: callable\n    function: tests.gateway_funcs:broken\n    interval: 0.2\n")
+    rig.write_text(text)
+    rig.chmod(0o600)
+    notify = NotifySocket()
+    try:
+        gw = GatewayProcess(rig, env={"PLEXUS_API_KEY": CANARY, "NOTIFY_SOCKET": notify.address,
+                                      "WATCHDOG_USEC": "1000000"})
+        try:
+            assert wait_until(lambda: any("calling home" in str(p["value"])
+                                          for p in rx.points), 30), gw.log
+            assert wait_until(lambda: any(p["metric"].startswith("plexus.agent.")
+                                          for p in rx.points), 30)
+            texts = {path: httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5).text
+                     for path in ("/metrics", "/healthz", "/")}
+            rig.write_text(f"api_key: [{CANARY}]\n")  # invalid: the reload is refused
+            gw.signal(signal.SIGHUP)
+            gw.wait_log("reload refused")
+            rig.write_text(text.replace("interval: 0.2", "interval: 0.3"))
+            gw.signal(signal.SIGHUP)
+            gw.wait_log("reloaded ")
+        finally:
+            assert gw.stop() == 0, gw.log
+        messages = json.dumps([m for _, m in notify.messages])
+    finally:
+        notify.close()
+    assert "READY" in messages and "STATUS" in messages
+    assert_no_canary("the systemd notifications", messages)
+    for path, body in texts.items():
+        assert_no_canary(f"GET {path}", body)
+    assert_no_canary("the points and events stored", json.dumps(rx.points))
+    assert "plx_***" in json.dumps(rx.points)  # the user's log line, redacted in its event
+    # The gateway's own log lines (user code's are its own business).
+    own = [line for line in gw.log.splitlines() if "user.code" not in line]
+    assert_no_canary("the gateway's log", "\n".join(own))
+    assert scan_files(tmp_path / "buf")  # the buffer, its counters table included
+
+
 def test_config_errors_never_show_the_key(tmp_path):
     rig = tmp_path / "rig.yaml"
     rig.write_text(f"api_key: [{CANARY}]\nsource_id: 5\n")
