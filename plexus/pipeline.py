@@ -8,6 +8,11 @@ several sinks never lets a slow or failing sink stall or starve another:
 the failing one's buffer fills (and, if it overflows, drops its own oldest
 points, counted) while the others keep delivering.
 
+Points without a timestamp are stamped by the pipeline's :class:`~plexus.clock.Clock`,
+which decides off the hot path whether the system clock can be trusted; while
+no trustworthy time is known, such points wait in the clock, not in the
+buffers (docs/time.md).
+
 Sessions are pipeline-wide (every thread, every source): the points carry
 the tag ``session_id=<id>`` plus the session's tags. Sessions nest: the
 innermost one's id wins, tags merge with inner tags winning, and ending the
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from plexus.buffer import Buffer
+from plexus.clock import Clock
 from plexus.errors import ClientClosedError, PlexusError, PointTypeError, ValidationError
 from plexus.point import (
     MAX_METRIC_CHARS,
@@ -41,7 +47,6 @@ from plexus.sinks.base import Sink
 from plexus.uploader import Uploader
 
 log = logging.getLogger(__name__)
-_time_ns = time.time_ns
 # A metric this short cannot exceed 256 bytes of UTF-8 (4 bytes a character at most).
 _FAST_METRIC_CHARS = MAX_METRIC_CHARS // 4
 
@@ -61,12 +66,15 @@ class Pipeline:
     Parameters:
         source_id: the platform's source id (``^[a-z0-9][a-z0-9._-]*$``).
         tags: global tags added to every point (a point's own tags win).
+        clock: stamps points sent without a timestamp (default: a
+            :class:`~plexus.clock.Clock` on the system clock).
 
     Raises:
         ValidationError: for an invalid ``source_id`` or tags.
     """
 
-    def __init__(self, source_id: str, tags: dict[str, str] | None = None) -> None:
+    def __init__(self, source_id: str, tags: dict[str, str] | None = None,
+                 clock: Clock | None = None) -> None:
         self.source_id = validate_source_id(source_id)
         self.lanes: list[Lane] = []
         self._global_tags = dict(check_tags(tags)) if tags else None
@@ -76,6 +84,11 @@ class Pipeline:
         self._put = self._put_nowhere
         self._alarm: Callable[[], None] | None = None
         self._closed = False
+        # The clock publishes how to stamp: a function returning Unix ns, or None
+        # while no trustworthy time is known (then points wait in the clock).
+        self._now_ns: Callable[[], int] | None = time.time_ns
+        self.clock = clock if clock is not None else Clock()
+        self.clock.bind(self._set_stamper, self._deliver_held)
 
     # Building ------------------------------------------------------------
     def add_lane(self, sink: Sink, buffer: Buffer, **uploader_options: Any) -> Lane:
@@ -83,6 +96,7 @@ class Pipeline:
         buffer.set_codec(sink.codec(self.source_id))  # a persistent buffer stores what is sent
         lane = Lane(sink, buffer, Uploader(buffer, sink, **uploader_options))
         self.lanes.append(lane)
+        self.clock.attach(sink)  # a sink that hears the platform's time reports it
         if len(self.lanes) == 1:
             self._put = buffer.put
         else:
@@ -93,6 +107,7 @@ class Pipeline:
         for lane in self.lanes:
             lane.sink.open(self.source_id)
             lane.uploader.start()
+        self.clock.start()
 
     # The hot path --------------------------------------------------------
     def emit(
@@ -117,10 +132,16 @@ class Pipeline:
             check_metric(metric)
         if type(value) is not float or value - value != 0.0:
             value = normalize_value(metric, value)
+        if timestamp is not None:
+            ts = timestamp_ms(timestamp)
+        elif (now_ns := self._now_ns) is not None:
+            ts = now_ns() // 1_000_000
+        else:
+            return self._hold([(metric, value, tags)])
         self._put((
             metric,
             value,
-            _time_ns() // 1_000_000 if timestamp is None else timestamp_ms(timestamp),
+            ts,
             self._context_tags if tags is None else merge_tags(self._context_tags, tags),
         ))
         if self._alarm is not None:
@@ -148,7 +169,9 @@ class Pipeline:
         """
         if self._closed:
             raise ClientClosedError("this client is closed; create a new Plexus() to send")
-        ts = int(time.time() * 1000) if timestamp is None else timestamp_ms(timestamp)
+        now_ns = self._now_ns
+        ts = timestamp_ms(timestamp) if timestamp is not None else \
+            -1 if now_ns is None else now_ns() // 1_000_000
         point_tags = self._context_tags if tags is None else merge_tags(self._context_tags, tags)
         points: list[Point] = []
         for i, reading in enumerate(readings):
@@ -163,11 +186,42 @@ class Pipeline:
                 points.append((metric, normalize_value(metric, value), ts, point_tags))
             except PlexusError as exc:
                 raise type(exc)(f"points[{i}]: {exc}") from exc
+        if ts == -1:  # no trustworthy time yet: they wait in the clock
+            self._hold([(metric, value, tags) for metric, value, _ts, tags in points])
+            return len(points)
         for lane in self.lanes:
             lane.buffer.put_many(points)
         if self._alarm is not None:
             self._alarm()
         return len(points)
+
+    # Stamping (the clock calls these) ------------------------------------------
+    def _set_stamper(self, now_ns: Callable[[], int] | None) -> None:
+        self._now_ns = now_ns
+
+    def _hold(self, readings: list[tuple[str, Any, dict[str, str] | None]]) -> bool:
+        """Points without a timestamp while the time is unknown: they wait in the clock."""
+        if self._closed:
+            raise ClientClosedError("this client is closed; create a new Plexus() to send")
+        if not self.lanes:
+            raise PlexusError("the pipeline has no sink")
+        context = self._context_tags
+        stamped = self.clock.hold(
+            [(m, v, context if t is None else merge_tags(context, t)) for m, v, t in readings])
+        for point in stamped:  # the time became known meanwhile
+            self._put(point)
+        if self._alarm is not None:
+            self._alarm()
+        return True
+
+    def _deliver_held(self, points: list[Point]) -> None:
+        """Held points, stamped now that the time is known: into every lane."""
+        for lane in self.lanes:
+            try:
+                lane.buffer.put_many(points)
+            except PlexusError as exc:  # one lane failing must not cost the others theirs
+                log.error("%d points held until the time was known could not be buffered "
+                          "for %s: %s", len(points), lane.sink.name, exc)
 
     def _put_nowhere(self, point: Point) -> None:
         raise PlexusError("the pipeline has no sink")
@@ -257,6 +311,7 @@ class Pipeline:
         self._closed = True
         self._put = self._put_closed
         deadline = time.monotonic() + timeout
+        self.clock.stop()  # held points reach the buffers now if the time is known
         threads = []
         for lane in self.lanes:
             if lane.uploader.running:
@@ -298,6 +353,9 @@ class SourceContext:
         self._pipeline = pipeline
         self._tags = dict(check_tags(tags)) if tags else None
         self._emit = pipeline.emit
+        #: how the pipeline stamps (``now()``, ``from_wall()``) and where time
+        #: references go (``observe()``): see :mod:`plexus.clock`
+        self.clock = pipeline.clock
 
     def emit(
         self,
