@@ -395,9 +395,14 @@ class Clock:
     def status(self) -> dict[str, Any]:
         """What the status view and metrics show."""
         wall_offset, offset = self._wall_offset, self._offset
+        uncertainty = None
+        if self.state == "reference" and self.basis in self._refs:
+            aged = self._refs[self.basis].aged(self.source.mono_ns())
+            uncertainty = round(aged.width / 2 / _E9, 3)
         return {
             "state": self.state,
             "basis": self.basis,
+            "uncertainty_s": uncertainty,
             "stamps_minus_system_clock_s": None if offset is None or wall_offset is None
             else round((offset - wall_offset) / _E9, 3),
             "steps": self.steps,

@@ -109,10 +109,14 @@ class ClockConfig(OptionsModel):
         True, help="Use the platform's time (the Date header of its answers, the device "
                    "link's server time) as a time reference. Default: true.")
 
-    @field_validator("not_before")
+    @field_validator("not_before", mode="before")
     @classmethod
-    def _a_day(cls, value: str | None) -> str | None:
-        if value is not None:
+    def _a_day(cls, value: object) -> object:
+        if isinstance(value, datetime):
+            value = value.date()
+        if isinstance(value, date):  # YAML reads an unquoted 2027-01-31 as a date
+            return value.isoformat()
+        if isinstance(value, str):
             try:
                 date.fromisoformat(value)
             except ValueError:
