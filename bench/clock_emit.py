@@ -14,11 +14,20 @@ Rounds interleave the states so a noisy, shared machine affects them alike;
 the table gives the median and the minimum of the rounds. Run the same
 script with ``PYTHONPATH`` pointing at another tree to compare commits (a
 tree without ``plexus.clock`` measures ``trusted`` only).
+
+On a machine too busy for timings, count instructions instead, which load
+does not change: ``--emit-only STATE --n N`` just emits N points, so the
+difference between two callgrind runs with different N, divided by the
+difference of N, is the instructions one ``emit`` costs::
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        python bench/clock_emit.py --emit-only trusted --n 20000
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import statistics
 import time
@@ -41,24 +50,24 @@ class NullSink(Sink):
 
 
 def make_pipeline(state: str, n: int) -> tuple[Pipeline, Any]:
-    try:
-        from plexus.clock import BUILD_DATE_S, Clock, ManualTime
-    except ImportError:  # a tree from before plexus.clock
+    if "clock" not in inspect.signature(Pipeline).parameters:  # a tree from before plexus.clock
         if state != "trusted":
-            raise
+            raise SystemExit(f"this tree has no clock: state {state} cannot be measured")
         pipeline = Pipeline("bench")
     else:
+        from plexus.clock import BUILD_DATE_S, Clock, ManualTime
+
         if state == "trusted":
             clock = Clock()
         else:
             fake = ManualTime(wall_s=100.0)  # 1970: not trusted
-            clock = Clock(source=fake, hold_max_points=n + 1)
+            clock = Clock(source=fake, hold_max_points=n + 10_000)
             if state == "reference":
                 fake_now = fake.mono_ns()
                 clock.observe("device-link", int(BUILD_DATE_S * 1e9) + 10**12,
                               fake_now, fake_now, resolution_ns=1_000_000)
         pipeline = Pipeline("bench", clock=clock)
-    pipeline.add_lane(NullSink(None), MemoryBuffer(n + 10), batch_size=10**9, interval=3600.0)
+    pipeline.add_lane(NullSink(None), MemoryBuffer(n + 10_000), batch_size=10**9, interval=3600.0)
     pipeline.start()
     return pipeline, None
 
@@ -81,13 +90,26 @@ def measure(state: str, n: int) -> float:
     return (spent - bare) / n
 
 
+def emit_only(state: str, n: int) -> None:
+    pipeline, _ = make_pipeline(state, n)
+    emit = pipeline.emit
+    metrics, values, nv = METRICS, VALUES, len(VALUES)
+    for i in range(n):
+        emit(metrics[i % 10], values[i % nv])
+    pipeline.close(0.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--n", type=int, default=200_000)
     parser.add_argument("--states", default="trusted,reference,held")
+    parser.add_argument("--emit-only", metavar="STATE", help="emit --n points, measure nothing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.CRITICAL)
+    if args.emit_only:
+        emit_only(args.emit_only, args.n)
+        return
     states = args.states.split(",")
     results: dict[str, list[float]] = {s: [] for s in states}
     for _ in range(args.rounds):

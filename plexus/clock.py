@@ -55,6 +55,7 @@ __all__ = [
     "ManualTime",
     "SystemTime",
     "TimeSource",
+    "TimeUnknown",
     "WALL_CLOCK",
 ]
 
@@ -86,6 +87,15 @@ def system_clock_behind_s() -> float | None:
     explicit timestamps "in the future" against the right clock."""
     behind = _system_clock_behind_ns
     return None if behind is None else behind / _E9
+
+
+class TimeUnknown(Exception):
+    """Raised by the stamping function while no trustworthy time is known (the
+    pipeline then keeps the point waiting; it never reaches the caller)."""
+
+
+def _time_unknown() -> int:
+    raise TimeUnknown
 
 
 class TimeSource(Protocol):
@@ -275,7 +285,7 @@ class Clock:
         self._wall_offset: int | None = None  # wall - monotonic at the last check
         self._wall_plausible = True
         self._disagreement_warned: str | None = None
-        self._publish: Callable[[Callable[[], int] | None], None] | None = None
+        self._publish: Callable[[Callable[[], int]], None] | None = None
         self._deliver: Callable[[list[Point]], None] | None = None
         self._probes: list[Callable[[], None]] = []
         self._probe_thread: threading.Thread | None = None
@@ -298,10 +308,11 @@ class Clock:
         self._evaluate()
 
     # Wiring --------------------------------------------------------------
-    def bind(self, publish: Callable[[Callable[[], int] | None], None],
+    def bind(self, publish: Callable[[Callable[[], int]], None],
              deliver: Callable[[list[Point]], None]) -> None:
-        """Connect a pipeline: ``publish`` receives the stamping function (nanoseconds;
-        None while the time is unknown), ``deliver`` the held points once stamped."""
+        """Connect a pipeline: ``publish`` receives the stamping function (Unix
+        nanoseconds; it raises :class:`TimeUnknown` while the time is unknown),
+        ``deliver`` the held points once stamped."""
         self._publish = publish
         self._deliver = deliver
         publish(self._stamper())
@@ -609,12 +620,12 @@ class Clock:
         log.warning("the system clock stepped %s by %s, to %s (%s)", direction,
                     _span(abs(jump) / _E9), _iso(wall), note)
 
-    def _stamper(self) -> Callable[[], int] | None:
+    def _stamper(self) -> Callable[[], int]:
         offset = self._offset
         if self.state == "trusted":
             return self.source.wall_ns
         if offset is None:
-            return None
+            return _time_unknown
         mono = self.source.mono_ns
 
         def reference_ns() -> int:
