@@ -378,3 +378,40 @@ def test_the_rigs_clock_section_sets_the_gateways_clock(tmp_path) -> None:
                          sink_types=registry.sinks)
     assert str(info.value).splitlines() == [
         "rig.yaml:4: clock.not_before: must be a day as YYYY-MM-DD, got '03/02/2020'"]
+
+
+# --- the build date ---------------------------------------------------------------------------
+
+
+def test_the_build_date_is_a_day_not_after_today_and_version_shows_it() -> None:
+    from datetime import date, datetime, timezone
+
+    from plexus.buildinfo import BUILD_DATE
+    from plexus.cli import version_text
+
+    # A build date after the real one would make every correct clock untrusted.
+    assert date.fromisoformat(BUILD_DATE) <= datetime.now(timezone.utc).date()
+    assert BUILD_DATE_S == datetime.fromisoformat(BUILD_DATE).replace(
+        tzinfo=timezone.utc).timestamp()
+    assert f"(built {BUILD_DATE}:" in version_text()
+
+
+def test_the_release_tool_writes_the_build_date(tmp_path, monkeypatch) -> None:
+    import importlib.util
+    from datetime import date
+    from pathlib import Path
+
+    tool = Path(__file__).parents[1] / "tools" / "stamp_build_date.py"
+    spec = importlib.util.spec_from_file_location("stamp_build_date", tool)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    copy = tmp_path / "buildinfo.py"
+    copy.write_text((Path(__file__).parents[1] / "plexus" / "buildinfo.py").read_text())
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1800000000")  # 2027-01-15T08:00:00Z
+    module.stamp(module.build_day([]), copy)
+    assert 'BUILD_DATE = "2027-01-15"' in copy.read_text()
+    module.stamp(date(2028, 2, 29), copy)
+    namespace: dict[str, object] = {}
+    exec(copy.read_text(), namespace)
+    assert namespace["BUILD_DATE"] == "2028-02-29"
