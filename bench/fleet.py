@@ -18,12 +18,18 @@ devices' own counters:
 - attempts per device per second during the outage (target: about 1 or less);
 - points sent, stored, lost and stored twice (targets: 0 and 0);
 - the time until every device's buffer was empty again.
+
+The result also records the machine's load average before and after the run
+(the devices, the receiver and anything else running share its cores), the
+commit and the arguments, so a figure can be read with its conditions.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -33,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH, PYTHON, ReceiverProcess, clean_env  # noqa: E402
+from common import BENCH, PYTHON, ROOT, ReceiverProcess, clean_env  # noqa: E402
 
 BIN = 0.5  # seconds per bin of the request-rate histogram
 
@@ -80,15 +86,21 @@ def analyse(results: list[dict[str, Any]], timeline: list[list[Any]], stored: di
     delays = sorted(first_after.get(d["source_id"], float("inf")) for d in device_rows)
     # Request rate: steady (the last 3 s before the outage) and after the return.
     bins: dict[int, int] = {}
-    for received_at, *_ in timeline:
-        bins[int((received_at - start) // BIN)] = bins.get(int((received_at - start) // BIN), 0) + 1
-    steady_bins = [bins.get(b, 0) for b in range(int((down_at - start - 3) // BIN),
-                                                  int((down_at - start) // BIN))]
+    point_bins: dict[int, int] = {}
+    for received_at, _status, count, _source in timeline:
+        b = int((received_at - start) // BIN)
+        bins[b] = bins.get(b, 0) + 1
+        point_bins[b] = point_bins.get(b, 0) + (count or 0)
+    steady_range = range(int((down_at - start - 3) // BIN), int((down_at - start) // BIN))
+    steady_bins = [bins.get(b, 0) for b in steady_range]
     steady_rate = statistics.mean(steady_bins) / BIN if steady_bins else 0.0
+    steady_points = statistics.mean(point_bins.get(b, 0) for b in steady_range) / BIN \
+        if steady_bins else 0.0
     # From the return until the devices stop sending (their close() flushes after that).
-    after_bins = {b: n for b, n in bins.items()
-                  if int((up_at - start) // BIN) <= b < int((end_at - start) // BIN)}
+    after_range = range(int((up_at - start) // BIN), int((end_at - start) // BIN))
+    after_bins = {b: bins.get(b, 0) for b in after_range}
     peak_rate = max(after_bins.values(), default=0) / BIN
+    peak_points = max((point_bins.get(b, 0) for b in after_range), default=0) / BIN
     attempts = sum(d["failures"] for d in device_rows)
     outage = up_at - down_at
     drained = [d["drained_after_up"] for d in device_rows]
@@ -96,14 +108,19 @@ def analyse(results: list[dict[str, Any]], timeline: list[list[Any]], stored: di
         "devices": devices, "outage_s": round(outage, 1),
         "points_sent": sent, "points_stored": kept, "points_lost": sent - kept,
         "points_stored_twice": stored["duplicates"],
+        "points_dropped_by_devices": sum(d["dropped"] for d in device_rows),
         "devices_back": sum(1 for x in delays if x != float("inf")),
         "first_delivery_after_return_s": {
+            "min": round(delays[0], 2),
             "median": round(statistics.median(delays), 2),
             "p95": round(delays[int(0.95 * (len(delays) - 1))], 2),
-            "max": round(delays[-1], 2)},
+            "max": round(delays[-1], 2),
+            "devices_within_5s": sum(1 for x in delays if x <= 5.0)},
         "steady_requests_per_s": round(steady_rate, 1),
         "peak_requests_per_s_after_return": round(peak_rate, 1),
         "peak_over_steady": round(peak_rate / steady_rate, 2) if steady_rate else None,
+        "steady_points_per_s": round(steady_points),
+        "peak_points_per_s_after_return": round(peak_points),
         "failed_attempts_per_device_per_s_during_outage": round(
             attempts / devices / outage, 2),
         "all_drained_after_return_s": (round(max(drained), 2)
@@ -121,7 +138,15 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     result = run(args.devices, args.outage, args.steady, args.after, args.procs)
+    result["conditions"] = {
+        "args": vars(args), "cpus": os.cpu_count(), "python": platform.python_version(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                 capture_output=True, text=True).stdout.strip() or None,
+    }
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -144,6 +144,14 @@ class Buffer:
         After a delivery cycle gave up, the next reading starts a new one.
         """
 
+    def set_block_limit(self, points: int) -> None:
+        """Store at most about ``points`` points per block from now on.
+
+        A sink with a byte budget wants requests of about one burst, and a
+        buffer that stores blocks never splits one. Buffers without blocks
+        ignore it.
+        """
+
     def _should_wait(self) -> bool:
         return self.when_full == "block" and self._healthy and self._consumer_running
 
@@ -276,6 +284,8 @@ class MemoryBuffer(Buffer):
         if not (self._full(adding) and self._should_wait()):
             return
         self.waited += 1
+        if self._on_ready is not None:
+            self._on_ready()  # a full buffer is worth an upload, whatever the batch size
         while self._full(adding) and self._should_wait():
             self._room.wait(_WAIT_SLICE)
 

@@ -30,12 +30,26 @@ from typing import Any
 import orjson
 
 from plexus.adapters.callable import CallableAdapter, CallableOptions
+from plexus.batching import BatchSender
 from plexus.buffer import DEFAULT_MAX_POINTS, WHEN_FULL, Buffer, MemoryBuffer
 from plexus.clock import Clock
 from plexus.commands import CommandCenter, declare
-from plexus.errors import AuthenticationError, ClientClosedError, ConfigError, PlexusError
+from plexus.errors import (  # noqa: F401 - the SDK's names, importable from plexus.client too
+    AuthenticationError,
+    ClientClosedError,
+    ConfigError,
+    PlexusError,
+    PointTypeError,
+    RateLimitedError,
+)
 from plexus.pipeline import Pipeline, SourceContext
-from plexus.point import validate_source_id
+from plexus.point import check_metric, normalize_value, validate_source_id
+from plexus.sdk_compat import (
+    RetryConfig,
+    note_ignored_endpoint,
+    positional_arguments,
+    unsupported,
+)
 from plexus.secret import Secret
 from plexus.sinks.http import DEFAULT_GATEWAY_URL, HttpSink, HttpSinkOptions
 from plexus.uploader import RetryPolicy
@@ -104,6 +118,26 @@ def resolve_source_id(source_id: str | None, file_config: dict[str, Any], path: 
     return generated
 
 
+def _sdk_settings(
+    retry: RetryPolicy | None, retry_config: RetryConfig | None,
+    max_buffer_points: int | None, max_buffer_size: int | None,
+) -> tuple[RetryPolicy | None, int | None]:
+    """Fold the official SDK's ``retry_config``/``max_buffer_size`` into ours."""
+    if retry_config is not None:
+        if not isinstance(retry_config, RetryConfig):
+            raise ConfigError(f"retry_config must be a plexus.RetryConfig, got "
+                              f"{type(retry_config).__name__}")
+        if retry is not None:
+            raise ConfigError("give retry= or retry_config=, not both")
+        retry = retry_config.to_policy()
+    if max_buffer_size is not None:
+        if max_buffer_points is not None and max_buffer_points != max_buffer_size:
+            raise ConfigError(f"max_buffer_size={max_buffer_size} and max_buffer_points="
+                              f"{max_buffer_points} name the same cap; give one")
+        max_buffer_points = max_buffer_size
+    return retry, max_buffer_points
+
+
 class Plexus:
     """Send readings to the Plexus platform.
 
@@ -142,17 +176,31 @@ class Plexus:
         clock: stamps points sent without a timestamp and decides when the
             system clock can be trusted (a :class:`plexus.clock.Clock`; default
             one on the system clock). See docs/time.md.
+        endpoint, retry_config, max_buffer_size: the official SDK's names
+            (docs/migrating.md): ``endpoint`` (its web app's URL, for test
+            runs) is accepted and ignored, ``retry_config`` (a
+            :class:`~plexus.RetryConfig`) is another way to give ``retry``,
+            ``max_buffer_size`` another name for ``max_buffer_points``.
+
+    Positional arguments after ``api_key`` are ``(source_id, gateway_url)``,
+    or the SDK's ``(endpoint, source_id, timeout, retry_config,
+    max_buffer_size, persistent_buffer, buffer_path, ws_url)`` when the
+    second is a URL (a source id never contains ``://``): ``Plexus(key,
+    "rig-01")`` and the SDK's ``Plexus(key, "https://...", "rig-01")`` both
+    send as ``rig-01``.
 
     Raises:
-        ConfigError: an invalid ``source_id``, ``gateway_url`` or option.
+        ConfigError: an invalid ``source_id``, ``gateway_url`` or option, or
+            the same setting given under both names with different values.
+        TypeError: too many positional arguments, or one also given by name.
     """
 
     def __init__(
         self,
         api_key: str | None = None,
+        *args: Any,
         source_id: str | None = None,
         gateway_url: str | None = None,
-        *,
         tags: dict[str, str] | None = None,
         persistent_buffer: bool = False,
         buffer_path: str | os.PathLike[str] | None = None,
@@ -170,7 +218,29 @@ class Plexus:
         sleep: Callable[[float], object] | None = None,
         ws_url: str | None = None,
         clock: Clock | None = None,
+        endpoint: str | None = None,
+        retry_config: RetryConfig | None = None,
+        max_buffer_size: int | None = None,
     ) -> None:
+        if args:
+            fixed = positional_arguments(args, {
+                "source_id": source_id, "gateway_url": gateway_url, "endpoint": endpoint,
+                "timeout": timeout, "retry_config": retry_config,
+                "max_buffer_size": max_buffer_size, "persistent_buffer": persistent_buffer,
+                "buffer_path": buffer_path, "ws_url": ws_url,
+            }, Plexus.__init__.__kwdefaults__ or {})
+            source_id, gateway_url, endpoint = (fixed["source_id"], fixed["gateway_url"],
+                                                fixed["endpoint"])
+            timeout, retry_config, max_buffer_size = (fixed["timeout"], fixed["retry_config"],
+                                                      fixed["max_buffer_size"])
+            persistent_buffer, buffer_path, ws_url = (fixed["persistent_buffer"],
+                                                      fixed["buffer_path"], fixed["ws_url"])
+        retry, max_buffer_points = _sdk_settings(retry, retry_config, max_buffer_points,
+                                                 max_buffer_size)
+        #: The official SDK's ``endpoint`` (its web app): kept, never used.
+        self.endpoint = endpoint
+        if endpoint is not None:
+            note_ignored_endpoint(endpoint)
         path = config_path()
         file_config = read_user_config(path)
         key = api_key or os.environ.get("PLEXUS_API_KEY") or file_config.get("api_key")
@@ -278,18 +348,77 @@ class Plexus:
 
     def send_batch(
         self,
-        points: Sequence[tuple[str, Any]],
+        points: Sequence[tuple[str, Any] | tuple[str, Any, float | None]],
         timestamp: float | None = None,
         tags: dict[str, str] | None = None,
     ) -> bool:
-        """Buffer several ``(metric, value)`` readings sharing a timestamp and tags.
+        """Buffer several readings: ``(metric, value)``, or ``(metric, value,
+        timestamp)`` for a reading with its own time (Unix seconds).
 
-        They are validated first and buffered together (all or none), so they
-        go out in one request unless the protocol's limits force a split.
-        Raises as :meth:`send`; a ValidationError names the bad entry as ``points[i]``.
+        Readings without their own timestamp share ``timestamp`` (default: now,
+        the same for all); all share ``tags``. They are validated first and
+        buffered together (all or none), so they go out in one request unless
+        the protocol's limits force a split. Raises as :meth:`send`; a
+        ValidationError names the bad entry as ``points[i]``.
         """
         self._pipeline.emit_many(points, timestamp, tags)
         return True
+
+    def event(
+        self,
+        name: str,
+        data: Any,
+        timestamp: float | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> bool:
+        """Record something that happened (a fault, a state change, a log line).
+
+        An event is a point the platform stores as an event rather than a
+        metric: ``data`` is text (at most 256 bytes of UTF-8), a bool, or a
+        dict/list (at most 4,096 bytes of JSON). It is buffered and delivered
+        like any reading, in the same batches.
+
+        Parameters:
+            name: the event's name, 1..256 characters (``"fault"``, ``"log"``).
+            data: what happened, as above.
+            timestamp: Unix seconds; default now.
+            tags: as for :meth:`send`.
+
+        Returns:
+            True once the event is buffered.
+
+        Raises:
+            PointTypeError (a TypeError): ``data`` is a number (the platform
+                would store it as a metric: use :meth:`send`, or wrap it as
+                ``{"value": n}``) or of a type an event cannot carry.
+            ValidationError, AuthenticationError, ClientClosedError: as :meth:`send`.
+        """
+        check_metric(name)
+        value = normalize_value(name, data)
+        if type(value) is int or type(value) is float:
+            raise PointTypeError(
+                f"event {name!r}: data must be text, a bool, or a dict/list, got a number "
+                f"({value!r}); a number is a reading: px.send({name!r}, {value!r}), or "
+                f"wrap it: {{'value': {value!r}}}"
+            )
+        return self._pipeline.emit(name, value, timestamp, tags)
+
+    def batch(self, interval_ms: float = 100.0, max_points: int = 5000,
+              max_pending: int = 200_000) -> BatchSender:
+        """The official SDK's sender for fast streams: ``with px.batch() as b: b.send(...)``.
+
+        Here ``b.send``/``b.send_batch`` are :meth:`send`/:meth:`send_batch`
+        themselves (every send is buffered and uploaded in batches already);
+        the arguments are checked as the SDK checks them and otherwise map
+        onto this client's settings (see :class:`~plexus.batching.BatchSender`
+        and docs/migrating.md). ``b.dropped`` counts the points the buffer
+        dropped while the block was open.
+
+        Raises:
+            ConfigError: (a ValueError) ``interval_ms`` below 2, ``max_points``
+                below 1 or ``max_pending`` below ``max_points``.
+        """
+        return BatchSender(self, interval_ms, max_points, max_pending)
 
     def _on_auth_change(self, error: AuthenticationError | None) -> None:
         refused = error is not None or self._api_key is None
@@ -377,9 +506,15 @@ class Plexus:
         return register
 
     def on_command(self, name: str, handler: Callable[[str, dict[str, Any]], Any],
-                   concurrency: str = "accept") -> None:
+                   concurrency: str = "accept", *, description: str | None = None,
+                   params: Any = None) -> None:
         """Answer legacy ``typed_command`` frames named ``name`` with
-        ``handler(command, params)`` (the open-source gateway's commands)."""
+        ``handler(command, params)`` (the open-source gateway's commands).
+
+        ``description`` and ``params`` are accepted for code written for the
+        official SDK and have no effect: legacy handlers are not announced to
+        the platform (as in the SDK since 0.16), so there is nothing to
+        describe, and the handler checks its own parameters."""
         self._command_center().add_legacy(name, handler, concurrency)
         self._open_link()
 
@@ -403,6 +538,10 @@ class Plexus:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.close()
+
+    def stop_serving(self) -> None:
+        """Make :meth:`serve` return (it then closes the client); safe from any thread."""
+        self._serving.set()
 
     @property
     def clock(self) -> Clock:
@@ -446,6 +585,43 @@ class Plexus:
                                 clock=self._pipeline.clock)
         self._link.start()
 
+    # The official SDK's hosted-only features --------------------------------
+    def run(self, name: str, **kwargs: Any) -> Any:
+        """Not offered (the SDK's test runs need the platform's runs API).
+
+        Raises:
+            UnsupportedError: always; tag a run's points with :meth:`session`.
+        """
+        raise unsupported("px.run()", f"to tag the points of a run, use "
+                          f"px.session({name!r})")
+
+    def start_run(self, name: str, **kwargs: Any) -> Any:
+        """Not offered; raises UnsupportedError (see :meth:`run`)."""
+        raise unsupported("px.start_run()", "to tag the points of a run, use "
+                          "px.session(name) (or pipeline begin/end from the gateway)")
+
+    def end_run(self, *args: Any, **kwargs: Any) -> Any:
+        """Not offered; raises UnsupportedError (see :meth:`run`)."""
+        raise unsupported("px.end_run()", "runs are not offered; see px.session()")
+
+    def send_video_frame(self, frame: Any, camera_id: str = "default", **kwargs: Any) -> Any:
+        """Not offered (video goes over the platform's device WebSocket as frames).
+
+        Raises:
+            UnsupportedError: always.
+        """
+        raise unsupported("px.send_video_frame()", "video is not offered; send readings "
+                          "about the camera (frame counts, exposure) with px.send()")
+
+    def send_thermal_frame(self, *args: Any, **kwargs: Any) -> Any:
+        """Not offered; raises UnsupportedError (see :meth:`send_video_frame`)."""
+        raise unsupported("px.send_thermal_frame()", "thermal video is not offered; send "
+                          "temperatures as readings with px.send()")
+
+    def stream_camera(self, url: str, camera_id: str = "default", **kwargs: Any) -> Any:
+        """Not offered; raises UnsupportedError (see :meth:`send_video_frame`)."""
+        raise unsupported("px.stream_camera()", "video is not offered")
+
     # Buffer --------------------------------------------------------------
     def buffer_size(self) -> int:
         """Points not yet acknowledged by the platform (in-flight batches included)."""
@@ -455,6 +631,25 @@ class Plexus:
     def dropped(self) -> int:
         """Points dropped because the buffer was full (oldest first)."""
         return self._pipeline.dropped
+
+    @property
+    def dropped_points(self) -> int:
+        """The official SDK's count of points the platform did not store: here,
+        the points it refused as invalid (``stats.rejected``; each logged).
+
+        Points turned away at the platform's per-source rate ceiling are sent
+        again until stored, so they never count; points dropped from a full
+        buffer during an outage are :attr:`dropped`. Lost in all:
+        ``px.dropped + px.dropped_points``."""
+        return self._uploader.stats.rejected
+
+    @property
+    def rate_limited_frames(self) -> int:
+        """The official SDK's count of WebSocket telemetry frames the platform
+        dropped at its rate limit: always 0 here. Telemetry goes over HTTP,
+        where a request the rate ceiling turns away is sent again until stored
+        (so :class:`~plexus.RateLimitedError` is never raised either)."""
+        return 0
 
     @property
     def stats(self) -> Any:

@@ -195,7 +195,7 @@ def declare(
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise CommandDeclarationError(
             f"command name {name!r} is invalid: use lower-case letters, digits and '_', "
-            "starting with a letter, at most 64 characters"
+            f"starting with a letter, at most 64 characters (pattern {NAME_PATTERN.pattern})"
         )
     where = f"command {name!r}"
     if not callable(handler):
@@ -249,7 +249,7 @@ def _check_spec(where: str, pname: Any, spec: Any) -> dict[str, Any]:
     if not isinstance(pname, str) or not NAME_PATTERN.match(pname):
         raise CommandDeclarationError(
             f"{where}: parameter name {pname!r} is invalid: use lower-case letters, digits "
-            "and '_', starting with a letter")
+            f"and '_', starting with a letter (pattern {NAME_PATTERN.pattern})")
     at = f"{where}: parameter {pname!r}"
     if not isinstance(spec, Mapping):
         raise CommandDeclarationError(f"{at}: the spec must be a mapping, got {spec!r}")

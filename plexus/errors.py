@@ -11,10 +11,12 @@ already handles those built-ins keeps working::
     │   └── PointTypeError     (also TypeError)  a value/tag/timestamp of the wrong type
     ├── AuthenticationError    missing API key, or the platform answered 401/403
     ├── DeliveryError          the network or the platform failed after retries
+    │   └── RateLimitedError   (never raised here; kept for code written for the official SDK)
     ├── BufferingError         a point could not be buffered
     │   └── ClientClosedError  send() after close()
     ├── PluginError            a plugin failed to load or registered a bad name
     ├── CommandDeclarationError (also ValueError) a remote command declared wrongly
+    ├── UnsupportedError       an official-SDK feature that needs the hosted platform's API
     ├── AdapterError           a source failed (missing driver, bad option...)
     └── SinkError              a sink failed to send a batch
         └── RetryableSinkError the failure is temporary: retry the same batch
@@ -49,6 +51,16 @@ class DeliveryError(PlexusError):
     """Delivery failed after every retry; the data is still buffered."""
 
 
+class RateLimitedError(DeliveryError):
+    """The official SDK's "the platform dropped data at its rate ceiling".
+
+    Never raised by this package: points the platform turns away at its
+    per-source ceiling are sent again until stored, so nothing is lost there.
+    The name exists so code written for the SDK (``except RateLimitedError``)
+    keeps working; see docs/migrating.md.
+    """
+
+
 class BufferingError(PlexusError):
     """A point could not be put in the buffer."""
 
@@ -63,6 +75,11 @@ class PluginError(PlexusError):
 
 class CommandDeclarationError(PlexusError, ValueError):
     """A remote command's declaration breaks a rule (name, params, danger, expiry...)."""
+
+
+class UnsupportedError(PlexusError):
+    """An official-SDK method this package does not offer (video, test runs):
+    it needs the hosted platform's own API. The message says what to use instead."""
 
 
 class AdapterError(PlexusError):

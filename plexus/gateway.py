@@ -4,7 +4,9 @@
 
 Every configured adapter feeds the one pipeline; every configured sink gets
 every point through its own buffer (see ``plexus.pipeline``). With no
-``sinks:`` the Plexus HTTP sink is used. Shutdown (a signal, ``--duration``):
+``sinks:`` the Plexus HTTP sink is used. A sink's ``upload:`` rules (a byte
+budget, metrics held while a condition holds) are applied by its lane; held
+points get a persistent buffer of their own (see ``plexus.upload_rules``). Shutdown (a signal, ``--duration``):
 adapters stop first, then each sink gets up to ``grace_period`` seconds to
 deliver what is buffered; what is left stays in the persistent buffer.
 """
@@ -36,6 +38,7 @@ from plexus.sqlite_buffer import (
     DEFAULT_SQLITE_MAX_POINTS,
     SqliteBuffer,
 )
+from plexus.upload_rules import UploadRules
 from plexus.uploader import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -209,12 +212,23 @@ class Gateway:
     def _sink_components(
         self, dry_run: bool,
     ) -> list[tuple[type[Sink], Any, str, ComponentConfig | None]]:
-        if dry_run:
+        if dry_run:  # points are printed, not uploaded: no upload rules
             return [(StdoutSink, StdoutSink.Options(), "stdout", None)]
         if not self.config.sinks:
             return [(HttpSink, HttpSink.Options(), "plexus", None)]
         return [(c.cls, resolve_paths(c.options, self.base_dir), c.name, c)
                 for c in self.config.sinks]
+
+    def _resolve_rules(self, rules: UploadRules | None) -> UploadRules | None:
+        """A hold condition's file is relative to the rig file's folder, like other paths."""
+        if rules is None:
+            return None
+        changes = {}
+        for name in ("hold_while", "hold_unless"):
+            spec = getattr(rules, name)
+            if spec is not None and spec.file is not None:
+                changes[name] = dataclasses.replace(spec, file=_under(spec.file, self.base_dir))
+        return dataclasses.replace(rules, **changes) if changes else rules
 
     def _build_lanes(self, dry_run: bool, problems: list[ConfigProblem]) -> None:
         cfg = self.config
@@ -241,13 +255,16 @@ class Gateway:
             self.sinks.append((sink, entry))
             if problems:
                 continue  # nothing will run: open no buffer file
+            rules = self._resolve_rules(entry.upload if entry is not None else None)
+            held_buffer = self._make_buffer(index, name, held=True) \
+                if rules is not None and rules.hold else None
             self.pipeline.add_lane(
-                sink, self._make_buffer(index, name),
+                sink, self._make_buffer(index, name), rules=rules, held_buffer=held_buffer,
                 batch_size=cfg.batch.size, interval=cfg.batch.interval,
                 max_batch=cfg.batch.max_points, retry=retry,
             )
 
-    def _make_buffer(self, index: int, sink_name: str) -> Buffer:
+    def _make_buffer(self, index: int, sink_name: str, held: bool = False) -> Buffer:
         opts = self.config.buffer
         if opts.type == "memory" or self.check_only:
             return MemoryBuffer(opts.max_points or DEFAULT_MAX_POINTS, opts.when_full)
@@ -256,7 +273,10 @@ class Gateway:
         )
         if not path.is_absolute():
             path = self.base_dir / path
-        if index > 0:  # each sink keeps its own cursor: its own file beside the first
+        if held:
+            # A folder of its own: no sink name can make it collide with a lane's file.
+            path = path.with_name(f"{path.stem}.held") / f"{sink_name}{path.suffix}"
+        elif index > 0:  # each sink keeps its own cursor: its own file beside the first
             path = path.with_name(f"{path.stem}.{sink_name}{path.suffix}")
         return SqliteBuffer(path, opts.max_points or DEFAULT_SQLITE_MAX_POINTS,
                             sync_interval=opts.sync_interval,
@@ -289,6 +309,17 @@ class Gateway:
         remote command could start one again."""
         return self.commands is None and bool(self.adapters) and all(
             adapter.state in ("failed", "finished") for adapter, _ in self.adapters)
+
+    def hold_gate(self, sink_name: str) -> Any:
+        """The :class:`~plexus.conditions.HoldGate` of a sink's held lane, or None.
+
+        ``gate.set_override(True | False | None)`` forces a hold on or off, or gives
+        it back to its condition: the seam for a remote command.
+        """
+        for lane in self.pipeline.lanes:
+            if lane.sink.name == sink_name and lane.held is not None:
+                return lane.held.gate
+        return None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -334,13 +365,26 @@ class Gateway:
         sinks = []
         for lane in self.pipeline.lanes:
             st = lane.uploader.stats
-            sinks.append({
-                "name": lane.sink.name, "buffered": len(lane.buffer), "delivered": st.delivered,
-                "dropped": lane.buffer.dropped, "rejected": st.rejected,
-                "since_last_upload": None if st.last_success is None
-                else round(now - st.last_success, 1),
-                "last_error": st.last_error,
-            })
+            held = lane.held
+            stamps = [st.last_success] + ([held.uploader.stats.last_success] if held else [])
+            last_success = max((t for t in stamps if t is not None), default=None)
+            entry: dict[str, Any] = {
+                "name": lane.sink.name, "buffered": len(lane.buffer),
+                "delivered": st.delivered + (held.uploader.stats.delivered if held else 0),
+                "dropped": lane.dropped,
+                "rejected": st.rejected + (held.uploader.stats.rejected if held else 0),
+                "since_last_upload": None if last_success is None
+                else round(now - last_success, 1),
+                "last_error": st.last_error or (held.uploader.stats.last_error if held else None),
+            }
+            if held is not None:
+                entry["held"] = len(held.buffer)
+                entry["holding"] = held.gate.holding
+                entry["hold_rule"] = held.gate.rules.describe_hold()
+            if lane.budget is not None:
+                entry["max_bytes_per_s"] = int(lane.budget.rate)
+                entry["bytes_sent"] = lane.sink.bytes_sent
+            sinks.append(entry)
         return {"source_id": self.source_id, "session": self.pipeline.current_session,
                 "uptime": round(now - (self.started_at or now), 1),
                 "adapters": adapters, "sinks": sinks,

@@ -13,6 +13,13 @@ which decides off the hot path whether the system clock can be trusted; while
 no trustworthy time is known, such points wait in the clock, not in the
 buffers (docs/time.md).
 
+A sink with upload rules (:mod:`plexus.upload_rules`) may have a second,
+"held" lane: points of the metrics its ``hold`` patterns name go to a
+buffer of their own, whose uploader pauses while the hold condition is
+true. Which lane a metric goes to is decided once per metric name and kept
+in a dict, so the hot path gains a lookup, not a pattern match. Both lanes
+share the sink (taking turns) and its byte budget.
+
 Sessions are pipeline-wide (every thread, every source): the points carry
 the tag ``session_id=<id>`` plus the session's tags. Sessions nest: the
 innermost one's id wins, tags merge with inner tags winning, and ending the
@@ -26,13 +33,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from plexus.buffer import Buffer
 from plexus.clock import Clock, TimeUnknown
 from plexus.errors import ClientClosedError, PlexusError, PointTypeError, ValidationError
 from plexus.point import (
+    MAX_FUTURE_SECONDS,
     MAX_METRIC_CHARS,
     MAX_TAG_CHARS,
     Point,
@@ -46,18 +54,48 @@ from plexus.point import (
 from plexus.sinks.base import Sink
 from plexus.uploader import Uploader
 
+if TYPE_CHECKING:  # imported when a sink has rules: `import plexus` stays lean
+    from plexus.conditions import HoldGate
+    from plexus.upload_rules import ByteBudget, UploadRules
+
 log = logging.getLogger(__name__)
 # A metric this short cannot exceed 256 bytes of UTF-8 (4 bytes a character at most).
 _FAST_METRIC_CHARS = MAX_METRIC_CHARS // 4
 
 
 @dataclass
+class HeldLane:
+    """The second lane of a sink with hold rules: held points wait here while the gate is shut."""
+
+    buffer: Buffer
+    uploader: Uploader
+    gate: HoldGate
+
+
+@dataclass
 class Lane:
-    """One sink with its own buffer and uploader."""
+    """One sink with its own buffer and uploader (and, with hold rules, a held lane)."""
 
     sink: Sink
     buffer: Buffer
     uploader: Uploader
+    rules: UploadRules | None = None
+    budget: ByteBudget | None = None
+    held: HeldLane | None = None
+    put: Callable[[Point], None] = field(init=False, repr=False)
+    put_many: Callable[[list[Point]], None] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.put = self.buffer.put
+        self.put_many = self.buffer.put_many
+
+    def __len__(self) -> int:
+        """Points of this sink not yet acknowledged, held ones included."""
+        return len(self.buffer) + (len(self.held.buffer) if self.held is not None else 0)
+
+    @property
+    def dropped(self) -> int:
+        return self.buffer.dropped + (self.held.buffer.dropped if self.held is not None else 0)
 
 
 class Pipeline:
@@ -81,7 +119,7 @@ class Pipeline:
         self._sessions: list[tuple[str, dict[str, str]]] = []
         self._session_lock = threading.Lock()
         self._context_tags: dict[str, str] | None = self._global_tags
-        self._put = self._put_nowhere
+        self._put: Callable[[Point], None] = self._put_nowhere
         self._alarm: Callable[[], None] | None = None
         self._closed = False
         # The clock publishes how to stamp: a function returning Unix ns, which
@@ -91,14 +129,62 @@ class Pipeline:
         self.clock.bind(self._set_stamper, self._deliver_held)
 
     # Building ------------------------------------------------------------
-    def add_lane(self, sink: Sink, buffer: Buffer, **uploader_options: Any) -> Lane:
-        """Add a sink with its own buffer; ``uploader_options`` go to :class:`Uploader`."""
-        buffer.set_codec(sink.codec(self.source_id))  # a persistent buffer stores what is sent
-        lane = Lane(sink, buffer, Uploader(buffer, sink, **uploader_options))
+    def add_lane(
+        self,
+        sink: Sink,
+        buffer: Buffer,
+        *,
+        rules: UploadRules | None = None,
+        held_buffer: Buffer | None = None,
+        hold_check: Callable[[], bool | None] | None = None,
+        **uploader_options: Any,
+    ) -> Lane:
+        """Add a sink with its own buffer; ``uploader_options`` go to :class:`Uploader`.
+
+        Parameters:
+            rules: the sink's upload rules: a byte budget, and metrics to hold.
+            held_buffer: where held points wait; required when ``rules`` hold
+                metrics. Make it persistent: a memory buffer drops the oldest held
+                points in a long hold and loses them all on exit (a rig file that
+                holds with the memory buffer is refused for that reason).
+            hold_check: evaluates the hold condition instead of the rule's own
+                check (for tests, and for conditions set by code).
+
+        Raises:
+            ValueError: ``rules`` hold metrics and no ``held_buffer`` is given.
+        """
+        holding = rules is not None and bool(rules.hold)
+        if holding and held_buffer is None:
+            raise ValueError(f"sink {sink.name}: hold rules need a held_buffer")
+        codec = sink.codec(self.source_id)
+        buffer.set_codec(codec)  # a persistent buffer stores what is sent
+        budget = None
+        if rules is not None and rules.max_bytes_per_s:
+            from plexus.upload_rules import ByteBudget
+
+            budget = ByteBudget(rules.max_bytes_per_s, rules.burst_bytes)
+        send_lock = threading.Lock() if holding else None
+        lane = Lane(sink, buffer, Uploader(buffer, sink, budget=budget, send_lock=send_lock,
+                                           **uploader_options), rules, budget)
+        if holding:
+            assert rules is not None and held_buffer is not None
+            from plexus.conditions import HoldGate  # subprocess & co. only when a rig holds
+            from plexus.upload_rules import MetricRouter
+
+            held_buffer.set_codec(codec)
+            gate = HoldGate(sink.name, rules, held_buffer, check=hold_check)
+            held_uploader = Uploader(held_buffer, sink, budget=budget, send_lock=send_lock,
+                                     gate=gate.is_open, label=f"{sink.name} (held)",
+                                     **uploader_options)
+            gate.add_listener(held_uploader.wake)
+            lane.held = HeldLane(held_buffer, held_uploader, gate)
+            router = MetricRouter(rules.hold, rules.always, buffer.put, held_buffer.put,
+                                  buffer.put_many, held_buffer.put_many)
+            lane.put, lane.put_many = router.put, router.put_many
         self.lanes.append(lane)
         self.clock.attach(sink)  # a sink that hears the platform's time reports it
         if len(self.lanes) == 1:
-            self._put = buffer.put
+            self._put = lane.put
         else:
             self._put = self._put_everywhere
         return lane
@@ -107,6 +193,9 @@ class Pipeline:
         for lane in self.lanes:
             lane.sink.open(self.source_id)
             lane.uploader.start()
+            if lane.held is not None:
+                lane.held.uploader.start()
+                lane.held.gate.start()
         self.clock.start()
 
     # The hot path --------------------------------------------------------
@@ -145,7 +234,8 @@ class Pipeline:
         except TimeUnknown:
             # No trustworthy time yet: the clock's stamping function said so, which
             # keeps the trusted path free of any check of its own. The point waits.
-            return self._hold([(metric, value, tags)])
+            context = self._context_tags
+            self._hold([(metric, value, context if tags is None else merge_tags(context, tags))])
         if self._alarm is not None:
             self._alarm()
         return True
@@ -160,14 +250,17 @@ class Pipeline:
 
     def emit_many(
         self,
-        readings: Sequence[tuple[str, Any]],
+        readings: Sequence[tuple[str, Any] | tuple[str, Any, float | None]],
         timestamp: float | None = None,
         tags: dict[str, str] | None = None,
     ) -> int:
-        """Validate every ``(metric, value)``, then buffer them all at once.
+        """Validate every ``(metric, value)`` or ``(metric, value, timestamp)``,
+        then buffer them all at once.
 
-        All-or-nothing: if any reading is invalid, nothing is buffered and the
-        error names the reading's position. Returns the number buffered.
+        A reading without its own timestamp (or with None) takes ``timestamp``,
+        default now, the same for the whole call. All-or-nothing: if any
+        reading is invalid, nothing is buffered and the error names the
+        reading's position. Returns the number buffered.
         """
         if self._closed:
             raise ClientClosedError("this client is closed; create a new Plexus() to send")
@@ -179,52 +272,66 @@ class Pipeline:
             except TimeUnknown:
                 ts = -1  # no trustworthy time yet: they will wait in the clock
         point_tags = self._context_tags if tags is None else merge_tags(self._context_tags, tags)
+        # Checked once per call: a timestamp up to this is not in the far future.
+        latest = time.time() + MAX_FUTURE_SECONDS
         points: list[Point] = []
         for i, reading in enumerate(readings):
             try:
-                metric, value = reading
+                if len(reading) == 2:
+                    metric, value = reading
+                    when = None
+                else:
+                    metric, value, when = reading  # type: ignore[misc]
             except (ValueError, TypeError) as exc:
                 raise PointTypeError(
-                    f"points[{i}] must be a (metric, value) tuple, got {reading!r:.80}"
+                    f"points[{i}] must be a (metric, value) or (metric, value, timestamp) "
+                    f"tuple, got {reading!r:.80}"
                 ) from exc
             try:
-                check_metric(metric)
-                points.append((metric, normalize_value(metric, value), ts, point_tags))
+                # The same fast checks as emit(); anything unusual takes the full one.
+                if type(metric) is not str or not 0 < len(metric) <= _FAST_METRIC_CHARS:
+                    check_metric(metric)
+                if type(value) is not float or value - value != 0.0:
+                    value = normalize_value(metric, value)
+                if when is None:
+                    point_ts = ts
+                elif (type(when) is float or type(when) is int) and 0 <= when <= latest:
+                    point_ts = int(when * 1000)
+                else:
+                    point_ts = timestamp_ms(when)
             except PlexusError as exc:
                 raise type(exc)(f"points[{i}]: {exc}") from exc
-        if ts == -1:  # no trustworthy time yet: they wait in the clock
-            self._hold([(metric, value, tags) for metric, value, _ts, tags in points])
-            return len(points)
-        for lane in self.lanes:
-            lane.buffer.put_many(points)
+            points.append((metric, value, point_ts, point_tags))
+        count = len(points)
+        if ts == -1:  # no trustworthy time yet: the points without their own wait in the clock
+            self._hold([(m, v, t) for m, v, ts_, t in points if ts_ == -1])
+            points = [point for point in points if point[2] != -1]
+        if points:
+            for lane in self.lanes:
+                lane.put_many(points)
         if self._alarm is not None:
             self._alarm()
-        return len(points)
+        return count
 
     # Stamping (the clock calls these) ------------------------------------------
     def _set_stamper(self, now_ns: Callable[[], int]) -> None:
         self._now_ns = now_ns
 
-    def _hold(self, readings: list[tuple[str, Any, dict[str, str] | None]]) -> bool:
-        """Points without a timestamp while the time is unknown: they wait in the clock."""
+    def _hold(self, readings: list[tuple[str, Any, dict[str, str] | None]]) -> None:
+        """Readings (with their final tags) taken while no trustworthy time is known:
+        they wait in the clock."""
         if self._closed:
             raise ClientClosedError("this client is closed; create a new Plexus() to send")
         if not self.lanes:
             raise PlexusError("the pipeline has no sink")
-        context = self._context_tags
-        stamped = self.clock.hold(
-            [(m, v, context if t is None else merge_tags(context, t)) for m, v, t in readings])
-        for point in stamped:  # the time became known meanwhile
+        for point in self.clock.hold(readings):  # the time became known meanwhile
             self._put(point)
-        if self._alarm is not None:
-            self._alarm()
-        return True
 
     def _deliver_held(self, points: list[Point]) -> None:
         """Held points, stamped now that the time is known: into every lane."""
         for lane in self.lanes:
             try:
-                lane.buffer.put_many(points)
+                lane.put_many(points)
             except PlexusError as exc:  # one lane failing must not cost the others theirs
                 log.error("%d points held until the time was known could not be buffered "
                           "for %s: %s", len(points), lane.sink.name, exc)
@@ -240,7 +347,7 @@ class Pipeline:
         errors: list[PlexusError] = []
         for lane in self.lanes:
             try:
-                lane.buffer.put(point)
+                lane.put(point)
             except PlexusError as exc:  # one sink's buffer failing must not starve the others
                 errors.append(exc)
         if errors:
@@ -294,17 +401,21 @@ class Pipeline:
 
     # Delivery ------------------------------------------------------------
     def __len__(self) -> int:
-        """Points not yet acknowledged by every sink (the slowest lane's count)."""
-        return max((len(lane.buffer) for lane in self.lanes), default=0)
+        """Points not yet acknowledged by every sink (the slowest sink's count, held included)."""
+        return max((len(lane) for lane in self.lanes), default=0)
 
     @property
     def dropped(self) -> int:
-        return sum(lane.buffer.dropped for lane in self.lanes)
+        return sum(lane.dropped for lane in self.lanes)
 
     def flush(self, timeout: float | None = None) -> bool:
+        """Deliver what every lane holds; False when held points stay (a hold is on)."""
+        done = True
         for lane in self.lanes:
             lane.uploader.flush(timeout)
-        return True
+            if lane.held is not None:
+                done = lane.held.uploader.flush(timeout) and done
+        return done
 
     @property
     def closed(self) -> bool:
@@ -320,13 +431,16 @@ class Pipeline:
         self.clock.stop()  # held points reach the buffers now if the time is known
         threads = []
         for lane in self.lanes:
-            if lane.uploader.running:
-                # Lanes drain in parallel so one dead sink does not eat the others' time.
-                thread = threading.Thread(
-                    target=lane.uploader.stop, args=(max(0.0, deadline - time.monotonic()),)
-                )
-                thread.start()
-                threads.append(thread)
+            uploaders = [lane.uploader] + ([lane.held.uploader] if lane.held else [])
+            for uploader in uploaders:
+                if uploader.running:
+                    # Lanes drain in parallel so one dead sink does not eat the others'
+                    # time. A held lane that is holding stops at once.
+                    thread = threading.Thread(
+                        target=uploader.stop, args=(max(0.0, deadline - time.monotonic()),)
+                    )
+                    thread.start()
+                    threads.append(thread)
         for thread in threads:
             thread.join()
         for lane in self.lanes:
@@ -336,10 +450,21 @@ class Pipeline:
                             lane.sink.name,
                             "; they stay in the persistent buffer" if _persistent(lane.buffer)
                             else " and are lost (memory buffer)")
+            held = lane.held
             try:
-                lane.buffer.close()
+                if held is not None:
+                    held.gate.stop()
+                    if len(held.buffer):
+                        log.log(logging.INFO if _persistent(held.buffer) else logging.WARNING,
+                                "%d held points of %s %s", len(held.buffer), lane.sink.name,
+                                "stay in the persistent buffer until the hold clears"
+                                if _persistent(held.buffer) else "are lost (memory buffer)")
+                    held.buffer.close()
             finally:
-                lane.sink.close()
+                try:
+                    lane.buffer.close()
+                finally:
+                    lane.sink.close()
 
 
 def _persistent(buffer: Buffer) -> bool:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 from plexus.adapters.base import describe_error, require
 from plexus.config import ConfigProblem
@@ -85,37 +84,8 @@ def check_gateway(gateway: Gateway, *, online: bool = False,
 
 
 def check_key_online(sink: HttpSink, source_id: str) -> str | None:
-    """Ask the platform whether it accepts the key: an empty ``points`` list stores nothing.
-
-    Returns None when it does, else what went wrong, in the operator's words.
-    """
-    import httpx
-    import orjson
-
-    key = sink._api_key  # the sink owns the key; this is its own package
-    assert key is not None
-    body = orjson.dumps({"source_id": source_id, "points": []})
-    try:
-        response = httpx.post(sink.url, content=body, timeout=sink.options.timeout,
-                              verify=sink.options.verify_tls,
-                              headers={"x-api-key": key.reveal(),
-                                       "Content-Type": "application/json"})
-    except httpx.HTTPError as exc:
-        return f"cannot reach the platform at {sink.url}: {type(exc).__name__}: {exc}"
-    if response.status_code in (401, 403):
-        return (f"the platform at {sink.url} refused the API key ({response.status_code}: "
-                f"{_error_text(response)})")
-    if response.status_code != 200:
-        return (f"the platform at {sink.url} answered {response.status_code}: "
-                f"{_error_text(response)}")
-    return None
-
-
-def _error_text(response: Any) -> str:
-    try:
-        return str(response.json().get("error", ""))[:200] or response.reason_phrase
-    except Exception:
-        return response.reason_phrase or "no reason given"
+    """Ask the platform whether it accepts the key (see :meth:`HttpSink.check_key`)."""
+    return sink.check_key(source_id)
 
 
 def _writable_places(gateway: Gateway) -> list[ConfigProblem]:

@@ -165,6 +165,10 @@ class SqliteBuffer(Buffer):
     def __repr__(self) -> str:
         return f"SqliteBuffer({str(self.path)!r}, points={len(self)})"
 
+    def set_block_limit(self, points: int) -> None:
+        # Read by the next move (under _db_lock); an int store needs no lock.
+        self.block_points = max(1, min(BLOCK_POINTS, self.max_points // 4, points))
+
     # Opening ---------------------------------------------------------------
     def _lock_file(self) -> int:
         # Two processes moving one inbox would duplicate or lose points: one owner only.
@@ -555,6 +559,8 @@ class SqliteBuffer(Buffer):
 
     def _wait_for_room(self, adding: int = 0) -> None:
         self.waited += 1
+        if self._on_ready is not None:
+            self._on_ready()  # a full buffer is worth an upload, whatever the batch size
         while self._full(adding) and self._should_wait():
             self._room.wait(0.25)
 

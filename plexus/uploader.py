@@ -23,16 +23,33 @@ Failures, as the ingest protocol asks (docs/protocol.md):
 While the last attempt succeeded the uploader tells its buffer the sink is
 healthy, so a full buffer makes producers wait instead of dropping; the
 first failure ends that (see :mod:`plexus.buffer`).
+
+Upload rules (:mod:`plexus.upload_rules`) add three things, all optional:
+
+- ``budget``: before each request the uploader waits until the sink's
+  :class:`~plexus.upload_rules.ByteBudget` allows it, and charges what the
+  sink reports sending afterwards (``Sink.record_sent``; an estimate for a
+  sink that never reports). Batches are cut to about one burst of bytes.
+- ``gate``: while it answers False (a hold), nothing is taken from the
+  buffer, the buffer is told the lane is not delivering (a full held buffer
+  drops its oldest instead of stalling the producers), ``flush()`` does not
+  wait for the held points, and ``stop()`` leaves them in the buffer.
+- ``send_lock``: the two uploaders of a sink with a held lane take turns on
+  the sink, which is called from one thread at a time, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from plexus.adapters.base import RateLimitedLog
 from plexus.buffer import Batch, Buffer
@@ -44,6 +61,9 @@ from plexus.errors import (
 )
 from plexus.sinks.base import SendResult, Sink
 
+if TYPE_CHECKING:
+    from plexus.upload_rules import ByteBudget
+
 log = logging.getLogger(__name__)
 
 #: Every pause is moved by up to this fraction, so devices that failed together
@@ -52,6 +72,8 @@ JITTER = 0.25
 # The rate ceiling's "send again soon" may repeat; beyond this many in a row the
 # batch is treated as failed, so a permanently throttled source still backs off.
 _MAX_RATE_LIMITED = 100
+_NEVER = 1 << 62  # a ready threshold no buffer reaches
+_GUESS_BYTES_PER_POINT = 8.0  # a gzipped numeric point; corrected after the first request
 
 
 def jittered(seconds: float, rng: random.Random | None = None) -> float:
@@ -114,6 +136,10 @@ class Uploader:
         rng: the source of jitter; injectable so a test can assert the schedule.
         on_auth_change: called with the AuthenticationError when the key starts
             being refused, and with None once it is accepted again.
+        budget: the sink's byte budget (shared with the sink's other uploader).
+        gate: answers False while this lane's points are held (see the module).
+        send_lock: taken around each request when two uploaders share the sink.
+        label: this lane in logs and the thread's name; default: the sink's name.
     """
 
     def __init__(
@@ -130,6 +156,10 @@ class Uploader:
         sleep: Callable[[float], object] | None = None,
         rng: random.Random | None = None,
         on_auth_change: Callable[[AuthenticationError | None], None] | None = None,
+        budget: ByteBudget | None = None,
+        gate: Callable[[], bool] | None = None,
+        send_lock: threading.Lock | None = None,
+        label: str | None = None,
     ) -> None:
         self.buffer = buffer
         self.sink = sink
@@ -145,6 +175,13 @@ class Uploader:
         self.auth_error: AuthenticationError | None = None
         self._on_auth_change = on_auth_change
         self._rng = rng or random.Random()
+        self.label = label or sink.name
+        self._budget = budget
+        self._gate = gate
+        self._send_lock: Any = send_lock or contextlib.nullcontext()
+        self._holding = False  # the gate is shut and the buffer was told
+        self._bytes_per_point: float | None = None  # what the sink sent per point, lately
+        self._estimate_warned = False
 
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -164,19 +201,28 @@ class Uploader:
         self._last_request = 0.0
         self._newest_turn = False
         self._crash_log = RateLimitedLog(log, interval=30.0)
-        self._thread = threading.Thread(target=self._run, name=f"plexus-uploader:{sink.name}",
+        self._thread = threading.Thread(target=self._run, name=f"plexus-uploader:{self.label}",
                                         daemon=True)
         buffer.set_ready_callback(self._wake.set, batch_size)
+        if budget is not None:
+            # Until the sink has said what a point costs, a compact one is assumed,
+            # so that the first batches (and blocks) are not many bursts big.
+            buffer.set_block_limit(self._batch_limit())
 
     # Control -------------------------------------------------------------
     def start(self) -> None:
         self.buffer.set_consumer_running(True)
         self._thread.start()
 
+    def wake(self) -> None:
+        """Look at the buffer now (a hold cleared, for instance)."""
+        self._wake.set()
+
     def flush(self, timeout: float | None = None) -> bool:
         """Send everything buffered now; block until the buffer is empty.
 
-        Returns True when empty. Raises AuthenticationError if the key is
+        Returns True when empty, False at once while the lane is held (held
+        points wait for the hold to clear, on purpose). Raises AuthenticationError if the key is
         missing or refused, DeliveryError if a delivery cycle failed after
         its retries or ``timeout`` passed; the data stays buffered either way.
         """
@@ -188,16 +234,18 @@ class Uploader:
             self._wake.set()
             try:
                 while len(self.buffer) > 0:
+                    if self._gated():
+                        return False
                     if self._failures_seen != failures_before:
                         error = self._last_failure
                         if isinstance(error, AuthenticationError):
                             raise AuthenticationError(str(error))
                         raise DeliveryError(
-                            f"delivery to {self.sink.name} failed ({error}); "
+                            f"delivery to {self.label} failed ({error}); "
                             f"{len(self.buffer)} points stay buffered for retry"
                         )
                     if not self._thread.is_alive():
-                        raise DeliveryError(f"uploader for {self.sink.name} is not running")
+                        raise DeliveryError(f"uploader for {self.label} is not running")
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         raise DeliveryError(
@@ -241,8 +289,9 @@ class Uploader:
     def _run(self) -> None:
         try:
             while True:
-                if self._stop.is_set() and (len(self.buffer) == 0 or self._past_deadline()):
-                    break
+                if self._stop.is_set() and (len(self.buffer) == 0 or self._past_deadline()
+                                            or self._gated()):
+                    break  # held points stay in the buffer until the hold clears
                 try:
                     if not self._cycle():
                         break
@@ -250,7 +299,7 @@ class Uploader:
                     # A bug or a broken buffer must neither kill this thread (the
                     # points would wait forever) nor spin it: log, pause, go on.
                     self._crash_log(logging.ERROR, "uploader for %s hit an unexpected error "
-                                    "and goes on after a pause: %s", self.sink.name,
+                                    "and goes on after a pause: %s", self.label,
                                     f"{type(exc).__name__}: {exc}")
                     log.debug("uploader error", exc_info=True)
                     self.stats.last_error = f"{type(exc).__name__}: {exc}"
@@ -262,25 +311,42 @@ class Uploader:
             with self._state:
                 self._state.notify_all()
 
+    def _gated(self) -> bool:
+        return self._gate is not None and not self._gate()
+
     def _cycle(self) -> bool:
         """One attempt at one batch, and the wait that follows a failure.
 
         Returns False when the thread should end.
         """
-        batch = self._next_batch()
-        if batch is None:
+        if self._gated():
+            self._wait_while_held()
             return True
-        try:
-            result = self._attempt(batch)
-        except BaseException:
+        if self._holding:
+            self._holding = False
+            self.buffer.set_ready_callback(self._wake.set, self.batch_size)
+            self.buffer.set_healthy(self._sink_ok)
+            self._take_now = True  # what was held goes now
+        self._await_work()
+        with self._send_lock:
+            if self._gated():
+                return True  # the hold began while we waited
+            if self._budget is not None and not self._await_budget():
+                return True
+            batch = self._take()
+            if batch is None:
+                return True
+            try:
+                result = self._attempt(batch)
+            except BaseException:
+                self.buffer.release(batch)
+                raise
+            if result is not None:
+                self._ack(batch)
+                return True
+            # Back to the buffer while we wait: droppable like any waiting point, and
+            # taken again first (same key) while intact.
             self.buffer.release(batch)
-            raise
-        if result is not None:
-            self._ack(batch)
-            return True
-        # Back to the buffer while we wait: droppable like any waiting point, and
-        # taken again first (same key) while intact.
-        self.buffer.release(batch)
         error = self._attempt_error
         if isinstance(error, AuthenticationError):
             self._give_up(error)
@@ -290,7 +356,7 @@ class Uploader:
             return False
         if self._retry < self.retry.retries:
             delay = self.retry.delay(self._retry, self._rng)
-            log.info("sending to %s failed (%s); retry %d/%d in %.1f s", self.sink.name,
+            log.info("sending to %s failed (%s); retry %d/%d in %.1f s", self.label,
                      error, self._retry + 1, self.retry.retries, delay)
             self._retry += 1
             self.stats.retries += 1
@@ -315,21 +381,62 @@ class Uploader:
         except Exception:  # the uploader must outlive a buffer that fails (disk full...)
             log.exception("acknowledging a delivered batch in the %s buffer failed; its "
                           "points may be sent again (with the same Idempotency-Key)",
-                          self.sink.name)
+                          self.label)
 
-    def _next_batch(self) -> Batch | None:
+    def _wait_while_held(self) -> None:
+        if not self._holding:
+            self._holding = True
+            # Producers must never wait for room in a lane that does not move: a
+            # full held buffer drops its oldest (HoldGate warns well before).
+            self.buffer.set_healthy(False)
+            # Nothing to wake us for: keep puts on the buffer's fast path meanwhile.
+            self.buffer.set_ready_callback(self._wake.set, _NEVER)
+            with self._state:
+                self._state.notify_all()  # a flush() waiting on this lane returns
+        self._wake.wait(0.5)
+        self._wake.clear()
+
+    def _await_work(self) -> None:
+        """Wait for ``batch_size`` points or ``interval`` seconds, unless something is due."""
         urgent = self._stop.is_set() or self._flush_requests > 0 or self._take_now
         self._take_now = False
         if not urgent and len(self.buffer) < self.batch_size:
             self._wake.wait(self.interval)
             self._wake.clear()
+
+    def _batch_limit(self) -> int:
+        # With a byte budget, a batch is about one burst, so that requests stay
+        # small against the budget (the persistent buffer may still give a
+        # whole stored block, which it never splits).
+        if self._budget is not None:
+            per_point = self._bytes_per_point or _GUESS_BYTES_PER_POINT
+            return max(1, min(self.max_batch, int(self._budget.burst / per_point)))
+        return self.max_batch
+
+    def _await_budget(self) -> bool:
+        """Wait until the byte budget allows the next request; False to skip this cycle."""
+        budget = self._budget
+        assert budget is not None
+        per_point = self._bytes_per_point or 0.0
+        expected = per_point * min(len(self.buffer), self._batch_limit())
+        while True:
+            delay = budget.delay(expected)
+            if delay <= 0:
+                return True
+            if (self._stop.is_set() and self._past_deadline()) or self._gated():
+                return False
+            started = time.monotonic()
+            self._interruptible_sleep(min(delay, 0.5))
+            budget.waited += time.monotonic() - started
+
+    def _take(self) -> Batch | None:
         # Backlog policy: while more than two full batches wait (after an
         # outage), every other batch comes from the newest end, so live data
         # reaches the platform within about one round trip instead of waiting
         # behind the whole backlog; the rest drains oldest first.
         newest = self._newest_turn and len(self.buffer) > 2 * self.max_batch
         self._newest_turn = not self._newest_turn
-        batch = self.buffer.take(self.max_batch, newest=newest)
+        batch = self.buffer.take(self._batch_limit(), newest=newest)
         if batch is None:
             self._retry = 0  # nothing left to retry (dropped, or delivered elsewhere)
             with self._state:
@@ -372,7 +479,7 @@ class Uploader:
         while True:
             self._pace()
             try:
-                result = self.sink.send_batch(batch)
+                result = self._send(batch)
             except AuthenticationError as exc:
                 self._set_auth_error(exc)
                 self._failed(exc)
@@ -397,6 +504,35 @@ class Uploader:
             self._sink_ok = True
             self.buffer.set_healthy(True)
             return result
+
+    def _send(self, batch: Batch) -> SendResult:
+        if self._budget is None:
+            return self.sink.send_batch(batch)
+        before = self.sink.bytes_sent
+        try:
+            return self.sink.send_batch(batch)
+        finally:
+            self._charge(batch, self.sink.bytes_sent - before)
+
+    def _charge(self, batch: Batch, sent: int) -> None:
+        """Charge the budget with what the sink sent (or an estimate if it never says)."""
+        assert self._budget is not None
+        if not self.sink.reports_bytes:
+            sent = len(batch.body) if batch.body is not None else len(orjson.dumps(batch.points))
+            if not self._estimate_warned:
+                self._estimate_warned = True
+                log.warning("sink %s does not report the bytes it sends (Sink.record_sent); "
+                            "its max_bytes_per_s is kept on an estimate (the points' JSON, or "
+                            "their stored size)", self.sink.name)
+        if sent <= 0:
+            return
+        self._budget.charge(sent)
+        if batch.count:
+            per_point = sent / batch.count
+            old = self._bytes_per_point
+            self._bytes_per_point = per_point if old is None else 0.7 * old + 0.3 * per_point
+            # Stored blocks are never split: keep them about one burst too.
+            self.buffer.set_block_limit(self._batch_limit())
 
     def _failed(self, error: PlexusError) -> None:
         self._rate_limited = 0
@@ -432,7 +568,7 @@ class Uploader:
         self._retry = 0
         self.stats.cycles_given_up += 1
         log.warning("delivery to %s failed, keeping %d points buffered: %s",
-                    self.sink.name, len(self.buffer), error)
+                    self.label, len(self.buffer), error)
         with self._state:
             self._last_failure = error
             self._failures_seen += 1

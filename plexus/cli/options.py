@@ -26,9 +26,18 @@ def options_markdown(registry: Any, types: list[str] | None = None,
 
     lines: list[str] = []
     if top_level or (top_level is None and not types):
+        from plexus.upload_rules import ConditionSpec, UploadRules
+
         lines += ["## Top-level keys", "",
                   "Besides these, `adapters:` and `sinks:` list the entries below.", "",
                   *table(describe_options(GatewaySettings)), ""]
+        lines += ["## Upload rules of a sink (`upload:`)", "",
+                  "Any entry of `sinks:` may carry `upload:` (see "
+                  "[fleet.md](fleet.md#uploads-that-respect-the-link)).", "",
+                  *table(describe_options(UploadRules)), "",
+                  "A condition (`hold_while:` / `hold_unless:`) takes exactly one of `file`, "
+                  "`command`, `interface_up`, `default_route`:", "",
+                  *table(describe_options(ConditionSpec)), ""]
     for kind, found in (("adapter", registry.adapters), ("sink", registry.sinks)):
         for name in sorted(found):
             if types and name not in types:
@@ -39,7 +48,8 @@ def options_markdown(registry: Any, types: list[str] | None = None,
             doc = (cls.__doc__ or "").strip().split("\n\n")[0]
             if doc:
                 lines += [" ".join(doc.split()), ""]
-            lines += ["Every entry also takes `type`, `name` and `tags`.", ""]
+            lines += ["Every entry also takes `type`, `name` and `tags`"
+                      + (", and `upload` (above)." if kind == "sink" else "."), ""]
             lines += [*table(describe_options(cls.Options)), ""]
     return "\n".join(lines)
 

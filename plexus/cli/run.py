@@ -126,8 +126,15 @@ def _print_check(gateway: Any, online: bool) -> None:
     for adapter, tags in gateway.adapters:
         print(f"  adapter {adapter.name} (type {adapter.type_name})"
               + (f" tags {tags}" if tags else ""))
-    for sink, _entry in gateway.sinks:
+    for sink, entry in gateway.sinks:
         print(f"  sink {sink.name} (type {sink.type_name})")
+        rules = entry.upload if entry is not None else None
+        if rules is not None and rules.max_bytes_per_s:
+            print(f"    upload at most {rules.max_bytes_per_s:,} bytes/s (burst "
+                  f"{rules.burst_bytes or rules.max_bytes_per_s:,})")
+        if rules is not None and rules.hold:
+            always = f"; never held: {', '.join(rules.always)}" if rules.always else ""
+            print(f"    hold {rules.describe_hold()}{always}")
     if gateway.commands is not None:
         commands = gateway.commands
         print(f"  commands: link {commands.link.url if commands.link else '-'}, audit file "

@@ -62,6 +62,17 @@ def link_line(link: dict[str, Any]) -> str:
     return text
 
 
+def upload_line(sink: dict[str, Any]) -> str:
+    """A sink's upload rules at work: held points and the hold, bytes against the budget."""
+    parts = []
+    if "held" in sink:
+        state = "HOLDING" if sink["holding"] else "not holding"
+        parts.append(f"held {sink['held']} ({state}: {sink['hold_rule']})")
+    if "max_bytes_per_s" in sink:
+        parts.append(f"sent {sink['bytes_sent']:,} bytes (cap {sink['max_bytes_per_s']:,}/s)")
+    return "  ".join(parts)
+
+
 def summary(status: dict[str, Any], rates: dict[str, float] | None = None) -> str:
     """One line: each adapter's state, points/s and totals; each sink's delivery."""
     rates = rates or {}
@@ -82,7 +93,9 @@ def summary(status: dict[str, Any], rates: dict[str, float] | None = None) -> st
         if rate is not None:
             text += f" {rate:.1f} pts/s"
         text += (f" (delivered {s['delivered']}, buffered {s['buffered']}, dropped "
-                 f"{s['dropped']}, rejected {s['rejected']})")
+                 f"{s['dropped']}, rejected {s['rejected']}")
+        upload = upload_line(s)
+        text += f"; {upload})" if upload else ")"
         sinks.append(text)
     if status.get("link"):
         sinks.append(link_line(status["link"]))
@@ -189,13 +202,15 @@ class LiveStatus:
         sinks.add_column("sink")
         for column in ("pts/s", "delivered", "buffered", "dropped", "rejected", "lag (s)"):
             sinks.add_column(column, justify="right")
-        sinks.add_column("last error", overflow="fold")
+        sinks.add_column("upload rules / last error", overflow="fold")
         for s in status["sinks"]:
             lag = "-" if s["since_last_upload"] is None else f"{s['since_last_upload']:.1f}"
             rate = rates["s:" + s["name"]]
+            note = upload_line(s)
+            if s["last_error"]:
+                note = (note + "\n" if note else "") + f"[red]{s['last_error']}[/red]"
             sinks.add_row(s["name"], f"{rate:.1f}", str(s["delivered"]),
-                          str(s["buffered"]), str(s["dropped"]), str(s["rejected"]), lag,
-                          s["last_error"] or "")
+                          str(s["buffered"]), str(s["dropped"]), str(s["rejected"]), lag, note)
         link = Text(link_line(status["link"])) if status.get("link") else Text("")
         pane = Panel(Text("\n".join(self._lines) or "(no log lines yet)", no_wrap=False),
                      title="log", title_align="left", height=len(self._lines) + 2

@@ -73,8 +73,12 @@ from plexus.config.settings import (
     BufferConfig,
     GatewaySettings,
     LocalReceiverConfig,
-    RetryConfig,
+    RetrySettings,
 )
+
+# The official SDK's RetryConfig, where code written for its earlier versions
+# imports it from (the rig's retry section is RetrySettings).
+from plexus.sdk_compat import RetryConfig  # noqa: E402
 
 __all__ = [
     "BatchConfig",
@@ -88,6 +92,7 @@ __all__ = [
     "LocalReceiverConfig",
     "OptionsModel",
     "RetryConfig",
+    "RetrySettings",
     "RigConfig",
     "Where",
     "at_least",

@@ -1,8 +1,9 @@
 """A whole rig file: the settings, then each ``adapters:`` and ``sinks:`` entry.
 
 Each entry names a registered ``type``; its other keys (besides ``name`` and
-``tags``) are validated against that type's ``Options`` class, declared in
-the adapter's or sink's own module.
+``tags``, and a sink's ``upload``) are validated against that type's
+``Options`` class, declared in the adapter's or sink's own module. A sink's
+``upload:`` rules are validated against :class:`~plexus.upload_rules.UploadRules`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from plexus.config.problems import (
 )
 from plexus.config.settings import GatewaySettings
 from plexus.config.yamlfile import read_yaml
+from plexus.upload_rules import UploadRules
 
 __all__ = ["ComponentConfig", "RigConfig", "load_config", "load_config_text"]
 
@@ -47,10 +49,12 @@ class ComponentConfig:
         cls: the adapter or sink class registered for ``type``.
         line: the entry's line in the file.
         path: its key path (``adapters[2]``), for messages.
+        upload: a sink's ``upload:`` rules, or None.
     """
 
     def __init__(self, type: str, name: str, tags: dict[str, str], options: Any,
-                 cls: builtins.type, line: int, path: str = "") -> None:
+                 cls: builtins.type, line: int, path: str = "",
+                 upload: UploadRules | None = None) -> None:
         self.type = type
         self.name = name
         self.tags = tags
@@ -58,6 +62,7 @@ class ComponentConfig:
         self.cls = cls
         self.line = line
         self.path = path
+        self.upload = upload
 
     def problem(self, file: str, message: str) -> ConfigProblem:
         """A problem of this entry: ``file:line: adapters[2] (engine): message``."""
@@ -68,9 +73,11 @@ class ComponentConfig:
         return isinstance(other, ComponentConfig) and vars(self) == vars(other)
 
     def __repr__(self) -> str:
+        upload = "" if self.upload is None else f", upload={self.upload!r}"
         return (
             f"ComponentConfig(type={self.type!r}, name={self.name!r}, tags={self.tags!r}, "
-            f"options={safe_repr(self.options)}, cls={self.cls.__qualname__}, line={self.line})"
+            f"options={safe_repr(self.options)}, cls={self.cls.__qualname__}, line={self.line}"
+            f"{upload})"
         )
 
 
@@ -116,6 +123,7 @@ def _tags(value: Any, where: Where, problems: list[ConfigProblem]) -> Any:
 # Adapters and sinks
 
 _COMPONENT_KEYS = ("type", "name", "tags")
+_SINK_KEYS = (*_COMPONENT_KEYS, "upload")
 
 
 @dataclass
@@ -126,6 +134,7 @@ class _Entry:
     options: Any
     cls: builtins.type
     where: Where
+    upload: UploadRules | None = None
 
 
 def _read_components(
@@ -157,12 +166,16 @@ def _read_component(
     cls = _component_class(kind, item, registry, where, problems)
     name = _component_name(item, where, problems)
     tags = _tags(item.get("tags", {}), where.key("tags"), problems)
+    upload = None
+    if kind == "sink" and item.get("upload") is not None:
+        upload = validate_into(UploadRules, item["upload"], where.key("upload"), problems)
     if cls is None:
         return None
-    options = validate_into(cls.Options, item, where, problems, reserved=_COMPONENT_KEYS)  # type: ignore[attr-defined]
-    if any(value is INVALID for value in (name, tags, options)):
+    reserved = _SINK_KEYS if kind == "sink" else _COMPONENT_KEYS
+    options = validate_into(cls.Options, item, where, problems, reserved=reserved)  # type: ignore[attr-defined]
+    if any(value is INVALID for value in (name, tags, options, upload)):
         return None
-    return _Entry(item["type"], name, tags, options, cls, where)
+    return _Entry(item["type"], name, tags, options, cls, where, upload)
 
 
 def _component_name(item: Mapping[str, Any], where: Where, problems: list[ConfigProblem]) -> Any:
@@ -241,7 +254,19 @@ def _free_name(type_name: str, taken: Mapping[str, int]) -> str:
 def _component(entry: _Entry) -> ComponentConfig:
     assert entry.name is not None
     return ComponentConfig(entry.type, entry.name, entry.tags, entry.options, entry.cls,
-                           entry.where.line, entry.where.path)
+                           entry.where.line, entry.where.path, entry.upload)
+
+
+def _check_held_data(settings: Any, sinks: list[_Entry], problems: list[ConfigProblem]) -> None:
+    """Held data must survive a restart and a long hold: the persistent buffer only."""
+    if settings is INVALID or settings.buffer.type != "memory":
+        return
+    for entry in sinks:
+        if entry.upload is not None and entry.upload.hold:
+            problems.append(entry.where.key("upload").key("hold").problem(
+                "holding data needs the persistent buffer: add buffer: {type: sqlite} (the "
+                "memory buffer keeps 10,000 points and loses them on exit, so a hold would "
+                "quietly turn into dropping the oldest)"))
 
 
 # --------------------------------------------------------------------------
@@ -315,6 +340,7 @@ def _load(
     sink_entries = _read_components("sink", data.get("sinks"), sink_types,
                                     where.key("sinks"), problems)
     _assign_names(entries + sink_entries, problems)
+    _check_held_data(settings, sink_entries, problems)
     if problems or settings is INVALID:
         raise ConfigErrors(problems)
 

@@ -21,6 +21,7 @@ from pydantic import TypeAdapter
 
 from plexus.config.options import field_specs
 from plexus.config.settings import GatewaySettings
+from plexus.upload_rules import UploadRules
 
 __all__ = ["rig_schema"]
 
@@ -39,10 +40,14 @@ def rig_schema(adapter_types: Mapping[str, type], sink_types: Mapping[str, type]
         "items": {"anyOf": [_entry(cls, name, defs, f"adapter.{name}")
                             for name, cls in sorted(adapter_types.items())]},
     }
+    upload = _options_schema(UploadRules, defs, "upload")
+    upload["description"] = ("Upload rules of this sink: a byte budget, metrics held while a "
+                             "condition holds.")
+    defs["upload"] = upload
     top["properties"]["sinks"] = {
         "type": "array",
         "description": "Destinations, written like adapters. Default: the Plexus platform.",
-        "items": {"anyOf": [_entry(cls, name, defs, f"sink.{name}")
+        "items": {"anyOf": [_entry(cls, name, defs, f"sink.{name}", upload=True)
                             for name, cls in sorted(sink_types.items())]},
     }
     return {
@@ -54,7 +59,8 @@ def rig_schema(adapter_types: Mapping[str, type], sink_types: Mapping[str, type]
     }
 
 
-def _entry(cls: type, type_name: str, defs: dict[str, Any], prefix: str) -> dict[str, Any]:
+def _entry(cls: type, type_name: str, defs: dict[str, Any], prefix: str,
+           upload: bool = False) -> dict[str, Any]:
     schema = _options_schema(cls.Options, defs, prefix)  # type: ignore[attr-defined]
     doc = (cls.__doc__ or "").strip().splitlines()
     properties = {
@@ -63,6 +69,7 @@ def _entry(cls: type, type_name: str, defs: dict[str, Any], prefix: str) -> dict
                  "description": "Unique in the file; default: the type, then type-2..."},
         "tags": {"type": "object", "additionalProperties": {"type": "string"},
                  "description": "Tags added to this entry's points."},
+        **({"upload": {"$ref": "#/$defs/upload"}} if upload else {}),
         **schema.get("properties", {}),
     }
     entry: dict[str, Any] = {

@@ -22,7 +22,7 @@ __all__ = [
     "ClockConfig",
     "GatewaySettings",
     "LocalReceiverConfig",
-    "RetryConfig",
+    "RetrySettings",
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -63,7 +63,7 @@ class BatchConfig(OptionsModel):
                                          "to 10,000). Default: 10000.", ge=1, le=10000)
 
 
-class RetryConfig(OptionsModel):
+class RetrySettings(OptionsModel):
     """Backoff for a batch that failed to send: base, 2*base, 4*base... +-25%."""
 
     retries: int = option(3, help="Retries of a failed batch before it waits for the next "
@@ -151,7 +151,7 @@ class GatewaySettings(OptionsModel):
                                   help="Tags added to every point. Default: {}.")
     buffer: BufferConfig = option(default_factory=BufferConfig, help="Buffer settings.")
     batch: BatchConfig = option(default_factory=BatchConfig, help="Batch settings.")
-    retry: RetryConfig = option(default_factory=RetryConfig, help="Retry settings.")
+    retry: RetrySettings = option(default_factory=RetrySettings, help="Retry settings.")
     session: str | None = option(
         None, help="A session id tagging every point of the whole run. Default: null "
                    "(no session).")

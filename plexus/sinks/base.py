@@ -11,6 +11,11 @@ some points permanently rejected), raises :class:`RetryableSinkError` when the
 same batch should be sent again later, and :class:`AuthenticationError` when
 credentials are missing or refused. Any other exception is treated as
 retryable.
+
+A sink that puts bytes on a wire reports them with :meth:`Sink.record_sent`
+(one call per request, message or write, with the body's size as sent):
+that is what a sink's ``upload: {max_bytes_per_s}`` budget counts. A sink
+that never calls it is charged an estimate instead (the points' JSON size).
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ class Sink:
 
     type_name: ClassVar[str] = ""
     Options: ClassVar[type] = object
+    #: Body bytes this sink reported sending (see :meth:`record_sent`).
+    bytes_sent: int = 0
+    #: True once the sink has called :meth:`record_sent`: its byte counts are trusted.
+    reports_bytes: bool = False
 
     def __init__(self, options: Any, name: str | None = None) -> None:
         self.options = options
@@ -63,6 +72,17 @@ class Sink:
     def send(self, points: list[Point], key: str) -> SendResult:
         """Deliver ``points``; ``key`` is stable when the same batch is retried."""
         raise NotImplementedError
+
+    def record_sent(self, nbytes: int) -> None:
+        """Report ``nbytes`` of body put on the wire (compressed size, if compressed).
+
+        Call it for every request, message or write, including ones that then
+        fail: the bytes went out all the same. The uploader charges the sink's
+        byte budget with them and waits before the next request when the
+        budget is spent; this call itself never blocks.
+        """
+        self.bytes_sent += nbytes
+        self.reports_bytes = True
 
     def send_batch(self, batch: Batch) -> SendResult:
         """Deliver a batch; the uploader calls this. By default: ``send(points, key)``.

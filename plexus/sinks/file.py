@@ -62,6 +62,7 @@ class FileSink(Sink):
             self._rotate()
         assert self._file is not None
         self._file.write(lines)
+        self.record_sent(len(lines))
         self._file.flush()
         if opts.fsync:
             os.fsync(self._file.fileno())

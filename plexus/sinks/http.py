@@ -114,6 +114,7 @@ class HttpSink(Sink):
         self._transport = transport
         self._client: httpx.Client | None = None
         self._http_error: type[Exception] = Exception
+        self._not_sent: tuple[type[Exception], ...] = ()  # failures before any byte went out
         self.source_id = ""
         self.requests = 0
         self._clock: Clock | None = None
@@ -141,6 +142,7 @@ class HttpSink(Sink):
             headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"},
         )
         self._http_error = httpx.HTTPError
+        self._not_sent = (httpx.ConnectError, httpx.ConnectTimeout)
 
     def close(self) -> None:
         if self._client is not None:
@@ -163,6 +165,26 @@ class HttpSink(Sink):
         sent = clock.mono_ns()
         response = client.post(self.url, content=body, headers=headers)
         _report_date(clock, response, sent)
+
+    def check_key(self, source_id: str) -> str | None:
+        """Ask the platform whether it takes the key, storing nothing (an empty
+        ``points`` list is the protocol's auth check). None when it does, else
+        what went wrong, in an operator's words. Opens and closes its own client."""
+        if self._api_key is None:
+            return "no API key"
+        self.open(source_id)
+        try:
+            status, error, _ = self._post(orjson.dumps({"source_id": source_id, "points": []}),
+                                          "key-check")
+        except RetryableSinkError as exc:
+            return f"cannot reach the platform at {self.url}: {exc}"
+        finally:
+            self.close()
+        if status in (401, 403):
+            return f"the platform at {self.url} refused the API key ({status}: {error})"
+        if status != 200:
+            return f"the platform at {self.url} answered {status}: {error}"
+        return None
 
     def codec(self, source_id: str) -> IngestCodec:
         """The persistent buffer stores gzipped ``/ingest`` bodies for this sink."""
@@ -299,7 +321,10 @@ class HttpSink(Sink):
         try:
             response = self._client.post(self.url, content=body, headers=headers)
         except self._http_error as exc:
+            if not isinstance(exc, self._not_sent):
+                self.record_sent(len(body))
             raise RetryableSinkError(f"{type(exc).__name__}: {exc}") from exc
+        self.record_sent(len(body))
         if clock is not None:
             _report_date(clock, response, sent)
         return response.status_code, *_parse_response(response)

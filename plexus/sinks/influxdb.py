@@ -294,6 +294,7 @@ class InfluxdbSink(Sink):
         self._transport = transport
         self._client: httpx.Client | None = None
         self._http_error: type[Exception] = Exception
+        self._not_sent: tuple[type[Exception], ...] = ()  # failures before any byte went out
         self._encoder: LineEncoder | None = None
         self._database_ready = not options.create_database
         self.requests = 0
@@ -314,6 +315,7 @@ class InfluxdbSink(Sink):
         self._client = httpx.Client(timeout=opts.timeout, verify=opts.verify_tls,
                                     transport=self._transport, headers=headers)
         self._http_error = httpx.HTTPError
+        self._not_sent = (httpx.ConnectError, httpx.ConnectTimeout)
 
     def close(self) -> None:
         if self._client is not None:
@@ -380,7 +382,10 @@ class InfluxdbSink(Sink):
             response = self._client.post(self.url, params=self._params, content=body,
                                          headers=headers)
         except self._http_error as exc:
+            if not isinstance(exc, self._not_sent):
+                self.record_sent(len(body))
             raise RetryableSinkError(f"{type(exc).__name__}: {exc}") from exc
+        self.record_sent(len(body))
         return response.status_code, _error_text(response), _retry_after(response)
 
     def _create_database(self) -> None:

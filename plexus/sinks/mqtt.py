@@ -243,6 +243,7 @@ class MqttSink(Sink):
             info = client.publish(topic, payload, qos=o.qos, retain=o.retain)
             if info.rc != 0:  # the link went down under us: paho reports it here
                 self._fail(key, done, waiting, f"publish failed: {self._mqtt.error_string(info.rc)}")
+            self.record_sent(len(payload))
             waiting[info.mid] = indices
         self._wait_for_acks(key, done, waiting, rejected, 0)
         rejected.sort()

@@ -303,6 +303,7 @@ class NatsSink(Sink):
     async def _publish_one(self, payload: bytes, msg_id: str) -> Any:
         nats, o = self._nats, self.options
         self._denied = None
+        self.record_sent(len(payload))
         try:
             return await self._js.publish(self.subject, payload, timeout=o.timeout,
                                           stream=o.stream, headers={"Nats-Msg-Id": msg_id})

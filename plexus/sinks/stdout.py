@@ -42,6 +42,7 @@ class StdoutSink(Sink):
         else:
             text = "".join(_text_line(p) for p in points)
         sys.stdout.write(text)
+        self.record_sent(len(text.encode()))
         sys.stdout.flush()
         return SendResult(len(points))
 

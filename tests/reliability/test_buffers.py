@@ -327,16 +327,15 @@ def test_inbox_stays_small_under_a_steady_stream(plexus_receiver, tmp_path, monk
     sent, most = 0, 0
     with make_client(plexus_receiver, persistent_buffer=True, buffer_path=path,
                      flush_interval=0.02, sync_interval=0.05) as px:
-        # 5,000 points/s for 3 s: about 600 KB of records, ten segments' worth.
-        deadline = time.monotonic() + 3.0
-        while time.monotonic() < deadline:
+        # 15,000 points in steps of 100 (a steady stream of ~5,000 points/s on an idle
+        # machine): about 600 KB of records, ten segments' worth, however fast it goes.
+        while sent < 15_000:
             for _ in range(100):
                 px.send("seq", sent)
                 sent += 1
             most = max(most, len(list(tmp_path.glob("b.db.inbox.*"))))
             time.sleep(0.02)
         px.flush_buffer(timeout=30)
-    assert sent * 40 > 8 * 64 * 1024  # the stream filled many segments
     # The one being written, the spare made ahead of it, and the ones sealed since the
     # last checkpoint (a round of 50 ms at most here).
     assert most <= 4, f"{most} inbox segments at once"

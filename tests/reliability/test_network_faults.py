@@ -295,17 +295,18 @@ def test_413_for_a_single_point_drops_only_that_point(plexus_receiver_factory, c
 # --- long outages: drop policies -------------------------------------------------------------
 
 
-def kept_is_in_flight_prefix_plus_newest(kept: list[int], sent: int, cap: int) -> int:
-    """The points kept through an overflow are the batch that was in flight when the
-    outage began (the oldest ``a`` points, never dropped because they are out of the
-    queue) plus the newest ``cap - a``. Returns ``a``."""
+def kept_is_in_flight_run_plus_newest(kept: list[int], sent: int, count: int) -> int:
+    """The points kept through an overflow are, at most, one run that was on the wire
+    while the oldest were dropped (never dropped, since it was out of the waiting
+    points), plus the newest. Returns the size of that run (0 when there was none)."""
     kept = sorted(kept)
-    assert len(kept) == cap and len(set(kept)) == cap  # cap: how many were kept
-    a = 0
-    while a < len(kept) and kept[a] == a:
-        a += 1
-    assert kept[a:] == list(range(sent - (cap - a), sent)), "not drop-oldest"
-    return a
+    assert len(kept) == count and len(set(kept)) == count  # count: how many were kept
+    newest = 0
+    while newest < len(kept) and kept[-1 - newest] == sent - 1 - newest:
+        newest += 1
+    run = kept[:len(kept) - newest]
+    assert run == list(range(run[0], run[0] + len(run))) if run else True, "not drop-oldest"
+    return len(run)
 
 
 def test_memory_buffer_long_outage_drops_oldest_with_exact_count(plexus_receiver):
@@ -372,7 +373,7 @@ def test_persistent_buffer_beyond_its_cap_drops_oldest_counted(plexus_receiver, 
         plexus_receiver.come_up()
         px.close()
     kept = values(plexus_receiver)
-    in_flight = kept_is_in_flight_prefix_plus_newest(kept, sent, held)
+    in_flight = kept_is_in_flight_run_plus_newest(kept, sent, held)
     record_figure(f"persistent outage cap={cap}", {
         "sent": sent, "cap": cap, "dropped": px.dropped, "delivered": len(kept),
         "kept_in_flight": in_flight})

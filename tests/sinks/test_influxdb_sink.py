@@ -68,6 +68,9 @@ def test_a_gateway_writes_every_point(influx: InfluxServer, db: str, tmp_path: P
     values = [row["value"] for row in rows]  # ordered by time
     assert values == list(range(int(values[0]), int(values[0]) + len(values)))
     assert {(row["source_id"], row["unit"]) for row in rows} == {("rig-01", "a")}
+    # What an upload budget counts: the (gzipped) bodies, reported by the sink.
+    sink = gateway.pipeline.lanes[0].sink
+    assert sink.reports_bytes and 0 < sink.bytes_sent < 60 * len(rows)
 
 
 def test_names_values_and_escapes_survive_the_real_parser(influx: InfluxServer, db: str) -> None:

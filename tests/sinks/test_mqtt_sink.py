@@ -99,6 +99,9 @@ def test_a_gateway_publishes_every_point_with_a_templated_topic(
     assert values == list(range(values[0], values[0] + len(values)))  # in order, no gap
     assert bodies[0]["source_id"] == "rig-01" and bodies[0]["tags"] == {"vehicle": "truck-7"}
     assert bodies[0]["metric"] == "test.seq" and isinstance(bodies[0]["timestamp"], int)
+    # What an upload budget counts: every payload's bytes, reported by the sink.
+    sink = gateway.pipeline.lanes[0].sink
+    assert sink.reports_bytes and sink.bytes_sent == sum(len(p) for _, p in subscriber.messages)
 
 
 def test_value_payloads_and_points_that_cannot_be_published(
@@ -131,7 +134,10 @@ def test_broker_down_keeps_the_data_and_delivers_when_it_is_back(tmp_path: Path)
     sink.open("rig-01")
     with pytest.raises(RetryableSinkError, match="cannot connect"):
         sink.send([("m", 1, 1, None)], "k")
-    pipeline = pipeline_for(sink)
+    # The retry after the first failure waits for the test: the subscriber must be
+    # subscribed before anything is published (the broker keeps nothing for it).
+    retry_may_go = threading.Event()
+    pipeline = pipeline_for(sink, sleep=lambda seconds: retry_may_go.wait(30))
     try:
         for i in range(100):
             pipeline.emit("m", i)
@@ -139,12 +145,14 @@ def test_broker_down_keeps_the_data_and_delivers_when_it_is_back(tmp_path: Path)
         assert len(pipeline.lanes[0].buffer) == 100
         with broker:
             subscriber = Subscriber(broker.port)
+            retry_may_go.set()
             try:
                 pipeline.flush(timeout=15)
                 assert wait_until(lambda: len(subscriber.messages) == 100)
             finally:
                 subscriber.close()
     finally:
+        retry_may_go.set()
         pipeline.close(1.0)
     assert sorted(json.loads(p)["value"] for _, p in subscriber.messages) == list(range(100))
 

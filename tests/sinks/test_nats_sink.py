@@ -97,6 +97,9 @@ def test_a_gateway_publishes_batches_acknowledged_by_the_stream(
     ids = [msg_id for _, msg_id, _ in messages]
     assert all(ids) and len(set(ids)) == len(ids)  # one id per batch
     assert points[0]["source_id"] == "rig-01" and points[0]["metric"] == "test.seq"
+    # What an upload budget counts: every payload's bytes, reported by the sink.
+    sink = gateway.pipeline.lanes[0].sink
+    assert sink.reports_bytes and sink.bytes_sent == sum(len(data) for _, _, data in messages)
 
 
 def test_a_batch_sent_again_after_a_crash_is_stored_once(server: NatsServer) -> None:
