@@ -116,6 +116,18 @@ def test_points_wait_while_the_clock_says_1970_and_are_stamped_when_network_time
     assert buffered(lane) == [("temp", 23.0, ms(NOW), None)]
 
 
+def test_send_batch_readings_with_their_own_time_go_at_once_the_others_wait() -> None:
+    fake, clock, pipeline, lane = make(42.0)
+    assert pipeline.emit_many([("a", 1.0), ("b", 2.0, NOW - 60), ("c", 3.0)],
+                              tags={"k": "v"}) == 3
+    assert buffered(lane) == [("b", 2.0, ms(NOW - 60), {"k": "v"})]
+    fake.advance(1)
+    fake.set_wall(NOW)
+    clock.check()
+    assert buffered(lane) == [("a", 1.0, ms(NOW - 1), {"k": "v"}),
+                              ("c", 3.0, ms(NOW - 1), {"k": "v"})]
+
+
 def test_the_platforms_date_header_stamps_until_the_system_clock_is_sane() -> None:
     fake, clock, pipeline, lane = make(1_000.0)
     pipeline.emit("x", 1.0)
