@@ -394,8 +394,9 @@ class Clock:
                 if lo <= hi:
                     interval = _Interval(lo, hi, latest_mono_ns)
                 else:  # that peer's clock stepped (or was wrong before): start over from it
-                    log.info("%s moved by %s; starting over from its latest time",
-                             KINDS.get(kind, kind), _span((interval.mid - old.mid) / _E9))
+                    # Debug only: servers behind a load balancer differ by milliseconds.
+                    log.debug("%s moved by %s; starting over from its latest time",
+                              KINDS.get(kind, kind), _span((interval.mid - old.mid) / _E9))
             self._refs[kind] = interval
             settled = self.state == "trusted" and self._disagreement_warned is None
         if not settled:
