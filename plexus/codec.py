@@ -112,11 +112,26 @@ class IngestCodec(PointCodec):
 
 POINTS = PointCodec()
 
+# Codecs of plugin sinks, by tag: a persistent buffer that recovers records after a
+# crash must read them before its lane (and so its sink's codec) is set up again.
+_KNOWN: dict[str, PointCodec] = {}
+
+
+def register_codec(codec: PointCodec) -> None:
+    """Make blocks tagged ``codec.tag`` readable by every buffer of this process.
+
+    The gateway registers each sink's codec before it opens the sink's buffer.
+    """
+    if codec.tag != POINTS.tag and not codec.tag.startswith("ingest:"):
+        _KNOWN[codec.tag] = codec
+
 
 def codec_for_tag(tag: str) -> PointCodec:
     """The codec that wrote blocks tagged ``tag`` (blocks outlive the process)."""
     if tag == POINTS.tag:
         return POINTS
+    if tag in _KNOWN:
+        return _KNOWN[tag]
     if tag.startswith("ingest:"):
         return IngestCodec(tag[len("ingest:"):])
     raise ValueError(f"unknown block layout {tag!r}")

@@ -50,10 +50,6 @@ _MAV_RESULTS = {0: "MAV_RESULT_ACCEPTED", 1: "MAV_RESULT_TEMPORARILY_REJECTED",
                 5: "MAV_RESULT_IN_PROGRESS", 6: "MAV_RESULT_CANCELLED"}
 
 
-def _positive(value: Any) -> str | None:
-    return None if value > 0 else f"must be greater than 0, got {value!r}"
-
-
 def _ws_scheme(value: Any) -> str | None:
     if value.lower().startswith(("ws://", "wss://")):
         return None
@@ -95,12 +91,12 @@ class CommandsConfig:
     stream_max_seconds: float = field(
         default=300.0,
         metadata={"help": "Longest a start_stream lasts before the rig's settings return. "
-                          "Default: 300.0.", "check": _positive},
+                          "Default: 300.0.", "gt": 0},
     )
     mavlink_timeout: float = field(
         default=3.0,
         metadata={"help": "Seconds mavlink_command waits for the vehicle's COMMAND_ACK. "
-                          "Default: 3.0.", "check": _positive},
+                          "Default: 3.0.", "gt": 0},
     )
 
 

@@ -7,6 +7,7 @@ already handles those built-ins keeps working::
 
     PlexusError
     ├── ConfigError            (also ValueError) bad rig file or constructor option
+    │   └── InvalidOptions     several problems of one entry's options, each at its key
     ├── ValidationError        (also ValueError) a point the platform would reject
     │   └── PointTypeError     (also TypeError)  a value/tag/timestamp of the wrong type
     ├── AuthenticationError    missing API key, or the platform answered 401/403
@@ -26,6 +27,8 @@ No exception message ever contains the API key.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 
 class PlexusError(Exception):
     """Root of every error raised by plexus."""
@@ -33,6 +36,32 @@ class PlexusError(Exception):
 
 class ConfigError(PlexusError, ValueError):
     """A configuration value is wrong; the message names where and what was expected."""
+
+
+class InvalidOptions(ConfigError):
+    """Several problems in one adapter's or sink's options, each at its key.
+
+    Raise it from an options class's ``__post_init__`` (or a pydantic model
+    validator) to report every cross-field problem at once; the rig loader
+    shows each at its own key and line
+    (``rig.yaml:9: adapters[1].pattern: only used with format: regex``)::
+
+        problems = []
+        if self.format == "regex" and self.pattern is None:
+            problems.append(("pattern", "format: regex needs a pattern"))
+        if problems:
+            raise InvalidOptions(problems)
+
+    Parameters:
+        problems: ``(key, message)`` pairs, or a mapping of key to message;
+            the key ``""`` means the entry as a whole.
+    """
+
+    def __init__(self, problems: Iterable[tuple[str, str]] | Mapping[str, str]) -> None:
+        pairs = problems.items() if isinstance(problems, Mapping) else problems
+        self.problems: list[tuple[str, str]] = [(str(k), str(m)) for k, m in pairs]
+        super().__init__("; ".join(f"{key}: {message}" if key else message
+                                   for key, message in self.problems))
 
 
 class ValidationError(PlexusError, ValueError):

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from plexus.adapters.base import Adapter, describe_error
+from plexus.adapters.callable import CallableAdapter
 from plexus.buffer import DEFAULT_MAX_POINTS, Buffer, MemoryBuffer
 from plexus.client import config_path, read_user_config, resolve_source_id
 from plexus.clock import Clock
+from plexus.codec import register_codec
 from plexus.config import ComponentConfig, ConfigErrors, ConfigProblem, RigConfig
 from plexus.errors import PlexusError
 from plexus.pipeline import Pipeline, SourceContext
@@ -138,7 +140,7 @@ class Gateway:
             try:
                 options = resolve_paths(component.options, self.base_dir)
                 kwargs: dict[str, Any] = {}
-                if component.type == "callable":
+                if issubclass(component.cls, CallableAdapter):
                     kwargs["base_dir"] = self.base_dir
                 adapter = component.cls(options, name=component.name, **kwargs)
             except Exception as exc:  # a plugin's constructor may raise anything
@@ -255,11 +257,14 @@ class Gateway:
             self.sinks.append((sink, entry))
             if problems:
                 continue  # nothing will run: open no buffer file
+            # A plugin's own codec must be known before its buffer recovers records.
+            register_codec(sink.codec(self.source_id))
             rules = self._resolve_rules(entry.upload if entry is not None else None)
             held_buffer = self._make_buffer(index, name, held=True) \
                 if rules is not None and rules.hold else None
             self.pipeline.add_lane(
                 sink, self._make_buffer(index, name), rules=rules, held_buffer=held_buffer,
+                tags=entry.tags if entry else None,
                 batch_size=cfg.batch.size, interval=cfg.batch.interval,
                 max_batch=cfg.batch.max_points, retry=retry,
             )
@@ -365,17 +370,21 @@ class Gateway:
         sinks = []
         for lane in self.pipeline.lanes:
             st = lane.uploader.stats
+            opener = lane.opener
+            opening = opener is not None and opener.state == "opening"
             held = lane.held
             stamps = [st.last_success] + ([held.uploader.stats.last_success] if held else [])
             last_success = max((t for t in stamps if t is not None), default=None)
             entry: dict[str, Any] = {
-                "name": lane.sink.name, "buffered": len(lane.buffer),
+                "name": lane.sink.name, "state": opener.state if opener else "closed",
+                "buffered": len(lane.buffer),
                 "delivered": st.delivered + (held.uploader.stats.delivered if held else 0),
                 "dropped": lane.dropped,
                 "rejected": st.rejected + (held.uploader.stats.rejected if held else 0),
                 "since_last_upload": None if last_success is None
                 else round(now - last_success, 1),
-                "last_error": st.last_error or (held.uploader.stats.last_error if held else None),
+                "last_error": _open_error(opener) if opening
+                else st.last_error or (held.uploader.stats.last_error if held else None),
             }
             if held is not None:
                 entry["held"] = len(held.buffer)
@@ -391,3 +400,10 @@ class Gateway:
                 "link": None if self.commands is None else self.commands.status(),
                 "clock": self.pipeline.clock.status()}
 
+
+def _open_error(opener: Any) -> str:
+    """Why a sink is not open yet, and when it is tried again."""
+    text = f"cannot open: {opener.last_error}"
+    if opener.next_attempt_at is not None:
+        text += f"; next attempt in {max(0.0, opener.next_attempt_at - time.time()):.0f} s"
+    return text

@@ -31,15 +31,17 @@ def plexus_register_adapters(register: Callable[[type[Any]], None]) -> None:
     """Register adapter (source) classes.
 
     Call ``register(cls)`` once per class. ``cls`` subclasses
-    ``plexus.adapters.base.Adapter`` and sets ``type_name`` (the ``type:`` in
-    the rig file; snake_case, unique) and ``Options`` (a dataclass of its
-    options). A duplicate or invalid registration is reported and skipped.
+    ``plexus.Adapter`` (usually ``plexus.ThreadedAdapter``) and sets
+    ``type_name`` (the ``type:`` in the rig file; snake_case) and ``Options``
+    (its options: a ``plexus.OptionsModel`` or a dataclass). An invalid
+    registration is reported and skipped. A name another package registers
+    too must be chosen in the rig as ``name@package`` (docs/plugins.md).
     """
 
 
 @hookspec
 def plexus_register_sinks(register: Callable[[type[Any]], None]) -> None:
-    """Register sink classes (subclasses of ``plexus.sinks.base.Sink``), as above."""
+    """Register sink classes (subclasses of ``plexus.Sink``), as above."""
 
 
 @hookspec

@@ -29,6 +29,7 @@ inner one restores the outer one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -43,6 +44,7 @@ from plexus.point import (
     MAX_FUTURE_SECONDS,
     MAX_METRIC_CHARS,
     MAX_TAG_CHARS,
+    MAX_TAGS,
     Point,
     check_metric,
     check_tags,
@@ -51,6 +53,8 @@ from plexus.point import (
     timestamp_ms,
     validate_source_id,
 )
+from plexus.ratelimit import RateLimitedLog
+from plexus.sink_opener import SinkOpener
 from plexus.sinks.base import Sink
 from plexus.uploader import Uploader
 
@@ -59,6 +63,7 @@ if TYPE_CHECKING:  # imported when a sink has rules: `import plexus` stays lean
     from plexus.upload_rules import ByteBudget, UploadRules
 
 log = logging.getLogger(__name__)
+_tag_log = RateLimitedLog(log, interval=60.0)
 # A metric this short cannot exceed 256 bytes of UTF-8 (4 bytes a character at most).
 _FAST_METRIC_CHARS = MAX_METRIC_CHARS // 4
 
@@ -74,7 +79,11 @@ class HeldLane:
 
 @dataclass
 class Lane:
-    """One sink with its own buffer and uploader (and, with hold rules, a held lane)."""
+    """One sink with its own buffer and uploader (and, with hold rules, a held lane).
+
+    ``put``/``put_many`` store a point in this lane: the buffer's own, the hold
+    rules' router, and a wrapper that adds the sink entry's tags.
+    """
 
     sink: Sink
     buffer: Buffer
@@ -82,6 +91,9 @@ class Lane:
     rules: UploadRules | None = None
     budget: ByteBudget | None = None
     held: HeldLane | None = None
+    tags: dict[str, str] | None = None
+    #: set by Pipeline.start: opens the sink, retrying while it cannot (plexus.sink_opener)
+    opener: SinkOpener | None = None
     put: Callable[[Point], None] = field(init=False, repr=False)
     put_many: Callable[[list[Point]], None] = field(init=False, repr=False)
 
@@ -137,6 +149,7 @@ class Pipeline:
         rules: UploadRules | None = None,
         held_buffer: Buffer | None = None,
         hold_check: Callable[[], bool | None] | None = None,
+        tags: dict[str, str] | None = None,
         **uploader_options: Any,
     ) -> Lane:
         """Add a sink with its own buffer; ``uploader_options`` go to :class:`Uploader`.
@@ -149,6 +162,8 @@ class Pipeline:
                 holds with the memory buffer is refused for that reason).
             hold_check: evaluates the hold condition instead of the rule's own
                 check (for tests, and for conditions set by code).
+            tags: added to every point this sink gets (the rig entry's ``tags:``);
+                a point's own tags, and the gateway's, win over them.
 
         Raises:
             ValueError: ``rules`` hold metrics and no ``held_buffer`` is given.
@@ -181,6 +196,9 @@ class Pipeline:
             router = MetricRouter(rules.hold, rules.always, buffer.put, held_buffer.put,
                                   buffer.put_many, held_buffer.put_many)
             lane.put, lane.put_many = router.put, router.put_many
+        if tags:
+            lane.tags = dict(check_tags(tags))
+            lane.put, lane.put_many = _tagging(lane.put, lane.put_many, lane.tags)
         self.lanes.append(lane)
         self.clock.attach(sink)  # a sink that hears the platform's time reports it
         if len(self.lanes) == 1:
@@ -190,12 +208,12 @@ class Pipeline:
         return lane
 
     def start(self) -> None:
+        """Open each sink and start its uploader; a sink that cannot open is retried in
+        the background while the others deliver (see :mod:`plexus.sink_opener`)."""
         for lane in self.lanes:
-            lane.sink.open(self.source_id)
-            lane.uploader.start()
-            if lane.held is not None:
-                lane.held.uploader.start()
-                lane.held.gate.start()
+            lane.opener = SinkOpener(lane.sink, self.source_id,
+                                     functools.partial(_start_uploading, lane))
+            lane.opener.start()
         self.clock.start()
 
     # The hot path --------------------------------------------------------
@@ -429,6 +447,9 @@ class Pipeline:
         self._put = self._put_closed
         deadline = time.monotonic() + timeout
         self.clock.stop()  # held points reach the buffers now if the time is known
+        for lane in self.lanes:
+            if lane.opener is not None:
+                lane.opener.stop(max(0.0, deadline - time.monotonic()))
         threads = []
         for lane in self.lanes:
             uploaders = [lane.uploader] + ([lane.held.uploader] if lane.held else [])
@@ -464,7 +485,48 @@ class Pipeline:
                 try:
                     lane.buffer.close()
                 finally:
-                    lane.sink.close()
+                    if lane.opener is not None and lane.opener.opened:
+                        lane.sink.close()
+
+
+def _start_uploading(lane: Lane) -> None:
+    lane.uploader.start()
+    if lane.held is not None:
+        lane.held.uploader.start()
+        lane.held.gate.start()
+
+
+def _tagging(put: Callable[[Point], None], put_many: Callable[[list[Point]], None],
+             tags: dict[str, str],
+             ) -> tuple[Callable[[Point], None], Callable[[list[Point]], None]]:
+    """``put``/``put_many`` that add a sink entry's tags under the point's own."""
+    # Points of one source share their tags dict, so the merge is kept for the last
+    # one seen: an identity check per point, not a merge. One tuple in one slot, so
+    # producer threads never see one dict's merge filed under another's.
+    last: list[tuple[Any, dict[str, str]]] = [(None, tags)]
+
+    def merged(point_tags: dict[str, str] | None) -> dict[str, str]:
+        seen, result = last[0]
+        if point_tags is seen:
+            return result
+        result = {**tags, **point_tags} if point_tags else tags
+        if len(result) > MAX_TAGS:
+            # The platform would reject the point; deliver it as the other sinks do.
+            _tag_log(logging.WARNING, "a point with %d tags has no room for the sink's %d "
+                     "tags (at most %d a point); sent without them", len(point_tags or ()),
+                     len(tags), MAX_TAGS)
+            result = point_tags or {}
+        last[0] = (point_tags, result)
+        return result
+
+    def tagged_put(point: Point) -> None:
+        put((point[0], point[1], point[2], merged(point[3])))
+
+    def tagged_put_many(points: list[Point]) -> None:
+        put_many([(p[0], p[1], p[2], merged(p[3])) for p in points])
+
+    return tagged_put, tagged_put_many
+
 
 
 def _persistent(buffer: Buffer) -> bool:

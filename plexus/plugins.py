@@ -3,8 +3,20 @@
 Plugins are modules named in the ``plexus`` entry-point group; the built-ins
 (``plexus.builtins``) are one of them. ``PLEXUS_DISABLE_PLUGINS=name,...``
 blocks plugins by entry-point name. A plugin that fails to import, has a hook
-with no matching spec, or registers a bad or duplicate type is reported (in
+with no matching spec, or registers a bad type is reported (in
 ``Registry.errors`` and the log) and skipped; the others still load.
+
+Two packages registering one type name never decide it by load order:
+
+- two plugins: the bare name (``type: bme280``) belongs to neither. A rig
+  that uses it gets an error naming both packages, and chooses with
+  ``type: bme280@plexus-bme280sim`` (the package's name, as pip spells it);
+- a plugin and a built-in: the bare name stays the built-in, and the
+  plugin's type is reached only as ``type: file@plexus-fancyfile``, so a
+  built-in is replaced only on purpose.
+
+Either way ``Registry.warnings`` says so, ``plexus-gateway plugins`` lists
+both registrations, and ``--check`` shows the warning.
 """
 
 from __future__ import annotations
@@ -14,7 +26,7 @@ import importlib
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from types import ModuleType
@@ -33,6 +45,9 @@ DISABLE_ENV = "PLEXUS_DISABLE_PLUGINS"
 _TYPE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
+BUILTIN_PLUGIN = "builtins"
+
+
 @dataclass(frozen=True)
 class Provider:
     """Where a registered type comes from."""
@@ -41,26 +56,125 @@ class Provider:
     package: str  # distribution name
     version: str
 
+    @property
+    def builtin(self) -> bool:
+        return self.plugin == BUILTIN_PLUGIN and self.package == "plexus-gateway"
+
+
+def normalize_package(name: str) -> str:
+    """A distribution name as pip compares it: ``Plexus_BME280.sim`` -> ``plexus-bme280-sim``."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+class TypeTable(Mapping[str, type]):
+    """The adapter (or sink) types of a registry, by the name a rig file writes.
+
+    A bare name (``bme280``) finds the type when one package registers it, or
+    the built-in when a plugin registers a built-in's name too. ``name@package``
+    finds the type of that package. Iterating gives the bare names that
+    resolve; a name two plugins registered is left out (see :meth:`explain`).
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._by_name: dict[str, list[tuple[type, Provider]]] = {}
+
+    def add(self, cls: type, provider: Provider) -> str | None:
+        """Add a registration; a problem (the same package registering a name twice) or None."""
+        name: str = cls.type_name  # type: ignore[attr-defined]
+        found = self._by_name.setdefault(name, [])
+        for _other, other in found:
+            if normalize_package(other.package) == normalize_package(provider.package):
+                return f"{self.kind} type {name!r} is registered twice by {provider.package}"
+        found.append((cls, provider))
+        return None
+
+    def _resolve(self, name: str) -> tuple[type, Provider] | None:
+        bare, sep, package = name.partition("@")
+        found = self._by_name.get(bare, [])
+        if sep:
+            wanted = normalize_package(package)
+            return next((item for item in found if normalize_package(item[1].package) == wanted
+                         or item[1].plugin == package), None)
+        if len(found) == 1:
+            return found[0]
+        return next((item for item in found if item[1].builtin), None)
+
+    def __getitem__(self, name: str) -> type:
+        item = self._resolve(name)
+        if item is None:
+            raise KeyError(name)
+        return item[0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([name for name in self._by_name if self._resolve(name) is not None])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._resolve(name) is not None
+
+    def provider(self, name: str) -> Provider | None:
+        """The package behind ``name`` (bare or ``name@package``), or None."""
+        item = self._resolve(name)
+        return None if item is None else item[1]
+
+    def registrations(self) -> list[tuple[str, type, Provider]]:
+        """Every registration, duplicates included: (bare name, class, provider)."""
+        return [(name, cls, provider) for name, found in self._by_name.items()
+                for cls, provider in found]
+
+    def shared_names(self) -> dict[str, list[Provider]]:
+        """Names more than one package registered, with their providers."""
+        return {name: [provider for _cls, provider in found]
+                for name, found in self._by_name.items() if len(found) > 1}
+
+    def qualified(self) -> dict[str, type]:
+        """``name@package`` for every registration of a shared name."""
+        return {f"{name}@{provider.package}": cls
+                for name, found in self._by_name.items() if len(found) > 1
+                for cls, provider in found}
+
+    def explain(self, name: str) -> str | None:
+        """Why ``name`` finds no type, when it is not simply unknown; else None."""
+        bare, sep, package = name.partition("@")
+        found = self._by_name.get(bare, [])
+        if not found:
+            return None
+        packages = " and ".join(p.package for _cls, p in found)
+        choices = " or ".join(f"'type: {bare}@{p.package}'" for _cls, p in found)
+        if sep:
+            return (f"no installed package {package!r} registers {self.kind} type {bare!r} "
+                    f"(it comes from {packages})")
+        count = "two" if len(found) == 2 else str(len(found))
+        return (f"{self.kind} type {bare!r} is registered by {count} packages, {packages}; "
+                f"write {choices} to choose (or uninstall one)")
+
 
 @dataclass
 class Registry:
     """Every adapter and sink type the loaded plugins registered."""
 
-    adapters: dict[str, type[Adapter]] = field(default_factory=dict)
-    sinks: dict[str, type[Sink]] = field(default_factory=dict)
-    providers: dict[tuple[str, str], Provider] = field(default_factory=dict)  # (kind, type)
+    adapters: TypeTable = field(default_factory=lambda: TypeTable("adapter"))
+    sinks: TypeTable = field(default_factory=lambda: TypeTable("sink"))
+    #: (kind, bare type name) -> the package a bare name resolves to
+    providers: dict[tuple[str, str], Provider] = field(default_factory=dict)
     plugins: dict[str, Provider] = field(default_factory=dict)
     disabled: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    #: shared type names: not errors until a rig uses the bare name
+    warnings: list[str] = field(default_factory=list)
     #: (provider, hook implementation) of each plugin's plexus_register_commands.
     command_hooks: list[tuple[Provider, Any]] = field(default_factory=list)
 
     def rows(self) -> list[tuple[str, str, str, str]]:
-        """(kind, type, package, version) for every registered type, sorted."""
+        """(kind, type, package, version) for every registration (shared names twice), sorted."""
         out = []
-        for (kind, name), provider in sorted(self.providers.items()):
-            out.append((kind, name, provider.package, provider.version))
-        return out
+        for kind, table in (("adapter", self.adapters), ("sink", self.sinks)):
+            for name, _cls, provider in table.registrations():
+                out.append((kind, name, provider.package, provider.version))
+        return sorted(out)
 
 
 def disabled_plugins() -> set[str]:
@@ -163,7 +277,7 @@ def _collect(
     kind: str,
     hook_name: str,
     base: type,
-    into: dict[str, Any],
+    into: TypeTable,
 ) -> None:
     # Call each plugin's hook on its own so every registration is tied to its
     # plugin (for `plexus-gateway plugins`) and one raising plugin cannot stop
@@ -172,23 +286,34 @@ def _collect(
         provider = registry.plugins[impl.plugin_name]
 
         def register(cls: Any, provider: Provider = provider) -> None:
-            problem = _check_type(cls, base, kind)
-            if problem is None and cls.type_name in into:
-                other = registry.providers[(kind, cls.type_name)]
-                problem = (f"{kind} type {cls.type_name!r} is already registered by "
-                           f"{other.package}")
+            problem = _check_type(cls, base, kind) or into.add(cls, provider)
             if problem:
                 _report(registry, f"plugin {provider.plugin!r} ({provider.package}): {problem}; "
                                   "skipped")
-                return
-            into[cls.type_name] = cls
-            registry.providers[(kind, cls.type_name)] = provider
 
         try:
             impl.function(register=register)
         except Exception as exc:
             _report(registry, f"plugin {provider.plugin!r} ({provider.package}) raised in "
                               f"{hook_name}: {type(exc).__name__}: {exc}")
+    for name in into:
+        found = into.provider(name)
+        assert found is not None
+        registry.providers[(kind, name)] = found
+    for name, providers in sorted(into.shared_names().items()):
+        builtin = next((p for p in providers if p.builtin), None)
+        if builtin is not None:
+            others = [p for p in providers if not p.builtin]
+            message = (f"{kind} type {name!r} is built in and also registered by "
+                       f"{' and '.join(p.package for p in others)}: 'type: {name}' stays the "
+                       "built-in; write " + " or ".join(f"'type: {name}@{p.package}'"
+                                                        for p in others)
+                       + " to use the plugin's")
+        else:
+            message = into.explain(name) or ""
+            message += "; a rig file that writes the bare name is refused"
+        registry.warnings.append(message)
+        log.warning("%s", message)
 
 
 def _check_type(cls: Any, base: type, kind: str) -> str | None:

@@ -7,14 +7,18 @@ entry has been built (a callable that does not import, a bad source id):
 - each adapter's own :meth:`~plexus.adapters.base.Adapter.preflight`: files
   it names exist and load (CAN databases, captures, TLS certificates),
   settings only its driver can judge;
+- each sink's driver library is installed, and its own
+  :meth:`~plexus.sinks.base.Sink.preflight` (a file sink: its file can be
+  created or appended to);
 - a Plexus sink has an API key from somewhere;
-- the folders a persistent buffer or a file sink will write to can be written.
+- the folder a persistent buffer will write to can be written.
 
 Online (``--check --online``) it also touches the world without sending any
 data: the platform is asked to accept the key with an empty ``points`` list
 (the ingest protocol's auth check), and each adapter's
 :meth:`~plexus.adapters.base.Adapter.preflight_online` opens its port,
-connects to its broker or finds its interface, then lets go.
+connects to its broker or finds its interface, then lets go; so does each
+sink's :meth:`~plexus.sinks.base.Sink.preflight_online`.
 
 Every problem is a :class:`~plexus.config.ConfigProblem` naming the file,
 the line and the entry.
@@ -22,7 +26,6 @@ the line and the entry.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from plexus.adapters.base import describe_error, require
@@ -30,6 +33,7 @@ from plexus.config import ConfigProblem
 from plexus.errors import AdapterError
 from plexus.gateway import Gateway
 from plexus.sinks.http import HttpSink
+from plexus.writable import cannot_write
 
 __all__ = ["check_gateway", "check_key_online"]
 
@@ -58,12 +62,19 @@ def check_gateway(gateway: Gateway, *, online: bool = False,
             ready.append((adapter, entry))
     for sink, sink_entry in gateway.sinks:
         sink_cls = type(sink)
-        for module in getattr(sink_cls, "requires", ()):
+        found = []
+        for module in sink_cls.requires:
             try:
-                require(module, getattr(sink_cls, "extra", None) or sink_cls.type_name)
+                require(module, sink_cls.extra or sink_cls.type_name)
             except AdapterError as exc:
-                problems.append(sink_entry.problem(config.path, str(exc)) if sink_entry
-                                else config.problem("sinks", str(exc)))
+                found.append(str(exc))
+        if not found:
+            try:
+                found = sink.preflight()
+            except Exception as exc:  # a plugin's check must not hide the others
+                found = [f"its check raised {describe_error(exc)}"]
+        problems += [sink_entry.problem(config.path, message) if sink_entry
+                     else config.problem("sinks", message) for message in found]
     problems += _writable_places(gateway)
     if online:
         for sink, sink_entry in gateway.sinks:
@@ -74,6 +85,14 @@ def check_gateway(gateway: Gateway, *, online: bool = False,
                     key = "gateway_url" if message.startswith("cannot reach") else "api_key"
                     problems.append(sink_entry.problem(config.path, message) if sink_entry
                                     else config.problem(key, message))
+        for sink, sink_entry in gateway.sinks:
+            if sink_entry is None:
+                continue
+            try:
+                found = sink.preflight_online(timeout)
+            except Exception as exc:
+                found = [f"its online check raised {describe_error(exc)}"]
+            problems += [sink_entry.problem(config.path, message) for message in found]
         for adapter, component in ready:
             try:
                 found = adapter.preflight_online(timeout)
@@ -96,28 +115,7 @@ def _writable_places(gateway: Gateway) -> list[ConfigProblem]:
             Path.home() / ".plexus" / "buffer" / f"{gateway.source_id}.db")
         if not path.is_absolute():
             path = gateway.base_dir / path
-        reason = _cannot_write(path)
+        reason = cannot_write(path)
         if reason:
             problems.append(config.problem("buffer.path", f"the persistent buffer {reason}"))
-    for sink, entry in gateway.sinks:
-        target = getattr(sink, "path", None)
-        if entry is None or not isinstance(target, Path):
-            continue
-        reason = _cannot_write(target)
-        if reason:
-            problems.append(entry.problem(config.path, reason))
     return problems
-
-
-def _cannot_write(path: Path) -> str | None:
-    """Why a file at ``path`` could not be created or appended to; None if it can."""
-    if path.exists():
-        if path.is_dir():
-            return f"path {path} is a folder, not a file"
-        return None if os.access(path, os.W_OK) else f"cannot write {path} (permission denied)"
-    folder = path.parent
-    while not folder.exists():  # the gateway creates missing folders
-        folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        return f"cannot create {path}: {folder} is not writable"
-    return None

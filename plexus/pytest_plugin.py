@@ -16,6 +16,18 @@ Fixtures:
     waits for a device to connect first; ``legacy=True`` sends a
     ``typed_command`` instead and returns the ``command_result`` frames.
 
+``plexus_gateway``
+    Call it with a rig text to get a started gateway
+    (:class:`~plexus.testing.GatewayRun`) delivering to ``plexus_receiver``,
+    with relative paths under the test's ``tmp_path``; stopped at teardown::
+
+        def test_sensor(plexus_gateway, plexus_receiver):
+            gw = plexus_gateway("adapters: [{type: bme280, interval: 0.05}]")
+            assert gw.wait_until(lambda: plexus_receiver.count >= 10)
+
+    Keyword arguments go to :func:`plexus.testing.run_gateway` (``plugins=``,
+    ``environ=``, ``grace=``...).
+
 ``plexus_receiver_factory``
     Call it with :class:`~plexus.testing.Receiver` keyword arguments to get
     more (started) receivers; all are stopped at teardown::
@@ -37,9 +49,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from plexus.testing import Receiver
+    from pathlib import Path
 
-__all__ = ["plexus_device", "plexus_receiver", "plexus_receiver_factory",
+    from plexus.testing import GatewayRun, Receiver
+
+__all__ = ["plexus_device", "plexus_gateway", "plexus_receiver", "plexus_receiver_factory",
            "plexus_run_command"]
 
 
@@ -67,6 +81,27 @@ def plexus_receiver_factory() -> Iterator[Callable[..., Receiver]]:
     yield make
     for receiver in made:
         receiver.stop()
+
+
+@pytest.fixture
+def plexus_gateway(plexus_receiver: Receiver, tmp_path: Path,
+                   ) -> Iterator[Callable[..., GatewayRun]]:
+    """``start(rig_text, **run_gateway_options)``: a started gateway delivering to
+    ``plexus_receiver``; every one is stopped at teardown."""
+    from plexus.testing import run_gateway
+
+    started: list[GatewayRun] = []
+
+    def start(rig: str, **options: Any) -> GatewayRun:
+        options.setdefault("receiver", plexus_receiver)
+        options.setdefault("folder", tmp_path)
+        run = run_gateway(rig, **options)
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        run.stop()
 
 
 @pytest.fixture

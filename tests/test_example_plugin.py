@@ -32,8 +32,9 @@ def gateway_cli(*args, env=None):
 def test_installed_plugin_is_listed_with_its_package_and_version(installed_plugin):
     result = gateway_cli("plugins")
     assert result.returncode == 0, result.stderr
-    row = next(line for line in result.stdout.splitlines() if " hostmetrics " in line)
-    assert row.split() == ["adapter", "hostmetrics", "plexus-hostmetrics", "0.1.0"]
+    rows = {tuple(line.split()) for line in result.stdout.splitlines()}
+    assert ("adapter", "hostmetrics", "plexus-hostmetrics", "0.1.0") in rows
+    assert ("sink", "history", "plexus-hostmetrics", "0.1.0") in rows
 
 
 def test_plugin_points_reach_the_receiver_through_the_gateway(installed_plugin, plexus_receiver,
@@ -57,6 +58,20 @@ def test_disabled_plugin_is_not_loaded(installed_plugin, tmp_path):
                          env={"PLEXUS_DISABLE_PLUGINS": "hostmetrics"})
     assert result.returncode == 78  # an invalid rig file
     assert "unknown adapter type 'hostmetrics'" in result.stderr
+
+
+def test_the_sample_rig_runs_with_the_history_sink(installed_plugin, tmp_path):
+    rig = tmp_path / "hostmetrics.yaml"
+    rig.write_text((PLUGIN / "hostmetrics.yaml").read_text().replace("interval: 5", "interval: 0.2"))
+    result = gateway_cli("--config", str(rig), "--duration", "1.5", "--no-status",
+                         env={"PLEXUS_API_KEY": "plx_unused"})
+    assert result.returncode == 0, result.stderr
+    assert "host.uptime_seconds=" in result.stdout  # the stdout sink
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "host-history.db") as db:
+        stored = {row[0] for row in db.execute("SELECT metric FROM points")}
+    assert "host.uptime_seconds" in stored
 
 
 def test_the_plugins_own_tests_pass(installed_plugin):

@@ -387,7 +387,11 @@ def test_duplicate_and_invalid_registrations_are_reported():
 
     module.plexus_register_adapters = plexus_register_adapters  # type: ignore[attr-defined]
     registry = load_plugins(extra={"dup": module})
-    assert any("'callable' is already registered by plexus-gateway" in e for e in registry.errors)
+    # A plugin registering a built-in's name replaces it only where a rig asks for it.
+    assert registry.adapters["callable"] is CallableAdapter
+    assert registry.adapters["callable@plexus-gateway"] is CallableAdapter
+    assert any("'callable' is built in and also registered by dup_plugin" in w
+               and "'type: callable@dup_plugin'" in w for w in registry.warnings)
     assert any("not a subclass" in e for e in registry.errors)
 
 

@@ -192,6 +192,16 @@ class Adapter:
         self.last_point_time = time.time()
         return True
 
+    def begin_session(self, session_id: str, tags: dict[str, str] | None = None) -> None:
+        """Tag every point of the gateway with ``session_id`` (and ``tags``) until ended."""
+        assert self._ctx is not None, "begin_session() before start()"
+        self._ctx.begin_session(session_id, tags)
+
+    def end_session(self, session_id: str) -> None:
+        """End the session begun with ``session_id``."""
+        assert self._ctx is not None, "end_session() before start()"
+        self._ctx.end_session(session_id)
+
     def bad_input(self, reason: str) -> None:
         """Count a frame/payload/line that could not be used, and log it (rate-limited)."""
         self.errors += 1
@@ -227,18 +237,38 @@ class ThreadedAdapter(Adapter):
     Subclasses implement :meth:`connect` (open the link; raise if it cannot),
     :meth:`run_connected` (read until :attr:`stopping` is set; raise or return
     when the link is lost) and optionally :meth:`disconnect`.
+
+    Reconnecting: when the link is lost (``run_connected`` raised or returned)
+    or ``connect`` raised, the thread logs what went wrong and when the next
+    attempt is (rate-limited), then:
+
+    - after a connection that worked (it emitted a point, or stayed up
+      ``stable_after`` seconds) it reconnects at once, but no sooner than
+      ``reconnect_initial`` seconds after the last connect; the backoff starts
+      over. A fast poller with a rare read error loses next to nothing.
+    - otherwise (``connect`` failed, or the link died before delivering
+      anything) it waits ``reconnect_initial`` seconds, doubling per failure
+      in a row up to ``reconnect_max``, each +-25%.
+
+    A read error that leaves the link usable should not end ``run_connected``
+    at all: count it with :meth:`record_error` and read on.
     """
 
+    #: first pause before reconnecting, seconds (doubled per failure in a row)
     reconnect_initial: ClassVar[float] = 0.5
+    #: longest pause between attempts, seconds
     reconnect_max: ClassVar[float] = 30.0
-    #: seconds a link must stay up before the reconnect backoff starts over.
+    #: seconds a link that emitted nothing must stay up before the backoff starts over
     stable_after: ClassVar[float] = 10.0
 
     def __init__(self, options: Any, name: str | None = None) -> None:
         super().__init__(options, name)
         self.stopping = threading.Event()
         self.reconnects = 0
+        #: time.time() of the next connection attempt while reconnecting, else None
+        self.next_attempt_at: float | None = None
         self._thread: threading.Thread | None = None
+        self._reconnect_log = RateLimitedLog(self._log)
 
     def connect(self) -> None:
         raise NotImplementedError
@@ -273,14 +303,21 @@ class ThreadedAdapter(Adapter):
         backoff = Backoff(self.reconnect_initial, self.reconnect_max)
         while not self.stopping.is_set():
             connected_at = None
+            points_before = self.points
+            reason = "the link ended"
             try:
                 self.connect()
                 self.state = "connected"
+                self.next_attempt_at = None
                 connected_at = time.monotonic()
                 self.run_connected()
             except Exception as exc:
+                reason = describe_error(exc)
+                if connected_at is None:
+                    reason = f"cannot connect: {reason}"
                 if not self.stopping.is_set():
-                    self.record_error(exc)
+                    self.errors += 1
+                    self.last_error = reason
             finally:
                 try:
                     self.disconnect()
@@ -288,11 +325,21 @@ class ThreadedAdapter(Adapter):
                     self._log.debug("%s: disconnect failed: %s", self.name, exc)
             if self.stopping.is_set():
                 break
-            # A link that opens and dies at once keeps backing off; one that
-            # stayed up a while starts again from the shortest delay.
-            if connected_at is not None and time.monotonic() - connected_at > self.stable_after:
+            uptime = 0.0 if connected_at is None else time.monotonic() - connected_at
+            if connected_at is not None and (self.points > points_before
+                                             or uptime >= self.stable_after):
+                # It worked: try again at once, yet never open more often than once per
+                # reconnect_initial, and start the backoff over for what follows.
                 backoff.reset()
+                delay = max(0.0, self.reconnect_initial - uptime)
+            else:  # it opens and dies at once, or does not open: back off
+                delay = backoff.next_delay()
             self.state = "reconnecting"
             self.reconnects += 1
-            self.stopping.wait(backoff.next_delay())
+            self.next_attempt_at = time.time() + delay
+            self._reconnect_log(logging.WARNING, "%s: %s; %s", self.name, reason,
+                                f"next attempt in {delay:.1f} s" if delay >= 0.05
+                                else "reconnecting now")
+            self.stopping.wait(delay)
+        self.next_attempt_at = None
         self.state = "stopped"

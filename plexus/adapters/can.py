@@ -82,10 +82,13 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
+
+from annotated_types import Ge, Interval
 
 from plexus.adapters.base import AdapterContext, ThreadedAdapter, describe_error, require
-from plexus.errors import AdapterError, ConfigError, PlexusError
+from plexus.errors import AdapterError, InvalidOptions, PlexusError
+from plexus.optioncheck import declared_problems
 
 __all__ = ["CanAdapter", "CanFilter", "CanOptions", "SignalOptions"]
 
@@ -112,8 +115,9 @@ _FILTER_KEYS = frozenset({"can_id", "can_mask", "extended"})
 class CanFilter:
     """One receive filter: a frame passes when ``id & can_mask == can_id & can_mask``."""
 
-    can_id: int = field(metadata={"help": "identifier to match"})
-    can_mask: int | None = field(
+    can_id: Annotated[int, Interval(ge=0, le=0x1FFF_FFFF)] = field(
+        metadata={"help": "identifier to match"})
+    can_mask: Annotated[int, Interval(ge=0, le=0x1FFF_FFFF)] | None = field(
         default=None,
         metadata={"help": "bits of the id that must match; None: all 29 (exact id)"},
     )
@@ -127,13 +131,13 @@ class CanFilter:
 class SignalOptions:
     """Per-signal thinning that overrides the adapter-wide settings."""
 
-    min_interval: float | None = field(
+    min_interval: Annotated[float, Ge(0)] | None = field(
         default=None, metadata={"help": "seconds; skip the signal if emitted less than this ago"}
     )
     on_change: bool | None = field(
         default=None, metadata={"help": "only emit when the value changed"}
     )
-    keepalive: float | None = field(
+    keepalive: Annotated[float, Ge(0)] | None = field(
         default=None, metadata={"help": "with on_change: re-send an unchanged value after this"}
     )
 
@@ -152,12 +156,12 @@ class CanOptions:
         metadata={"help": "interface channel: 'can0', 'PCAN_USBBUS1', 0...; None: python-can's "
                   "own configuration (~/.canrc, CAN_CHANNEL)"},
     )
-    bitrate: int | None = field(
+    bitrate: Annotated[int, Ge(1)] | None = field(
         default=None,
         metadata={"help": "bit rate, bit/s; None: leave the interface as configured"},
     )
     fd: bool = field(default=False, metadata={"help": "open the bus in CAN FD mode"})
-    data_bitrate: int | None = field(
+    data_bitrate: Annotated[int, Ge(1)] | None = field(
         default=None, metadata={"help": "CAN FD data phase bit rate, bit/s"}
     )
     bus_options: dict[str, Any] = field(
@@ -198,14 +202,14 @@ class CanOptions:
         metadata={"help": "allow list of patterns matched against 'Message.Signal' and the bare "
                   "signal name ('*', '?' wildcards); empty: every signal"},
     )
-    min_interval: float | None = field(
+    min_interval: Annotated[float, Ge(0)] | None = field(
         default=None,
         metadata={"help": "seconds; skip a signal emitted less than this long ago"},
     )
     on_change: bool = field(
         default=False, metadata={"help": "only emit a signal when its value changed"}
     )
-    keepalive: float | None = field(
+    keepalive: Annotated[float, Ge(0)] | None = field(
         default=None,
         metadata={"help": "with on_change: re-send an unchanged value after this many seconds"},
     )
@@ -224,7 +228,7 @@ class CanOptions:
         metadata={"help": "replay this capture (.asc, .blf, .trc, candump .log...) instead of "
                   "opening a bus (relative to the rig file's folder)", "path": True},
     )
-    replay_speed: float = field(
+    replay_speed: Annotated[float, Ge(0)] = field(
         default=0.0,
         metadata={"help": "0: as fast as possible; 1.0: recorded pace; 2.0: twice as fast"},
     )
@@ -238,64 +242,53 @@ class CanOptions:
     )
 
     def __post_init__(self) -> None:
+        # Declared limits were checked by the rig loader, each at its line; this holds
+        # options built in Python to them too. Every problem is reported at once.
         if isinstance(self.dbc, str):
             self.dbc = [self.dbc]
         if isinstance(self.signals, str):
             self.signals = [self.signals]
-        self.filters = [_filter_option(i, item) for i, item in enumerate(self.filters)]
-        self.signal_options = {
-            key: _signal_option(key, value) for key, value in self.signal_options.items()
-        }
-        if self.units not in ("tag", "name", "none"):
-            raise ConfigError(f"can: units must be tag, name or none, got {self.units!r}")
-        if self.raw not in ("hex", "drop"):
-            raise ConfigError(f"can: raw must be hex or drop, got {self.raw!r}")
-        if self.timestamps not in ("frame", "now"):
-            raise ConfigError(f"can: timestamps must be frame or now, got {self.timestamps!r}")
-        if self.replay_timestamps not in ("recorded", "now"):
-            raise ConfigError(
-                f"can: replay_timestamps must be recorded or now, got {self.replay_timestamps!r}"
-            )
-        if self.replay_speed < 0:
-            raise ConfigError(f"can: replay_speed must be 0 or more, got {self.replay_speed}")
-        for name in ("min_interval", "keepalive"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ConfigError(f"can: {name} must be 0 or more seconds, got {value}")
+        problems = declared_problems(self)
+        filters = []
+        for index, item in enumerate(self.filters):
+            flt, found = _filter_option(index, item)
+            filters.append(flt)
+            problems += found
+        self.filters = filters
+        signal_options = {}
+        for key, value in self.signal_options.items():
+            option, found = _signal_option(key, value)
+            signal_options[key] = option
+            problems += found
+        self.signal_options = signal_options
+        if problems:
+            raise InvalidOptions(problems)
 
 
-def _filter_option(index: int, item: Any) -> CanFilter:
+def _filter_option(index: int, item: Any) -> tuple[Any, list[tuple[str, str]]]:
+    where = f"filters[{index}]"
     if isinstance(item, CanFilter):
         flt = item
     elif isinstance(item, dict):
         unknown = set(item) - _FILTER_KEYS
         if unknown or "can_id" not in item:
-            raise ConfigError(
-                f"can: filters[{index}] must be {{can_id, can_mask, extended}}, got {item!r}"
-            )
+            return item, [(where, f"must be {{can_id, can_mask, extended}}, got {item!r}")]
         flt = CanFilter(**item)
     else:
-        raise ConfigError(f"can: filters[{index}] must be a mapping, got {item!r}")
-    if not isinstance(flt.can_id, int) or not 0 <= flt.can_id <= 0x1FFF_FFFF:
-        raise ConfigError(f"can: filters[{index}].can_id must be 0..0x1FFFFFFF, got {flt.can_id!r}")
-    if flt.can_mask is not None and (
-        not isinstance(flt.can_mask, int) or not 0 <= flt.can_mask <= 0x1FFF_FFFF
-    ):
-        raise ConfigError(
-            f"can: filters[{index}].can_mask must be 0..0x1FFFFFFF, got {flt.can_mask!r}"
-        )
-    return flt
+        return item, [(where, f"must be a mapping, got {item!r}")]
+    return flt, [(f"{where}.{key}", message) for key, message in declared_problems(flt)]
 
 
-def _signal_option(key: str, value: Any) -> SignalOptions:
+def _signal_option(key: str, value: Any) -> tuple[Any, list[tuple[str, str]]]:
+    where = f"signal_options[{key!r}]"
     if isinstance(value, SignalOptions):
-        return value
-    if not isinstance(value, dict) or set(value) - _SIGNAL_OPTION_KEYS:
-        raise ConfigError(
-            f"can: signal_options[{key!r}] must be a mapping of "
-            f"{sorted(_SIGNAL_OPTION_KEYS)}, got {value!r}"
-        )
-    return SignalOptions(**value)
+        option = value
+    elif not isinstance(value, dict) or set(value) - _SIGNAL_OPTION_KEYS:
+        return value, [(where, f"must be a mapping of {sorted(_SIGNAL_OPTION_KEYS)}, "
+                               f"got {value!r}")]
+    else:
+        option = SignalOptions(**value)
+    return option, [(f"{where}.{name}", message) for name, message in declared_problems(option)]
 
 
 def _unit_suffix(unit: str) -> str:

@@ -76,10 +76,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar
 
-from annotated_types import Interval
+from annotated_types import Ge, Interval
 
 from plexus.adapters.base import AdapterContext, ThreadedAdapter, describe_error, require
-from plexus.errors import AdapterError, ConfigError, PlexusError
+from plexus.errors import AdapterError, InvalidOptions, PlexusError
+from plexus.optioncheck import declared_problems
 
 DEFAULT_MESSAGES: tuple[str, ...] = (
     "HEARTBEAT",
@@ -186,7 +187,7 @@ class MavlinkOptions:
             "tcp:host:port, tcpin:host:port, or a serial device such as /dev/ttyACM0"
         }
     )
-    baud: int = field(default=57600, metadata={"help": "serial baud rate (serial devices only)"})
+    baud: Annotated[int, Ge(1)] = field(default=57600, metadata={"help": "serial baud rate (serial devices only)"})
     dialect: str = field(
         default="ardupilotmega",
         metadata={"help": "pymavlink dialect module: ardupilotmega, common, all, ..."},
@@ -209,14 +210,14 @@ class MavlinkOptions:
         default=True,
         metadata={"help": "scale degE7, mm, cdeg, cm/s, mV, cA, ... to deg, m, m/s, V, A"},
     )
-    link_timeout: float = field(
+    link_timeout: Annotated[float, Ge(0)] = field(
         default=5.0,
         metadata={
             "help": "seconds without a HEARTBEAT before the link counts as lost and is "
             "reopened once; 0 disables the check"
         },
     )
-    heartbeat_interval: float = field(
+    heartbeat_interval: Annotated[float, Ge(0)] = field(
         default=0.0,
         metadata={
             "help": "seconds between GCS HEARTBEATs we send (udpout/tcp peers learn our "
@@ -231,7 +232,7 @@ class MavlinkOptions:
         default="flight",
         metadata={"help": "auto session ids are <prefix>-<UTC yyyymmdd-HHMMSS>-sys<id>"},
     )
-    min_interval: float | None = field(
+    min_interval: Annotated[float, Ge(0)] | None = field(
         default=None,
         metadata={"help": "seconds; emit each message type (per system and component) at most "
                   "once per this interval; null: every message"},
@@ -243,9 +244,11 @@ class MavlinkOptions:
     )
 
     def __post_init__(self) -> None:
-        if self.min_interval is not None and self.min_interval < 0:
-            raise ConfigError(f"mavlink: min_interval must be 0 or more seconds, got "
-                               f"{self.min_interval}")
+        # The rig loader checks the declared limits, each at its line; this holds
+        # options built in Python to them too.
+        problems = declared_problems(self)
+        if problems:
+            raise InvalidOptions(problems)
 
 
 class MavlinkAdapter(ThreadedAdapter):

@@ -64,7 +64,8 @@ from annotated_types import Ge, Interval
 
 from plexus.adapters.base import Adapter, AdapterContext, describe_error, require
 from plexus.adapters.lineformats import LineError, timestamp_seconds
-from plexus.errors import AdapterError, BufferingError, ConfigError, PlexusError
+from plexus.errors import AdapterError, BufferingError, InvalidOptions, PlexusError
+from plexus.optioncheck import declared_problems
 
 __all__ = ["MqttAdapter", "MqttOptions", "TopicOption", "set_login_and_tls"]
 
@@ -82,7 +83,7 @@ class TopicOption:
     """One subscription: an MQTT topic filter and the QoS to subscribe with."""
 
     topic: str = field(metadata={"help": "topic filter; '+' matches one level, '#' the rest"})
-    qos: int = field(default=0, metadata={"help": "subscription QoS: 0, 1 or 2"})
+    qos: Literal[0, 1, 2] = field(default=0, metadata={"help": "subscription QoS: 0, 1 or 2"})
 
 
 @dataclass
@@ -125,7 +126,7 @@ class MqttOptions:
         metadata={"help": "start a fresh session on every connect; false keeps the "
                   "broker-side session (needs a fixed client_id)"},
     )
-    session_expiry: int = field(
+    session_expiry: Annotated[int, Interval(ge=0, le=0xFFFFFFFF)] = field(
         default=3600,
         metadata={"help": "MQTT 5 with clean_start false: seconds the broker keeps the session "
                   "(and queues QoS 1 messages for it) while the gateway is away"},
@@ -163,83 +164,78 @@ class MqttOptions:
         metadata={"help": "JSON arrays: 'index' emits metric.0, metric.1...; "
                   "'value' emits the whole list as one event value"},
     )
-    max_payload_bytes: int = field(
+    max_payload_bytes: Annotated[int, Ge(1)] = field(
         default=65536, metadata={"help": "larger payloads are counted as bad and dropped"}
     )
 
     def __post_init__(self) -> None:
-        self.topics = [_topic_option(i, item) for i, item in enumerate(self.topics)]
+        # Declared limits were checked by the rig loader, each at its line; this holds
+        # options built in Python to them too and adds the rules joining several fields.
+        problems = declared_problems(self)
+        topics = []
+        for index, item in enumerate(self.topics):
+            topic, problem = _topic_option(index, item)
+            topics.append(topic)
+            if problem is not None:
+                problems.append(problem)
+        self.topics = topics  # type: ignore[assignment]
         if not self.topics:
-            raise ConfigError("mqtt: topics must name at least one topic filter")
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"mqtt: port must be 1..65535, got {self.port}")
-        if self.keepalive < 1:
-            raise ConfigError(f"mqtt: keepalive must be at least 1 second, got {self.keepalive}")
-        if self.max_payload_bytes < 1:
-            raise ConfigError(f"mqtt: max_payload_bytes must be positive, got {self.max_payload_bytes}")
-        if self.protocol not in ("5", "3.1.1"):
-            raise ConfigError(f"mqtt: protocol must be '5' or '3.1.1', got {self.protocol!r}")
-        if self.payload_format not in ("auto", "json", "number", "string"):
-            raise ConfigError(
-                f"mqtt: payload_format must be auto, json, number or string, got {self.payload_format!r}"
-            )
-        if self.arrays not in ("index", "value"):
-            raise ConfigError(f"mqtt: arrays must be 'index' or 'value', got {self.arrays!r}")
+            problems.append(("topics", "must name at least one topic filter"))
         if not self.tls and (self.ca_certs or self.certfile or self.keyfile):
             # Refuse rather than silently sending in plain text what the user meant to encrypt.
-            raise ConfigError("mqtt: ca_certs/certfile/keyfile are set but tls is false")
+            problems.append(("tls", "is false, but ca_certs/certfile/keyfile are set"))
         if self.password is not None and self.username is None:
-            raise ConfigError("mqtt: password is set but username is not")
+            problems.append(("password", "is set without a username"))
         if not self.clean_start and not self.client_id:
             # A random id is new on every start, so the kept session would never be found again.
-            raise ConfigError("mqtt: clean_start false needs a fixed client_id (unique per "
-                              "gateway), or the broker-side session is never resumed")
-        if self.session_expiry < 0:
-            raise ConfigError(f"mqtt: session_expiry must be >= 0, got {self.session_expiry}")
+            problems.append(("clean_start", "false needs a fixed client_id (unique per "
+                             "gateway), or the broker-side session is never resumed"))
         if self.share_group is not None:
             if self.protocol != "5":
-                raise ConfigError("mqtt: share_group needs protocol: '5' (MQTT 5 shared "
-                                  "subscriptions)")
+                problems.append(("share_group", "needs protocol: '5' (MQTT 5 shared "
+                                 "subscriptions)"))
             if not self.share_group or any(c in self.share_group for c in "/+#"):
-                raise ConfigError(f"mqtt: share_group must be a non-empty name without '/', "
-                                  f"'+' or '#', got {self.share_group!r}")
+                problems.append(("share_group", "must be a non-empty name without '/', '+' "
+                                 f"or '#', got {self.share_group!r}"))
         if self.metric_template is not None:
             try:
                 self.metric_template.format(*(["x"] * 64), topic="x")
             except (ValueError, KeyError, IndexError, AttributeError) as exc:
-                raise ConfigError(
-                    f"mqtt: metric_template {self.metric_template!r} is invalid: use 0-based "
-                    f"level fields like '{{1}}.{{3}}' or {{topic}} ({exc!r})"
-                ) from exc
+                problems.append(("metric_template", f"{self.metric_template!r} is invalid: use "
+                                 f"0-based level fields like '{{1}}.{{3}}' or {{topic}} ({exc!r})"))
         for tag, index in self.tag_segments.items():
             if not isinstance(index, int) or isinstance(index, bool):
-                raise ConfigError(f"mqtt: tag_segments.{tag} must be an integer level index")
+                problems.append((f"tag_segments['{tag}']", "must be an integer level index"))
         if self.payload_format in ("number", "string") and (self.value_path or self.timestamp_path):
-            raise ConfigError("mqtt: value_path/timestamp_path need payload_format auto or json")
+            problems.append(("payload_format", f"{self.payload_format!r} has no value_path or "
+                             "timestamp_path (they need auto or json)"))
+        if problems:
+            raise InvalidOptions(problems)
 
 
-def _topic_option(index: int, item: Any) -> TopicOption:
+def _topic_option(index: int, item: Any) -> tuple[Any, tuple[str, str] | None]:
+    """The subscription, and what is wrong with it (key, message) or None."""
+    where = f"topics[{index}]"
     if isinstance(item, str):
         item = TopicOption(item)
     elif isinstance(item, dict):
         try:
             item = TopicOption(**item)
         except TypeError as exc:
-            raise ConfigError(f"mqtt: topics[{index}] must be {{topic, qos}}: {exc}") from exc
+            return item, (where, f"must be {{topic, qos}}: {exc}")
     if not isinstance(item, TopicOption):
-        raise ConfigError(f"mqtt: topics[{index}] must be a string or {{topic, qos}}")
-    where = f"mqtt: topics[{index}] {item.topic!r}"
+        return item, (where, "must be a string or {topic, qos}")
     if not isinstance(item.topic, str) or not item.topic:
-        raise ConfigError(f"{where}: the topic filter must be a non-empty string")
+        return item, (where, "the topic filter must be a non-empty string")
     if item.qos not in (0, 1, 2) or isinstance(item.qos, bool):
-        raise ConfigError(f"{where}: qos must be 0, 1 or 2, got {item.qos!r}")
+        return item, (f"{where}.qos", f"expected one of 0, 1, 2, got {item.qos!r}")
     levels = item.topic.split("/")
     for i, level in enumerate(levels):
         if "#" in level and (level != "#" or i != len(levels) - 1):
-            raise ConfigError(f"{where}: '#' must be a whole level and the last one")
+            return item, (where, f"{item.topic!r}: '#' must be a whole level and the last one")
         if "+" in level and level != "+":
-            raise ConfigError(f"{where}: '+' must be a whole level")
-    return item
+            return item, (where, f"{item.topic!r}: '+' must be a whole level")
+    return item, None
 
 
 def set_login_and_tls(client: Any, options: Any, logger: logging.Logger, name: str) -> None:

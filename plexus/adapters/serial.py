@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Annotated, Any, ClassVar, Literal
 
-from annotated_types import Ge
+from annotated_types import Ge, Len, MinLen
 
 from plexus.adapters.base import AdapterContext, ThreadedAdapter, describe_error, require
 from plexus.adapters.lineformats import (
@@ -87,7 +87,8 @@ from plexus.adapters.lineformats import (
     pop_reading,
     timestamp_seconds,
 )
-from plexus.errors import AdapterError, ConfigError, PlexusError
+from plexus.errors import AdapterError, InvalidOptions, PlexusError
+from plexus.optioncheck import declared_problems
 from plexus.point import timestamp_ms
 
 __all__ = ["SerialAdapter", "SerialOptions"]
@@ -98,7 +99,6 @@ log = logging.getLogger(__name__)
 # (socket:// URLs); long enough that an idle port costs nothing.
 READ_TIMEOUT = 0.5
 
-_FORMATS = ("json", "csv", "kv", "nmea", "regex")
 _NMEA_LATENCY_NS = 1_000_000_000
 
 
@@ -111,22 +111,22 @@ class SerialOptions:
                   "(socket://host:port, rfc2217://host:port, loop://)"}
     )
     baudrate: Annotated[int, Ge(1)] = field(default=115200, metadata={"help": "bits per second"})
-    bytesize: int = field(default=8, metadata={"help": "data bits: 5, 6, 7 or 8"})
+    bytesize: Literal[5, 6, 7, 8] = field(default=8, metadata={"help": "data bits: 5, 6, 7 or 8"})
     parity: Literal["N", "E", "O", "M", "S"] = field(
         default="N", metadata={"help": "parity: N none, E even, O odd, M mark, S space"}
     )
-    stopbits: float = field(default=1, metadata={"help": "stop bits: 1, 1.5 or 2"})
+    stopbits: Literal[1, 1.5, 2] = field(default=1, metadata={"help": "stop bits: 1, 1.5 or 2"})  # type: ignore[valid-type]  # floats are fine to pydantic
     rtscts: bool = field(default=False, metadata={"help": "RTS/CTS hardware flow control"})
     xonxoff: bool = field(default=False, metadata={"help": "XON/XOFF software flow control"})
     encoding: str = field(
         default="utf-8",
         metadata={"help": "text encoding of the lines; a line that does not decode is bad"},
     )
-    line_terminator: str = field(
+    line_terminator: Annotated[str, MinLen(1)] = field(
         default="\n",
         metadata={"help": "end of a line; a trailing '\\r' is stripped as well"},
     )
-    max_line_bytes: int = field(
+    max_line_bytes: Annotated[int, Ge(1)] = field(
         default=4096,
         metadata={"help": "a longer line is counted as bad and dropped up to the next terminator"},
     )
@@ -145,7 +145,8 @@ class SerialOptions:
     columns: list[str] | None = field(
         default=None, metadata={"help": "csv: column names; null: the first line is the header"}
     )
-    delimiter: str = field(default=",", metadata={"help": "csv: the one-character cell delimiter"})
+    delimiter: Annotated[str, Len(1, 1)] = field(
+        default=",", metadata={"help": "csv: the one-character cell delimiter"})
     kv_separator: str = field(
         default="=", metadata={"help": "kv: between key and value; pairs split on spaces/commas"}
     )
@@ -170,39 +171,32 @@ class SerialOptions:
     )
 
     def __post_init__(self) -> None:
+        # The rig loader has checked the declared limits and choices already, each at
+        # its line; this holds options built in Python to them too, and adds the rules
+        # that join several fields. Every problem is reported, not only the first.
+        problems = declared_problems(self)
         if not isinstance(self.port, str) or not self.port:
-            raise ConfigError("serial: port must name a device or a pyserial URL")
-        if self.baudrate <= 0:
-            raise ConfigError(f"serial: baudrate must be positive, got {self.baudrate}")
-        if self.bytesize not in (5, 6, 7, 8):
-            raise ConfigError(f"serial: bytesize must be 5, 6, 7 or 8, got {self.bytesize}")
-        if self.parity not in ("N", "E", "O", "M", "S"):
-            raise ConfigError(f"serial: parity must be N, E, O, M or S, got {self.parity!r}")
-        if self.stopbits not in (1, 1.5, 2):
-            raise ConfigError(f"serial: stopbits must be 1, 1.5 or 2, got {self.stopbits}")
+            problems.append(("port", "must name a device or a pyserial URL"))
+        if not self.line_terminator:
+            problems.append(("line_terminator", "must not be empty"))
+        if len(self.delimiter) != 1:
+            problems.append(("delimiter", f"must be one character, got {self.delimiter!r}"))
         try:
             codecs.lookup(self.encoding)
-        except LookupError as exc:
-            raise ConfigError(f"serial: unknown encoding {self.encoding!r}") from exc
-        if not self.line_terminator:
-            raise ConfigError("serial: line_terminator must not be empty")
-        if self.max_line_bytes < 1:
-            raise ConfigError(f"serial: max_line_bytes must be positive, got {self.max_line_bytes}")
-        if self.format not in _FORMATS:
-            raise ConfigError(f"serial: format must be one of {', '.join(_FORMATS)}, "
-                              f"got {self.format!r}")
-        if len(self.delimiter) != 1:
-            raise ConfigError(f"serial: delimiter must be one character, got {self.delimiter!r}")
+        except LookupError:
+            problems.append(("encoding", f"unknown encoding {self.encoding!r}"))
         if self.columns is not None and not any(c.strip() for c in self.columns):
-            raise ConfigError("serial: columns must name at least one column")
+            problems.append(("columns", "must name at least one column"))
         if self.format == "regex" and self.pattern is None:
-            raise ConfigError("serial: format regex needs a pattern")
+            problems.append(("pattern", "format: regex needs a pattern"))
         if self.format != "regex" and self.pattern is not None:
-            raise ConfigError("serial: pattern is only used with format regex")
+            problems.append(("pattern", "only used with format: regex"))
         if self.format == "nmea" and self.timestamp_field is not None:
-            raise ConfigError("serial: timestamp_field is not used with format nmea")
+            problems.append(("timestamp_field", "not used with format: nmea"))
         if self.time_source and self.format != "nmea":
-            raise ConfigError("serial: time_source needs format nmea (a GPS receiver)")
+            problems.append(("time_source", "needs format: nmea (a GPS receiver)"))
+        if problems:
+            raise InvalidOptions(problems)
         # Build the parser once so a bad pattern or separator fails at load, with its reason.
         make_parser(self)
 
@@ -220,7 +214,8 @@ def make_parser(options: SerialOptions) -> LineParser:
             return RegexParser(options.pattern or "")
         return NmeaParser(options.nmea_require_checksum)
     except ValueError as exc:
-        raise ConfigError(f"serial: {exc}") from exc
+        key = {"regex": "pattern", "kv": "kv_separator", "csv": "delimiter"}.get(options.format, "")
+        raise InvalidOptions([(key, str(exc))]) from exc
 
 
 class SerialAdapter(ThreadedAdapter):

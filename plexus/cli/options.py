@@ -39,12 +39,14 @@ def options_markdown(registry: Any, types: list[str] | None = None,
                   "`command`, `interface_up`, `default_route`:", "",
                   *table(describe_options(ConditionSpec)), ""]
     for kind, found in (("adapter", registry.adapters), ("sink", registry.sinks)):
-        for name in sorted(found):
-            if types and name not in types:
+        qualified: dict[str, type] = getattr(found, "qualified", dict)()  # shared names
+        for name in sorted([*found, *qualified]):
+            if types and name not in types and name.partition("@")[0] not in types:
                 continue
-            cls = found[name]
-            provider = registry.providers[(kind, name)]
-            lines += [f"## {kind} `{name}` ({provider.package})", ""]
+            cls: Any = found.get(name) or qualified[name]
+            provider = found.provider(name) if hasattr(found, "provider") else None
+            package = provider.package if provider else registry.providers[(kind, name)].package
+            lines += [f"## {kind} `{name}` ({package})", ""]
             doc = (cls.__doc__ or "").strip().split("\n\n")[0]
             if doc:
                 lines += [" ".join(doc.split()), ""]
@@ -66,9 +68,11 @@ def cmd_options(argv: list[str]) -> int:
     from plexus.plugins import load_plugins
 
     registry = load_plugins()
-    known = sorted({*registry.adapters, *registry.sinks})
+    known = sorted({*registry.adapters, *registry.sinks, *registry.adapters.qualified(),
+                    *registry.sinks.qualified()})
+    shared = {*registry.adapters.shared_names(), *registry.sinks.shared_names()}
     for name in args.types:
-        if name not in known:
+        if name not in known and name not in shared:
             message = f"unknown adapter or sink type {name!r}"
             close = difflib.get_close_matches(name, known, n=1)
             if close:

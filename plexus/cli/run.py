@@ -105,14 +105,19 @@ def _check(gateway: Any, registry: Any, online: bool) -> int:
     if gateway.commands is not None:
         problems += [f"{gateway.config.path}: commands: {p}" for p in gateway.commands.problems]
     problems += [f"plugin: {error}" for error in registry.errors]
+    notes = [f"  note: {warning}" for warning in registry.warnings]
     if problems:
         count = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
         print_error(PROG, f"{gateway.config.path}: {count} found:")
         for problem in problems:
             print(f"  {problem}", file=sys.stderr)
+        for note in notes:
+            print(note, file=sys.stderr)
         only_key = all("API key" in p for p in problems)
         return ExitCode.AUTH if only_key else ExitCode.CONFIG
     _print_check(gateway, online)
+    for note in notes:
+        print(note)
     return ExitCode.OK
 
 

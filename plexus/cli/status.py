@@ -90,6 +90,8 @@ def summary(status: dict[str, Any], rates: dict[str, float] | None = None) -> st
     for s in status["sinks"]:
         rate = rates.get(f"s:{s['name']}")
         text = f"sink {s['name']}"
+        if s.get("state") == "opening":  # isolated: retried while the others deliver
+            text += f" not open ({s['last_error']})"
         if rate is not None:
             text += f" {rate:.1f} pts/s"
         text += (f" (delivered {s['delivered']}, buffered {s['buffered']}, dropped "

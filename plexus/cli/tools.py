@@ -35,6 +35,8 @@ def cmd_plugins(argv: list[str]) -> int:
         print(f"{kind:<8} {name:<16} {package:<28} {version}")
     for name in registry.disabled:
         print(f"disabled plugin: {name}")
+    for warning in registry.warnings:
+        print(f"note: {warning}")
     for error in registry.errors:
         fail(parser.prog, error, ExitCode.FAILURE)
     return ExitCode.FAILURE if registry.errors else ExitCode.OK

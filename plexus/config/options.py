@@ -31,6 +31,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -52,6 +53,7 @@ from plexus.config.problems import (
     is_union,
     strip_annotated,
 )
+from plexus.errors import InvalidOptions
 
 __all__ = [
     "Check",
@@ -177,6 +179,7 @@ class FieldSpec:
     path: bool
     limits: dict[str, float]  # gt, ge, lt, le
     check: Check | None = None
+    lengths: dict[str, int] = dataclasses.field(default_factory=dict)  # min_length, max_length
 
 
 def _limits(metadata: Iterable[Any]) -> dict[str, float]:
@@ -194,6 +197,21 @@ def _limits(metadata: Iterable[Any]) -> dict[str, float]:
         if isinstance(item, FieldInfo):
             limits.update(_limits(item.metadata))
     return limits
+
+
+def _lengths(metadata: Iterable[Any]) -> dict[str, int]:
+    """min_length/max_length of a string or list (``MinLen(1)``, ``Len(1, 1)``, ``Field``)."""
+    out: dict[str, int] = {}
+    for item in metadata:
+        for name in ("min_length", "max_length"):
+            value = getattr(item, name, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                out[name] = value
+        if isinstance(item, FieldInfo):
+            out.update(_lengths(item.metadata))
+    if out.get("min_length") == 0:
+        del out["min_length"]
+    return out
 
 
 def _union_limits(tp: Any) -> dict[str, float]:
@@ -247,7 +265,7 @@ def field_specs(cls: type) -> dict[str, FieldSpec]:
             f.name, tp, required, default, help_text, bool(f.metadata.get("secret")),
             bool(f.metadata.get("path")),
             {**(_limits(metadata) or _union_limits(tp)), **_metadata_limits(f.metadata)},
-            f.metadata.get("check") or _limit_check(f.metadata))
+            f.metadata.get("check") or _limit_check(f.metadata), _lengths(metadata))
     return specs
 
 
@@ -287,7 +305,8 @@ def _model_field(name: str, info: FieldInfo) -> FieldSpec:
         default = None if required else info.default
     return FieldSpec(name, strip_annotated(info.annotation), required, default,
                      info.description or "", bool(extra.get("secret")), bool(extra.get("path")),
-                     _limits(info.metadata) or _union_limits(info.annotation))
+                     _limits(info.metadata) or _union_limits(info.annotation),
+                     lengths=_lengths(info.metadata))
 
 
 # --------------------------------------------------------------------------
@@ -321,10 +340,133 @@ def _harden(schema: Any) -> Any:
     return schema
 
 
+_NUMBER_SCHEMAS = {"int", "float"}
+
+
+def _add_metadata_limits(schema: Any) -> Any:
+    """Give pydantic the limits a dataclass wrote as ``metadata={"gt": 0}``.
+
+    Checked with the types, they are reported with everything else in the
+    entry (and not only once the rest is right, as a check run afterwards
+    would be).
+    """
+    if isinstance(schema, dict):
+        if schema.get("type") == "dataclass" and isinstance(schema.get("cls"), type):
+            specs = field_specs(schema["cls"])
+            args = schema.get("schema", {})
+            for item in args.get("fields", []) if isinstance(args, dict) else []:
+                spec = specs.get(item.get("name"))
+                metadata = _dataclass_metadata(schema["cls"], item.get("name"))
+                limits = _metadata_limits(metadata)
+                if spec is not None and limits:
+                    number = _number_schema(item.get("schema"))
+                    if number is not None:
+                        for key, limit in limits.items():
+                            number.setdefault(key, limit)
+                if spec is not None and callable(metadata.get("check")):
+                    _wrap_with_check(item, metadata["check"], spec.secret)
+        for value in schema.values():
+            _add_metadata_limits(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            _add_metadata_limits(value)
+    return schema
+
+
+def _wrap_with_check(field_schema: dict[str, Any], check: Check, secret: bool) -> None:
+    """Run a legacy ``metadata={"check": f}`` inside pydantic, on the value under any
+    default and null, so its problem is reported with the entry's others."""
+    holder = field_schema
+    key = "schema"
+    while isinstance(holder.get(key), dict) and holder[key].get("type") in ("default",
+                                                                            "nullable"):
+        holder = holder[key]
+    inner = holder.get(key)
+    if not isinstance(inner, dict):
+        return
+
+    def run(value: Any) -> Any:
+        message = check(value)
+        if message is not None:
+            raise ValueError("the value (hidden) is invalid" if secret else message)
+        return value
+
+    holder[key] = {"type": "function-after", "function": {"type": "no-info", "function": run},
+                   "schema": inner}
+
+
+def _dataclass_metadata(cls: type, name: Any) -> Mapping[str, Any]:
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name == name:
+            return f.metadata
+    return {}
+
+
+def _number_schema(schema: Any) -> dict[str, Any] | None:
+    """The int/float schema under defaults and nullables, or None."""
+    while isinstance(schema, dict):
+        if schema.get("type") in _NUMBER_SCHEMAS:
+            return schema
+        if schema.get("type") in ("default", "nullable"):
+            schema = schema.get("schema")
+            continue
+        return None
+    return None
+
+
+def _unprebuilt(schema: Any) -> Any:
+    """Make pydantic validate models by the schema we hardened, not their own validator.
+
+    pydantic-core builds a ``model`` node from the class's own prebuilt
+    validator when the class has one (every finished pydantic model), ignoring
+    the node's schema, and so our strict scalars and closed mappings. Each model
+    node becomes its fields' schema (which is hardened) followed by
+    ``model_validate`` of what they produced, which runs the model's own
+    validators on values already of the right types.
+    """
+    if isinstance(schema, list):
+        return [_unprebuilt(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _unprebuilt(value) for key, value in schema.items()}
+    cls = schema.get("cls")
+    fields = out.get("schema")
+    if schema.get("type") == "model" and isinstance(cls, type) and issubclass(cls, BaseModel) \
+            and isinstance(fields, dict) and fields.get("type") == "model-fields":
+        replaced: dict[str, Any] = {
+            "type": "function-after", "schema": fields,
+            "function": {"type": "no-info", "function": _model_builder(cls)}}
+        if "ref" in schema:
+            replaced["ref"] = schema["ref"]
+        return replaced
+    return out
+
+
+def _model_builder(cls: type[BaseModel]) -> Callable[[Any], Any]:
+    def build(validated: Any) -> Any:
+        values = validated[0] if isinstance(validated, tuple) else validated
+        try:
+            return cls.model_validate(values)
+        except PydanticValidationError as exc:
+            # The model's own validators (the fields were right): their problems,
+            # each at its key, as InvalidOptions does.
+            problems = []
+            for error in exc.errors():
+                reason = (error.get("ctx") or {}).get("error")
+                if isinstance(reason, InvalidOptions):
+                    problems += reason.problems
+                    continue
+                key = ".".join(str(part) for part in error["loc"])
+                problems.append((key, str(reason) if reason is not None else error["msg"]))
+            raise InvalidOptions(problems) from None
+
+    return build
+
+
 @functools.cache
 def _validator(cls: type) -> SchemaValidator:
-    core = copy.deepcopy(TypeAdapter(cls).core_schema)
-    return SchemaValidator(_harden(core))  # type: ignore[arg-type]
+    core = _unprebuilt(copy.deepcopy(TypeAdapter(cls).core_schema))
+    return SchemaValidator(_harden(_add_metadata_limits(core)))  # type: ignore[arg-type]
 
 
 def build_options(cls: type, mapping: Any, where: Where) -> Any:
@@ -435,6 +577,7 @@ class _Located:
     secret: bool
     # Unions passed on the way: (depth in keys, the union, the member taken)
     unions: list[tuple[int, Any, Any]]
+    owner: Any = None  # the options class that declares ``spec``
 
 
 class _Translator:
@@ -456,10 +599,30 @@ class _Translator:
         out: list[ConfigProblem] = []
         seen: set[str] = set()
         for item in self._resolve_unions(located):
-            problem = self._problem(item)
-            if str(problem) not in seen:  # a union can report one thing twice
-                seen.add(str(problem))
-                out.append(problem)
+            for problem in self._several(item) or [self._problem(item)]:
+                if str(problem) not in seen:  # a union can report one thing twice
+                    seen.add(str(problem))
+                    out.append(problem)
+        return out
+
+    def _several(self, item: _Located) -> list[ConfigProblem]:
+        """An InvalidOptions raised by a validator: each problem at its own key."""
+        reason = (item.error.get("ctx") or {}).get("error")
+        if item.error["type"] != "value_error" or not isinstance(reason, InvalidOptions):
+            return []
+        where = self._where(item.keys)
+        out = []
+        for key, message in reason.problems:
+            here = where
+            # topics[0].qos, signal_options['Engine.*'].keepalive
+            for part in re.findall(r"\[\d+\]|\['[^']*'\]|[^.\[\]]+", key):
+                if part.startswith("['"):
+                    here = here.key(part[2:-2])
+                elif part.startswith("["):
+                    here = here.index(int(part[1:-1]))
+                else:
+                    here = here.key(part)
+            out.append(here.problem(message))
         return out
 
     # Following a loc through the types ----------------------------------
@@ -467,6 +630,7 @@ class _Translator:
         tp: Any = self.cls
         keys: list[Any] = []
         spec: FieldSpec | None = None
+        owner: Any = None
         secret = False
         unions: list[tuple[int, Any, Any]] = []
         loc = list(error["loc"])
@@ -496,6 +660,7 @@ class _Translator:
                 keys.append(part)
                 if part in specs:
                     spec = specs[part]
+                    owner = tp
                     secret = secret or spec.secret
                     tp = spec.annotation
                 else:
@@ -515,7 +680,7 @@ class _Translator:
                 keys.append(part)
                 tp = Any
             i += 1
-        return _Located(error, keys, tp, spec, secret, unions)
+        return _Located(error, keys, tp, spec, secret, unions, owner)
 
     # Unions: one clear message rather than one per member ----------------
     def _resolve_unions(self, located: list[_Located]) -> list[_Located]:
@@ -612,14 +777,17 @@ class _Translator:
             value = float(value)
         shown = describe_value(value)
         limits = item.spec.limits if item.spec is not None else {}
+        written = written_numbers(item.owner).get(item.spec.name, {}) \
+            if item.owner is not None and item.spec is not None else {}
         low = limits.get("ge")
         high = limits.get("le")
         if low is not None and high is not None:
-            return f"must be between {_num(low)} and {_num(high)}, got {shown}"
+            return (f"must be between {written.get('ge') or _num(low)} and "
+                    f"{written.get('le') or _num(high)}, got {shown}")
         words = {"greater_than": ("gt", "greater than"), "greater_than_equal": ("ge", "at least"),
                  "less_than": ("lt", "less than"), "less_than_equal": ("le", "at most")}
         key, text = words[kind]
-        return f"must be {text} {_num(ctx.get(key))}, got {shown}"
+        return f"must be {text} {written.get(key) or _num(ctx.get(key))}, got {shown}"
 
     def _unknown_key(self, item: _Located) -> ConfigProblem:
         parent = item.keys[:-1]
@@ -705,6 +873,7 @@ def describe_options(cls: type) -> list[tuple[str, str, str, str]]:
     from plexus.config.problems import type_name
 
     rows: list[tuple[str, str, str, str]] = []
+    written = written_numbers(cls)
     for name, spec in field_specs(cls).items():
         tp = strip_annotated(spec.annotation)
         if is_options_class(tp):
@@ -712,18 +881,103 @@ def describe_options(cls: type) -> list[tuple[str, str, str, str]]:
             rows.extend((f"{name}.{sub}", *rest) for sub, *rest in nested)  # type: ignore[misc]
             continue
         kind = type_name(tp)
-        limits = describe_limits(spec.limits)
+        limits = describe_limits(spec.limits, written.get(name))
         if limits:
             kind += f", {limits}"
-        rows.append((name, kind, _describe_default(spec), spec.help))
+        low, high = spec.lengths.get("min_length"), spec.lengths.get("max_length")
+        if low is not None and low == high:
+            kind += f", length {low}"
+        elif low is not None or high is not None:
+            kind += ", length " + ", ".join(
+                text for text in (low is not None and f">= {low}", high is not None
+                                  and f"<= {high}") if text)
+        rows.append((name, kind, written.get(name, {}).get("default") or _describe_default(spec),
+                     spec.help))
     return rows
 
 
-def describe_limits(limits: Mapping[str, float]) -> str:
-    """``>= 1, <= 10000`` for the limits of a field; '' when it has none."""
+@functools.cache
+def written_numbers(cls: type) -> dict[str, dict[str, str]]:
+    """Number defaults and limits as the class's source writes them (``0x76``,
+    ``10_000_000``): field name -> {"default"/"gt"/"ge"/"lt"/"le": text}.
+
+    Only where the text reads back as the same number in a rig file (YAML), so a
+    reader may copy it; empty when the source cannot be read (a zipped install).
+    """
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    specs = field_specs(cls)
+    out: dict[str, dict[str, str]] = {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    for node in body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and node.target.id in specs):
+            continue
+        spec = specs[node.target.id]
+        found: dict[str, ast.expr] = {}
+        for call in ast.walk(node.annotation):  # Ge(1), Interval(ge=1, le=0xFF), Field(gt=0)
+            if isinstance(call, ast.Call):
+                name = getattr(call.func, "id", getattr(call.func, "attr", ""))
+                if name.lower() in _LIMIT_KEYS and call.args:
+                    found[name.lower()] = call.args[0]
+                found.update({k.arg: k.value for k in call.keywords if k.arg in _LIMIT_KEYS})
+        value = node.value
+        if isinstance(value, ast.Call):  # field(default=..., metadata={...}), option(...)
+            keywords = {k.arg: k.value for k in value.keywords if k.arg}
+            default = keywords.get("default", value.args[0] if value.args else None)
+            if default is not None:
+                found["default"] = default
+            found.update({k: v for k, v in keywords.items() if k in _LIMIT_KEYS})
+            metadata = keywords.get("metadata")
+            if isinstance(metadata, ast.Dict):
+                for key, item in zip(metadata.keys, metadata.values, strict=True):
+                    if isinstance(key, ast.Constant) and key.value in _LIMIT_KEYS:
+                        found[key.value] = item
+        elif value is not None:
+            found["default"] = value
+        actual = {"default": None if spec.required else spec.default, **spec.limits}
+        texts = {key: text for key, expr in found.items()
+                 if (text := _same_number_text(source, expr, actual.get(key)))}
+        if texts:
+            out[node.target.id] = texts
+    return out
+
+
+def _same_number_text(source: str, expr: Any, value: Any) -> str | None:
+    """The source text of ``expr`` if YAML reads it as ``value`` and it differs from str()."""
+    import ast
+
+    import yaml
+
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    text = ast.get_source_segment(source, expr) or ""
+    try:
+        read = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    if type(read) is type(value) and read == value and text != str(value):
+        return text
+    return None
+
+
+def describe_limits(limits: Mapping[str, float], written: Mapping[str, str] | None = None,
+                    ) -> str:
+    """``>= 1, <= 10000`` for the limits of a field; '' when it has none.
+
+    ``written`` gives a limit's text as the source wrote it (``<= 0x77``).
+    """
     signs = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-    return ", ".join(f"{signs[k]} {_num(limits[k])}" for k in ("gt", "ge", "lt", "le")
-                     if k in limits)
+    written = written or {}
+    return ", ".join(f"{signs[k]} {written.get(k) or _num(limits[k])}"
+                     for k in ("gt", "ge", "lt", "le") if k in limits)
 
 
 def _describe_default(spec: FieldSpec) -> str:

@@ -42,7 +42,7 @@ class ComponentConfig:
     """One validated entry of ``adapters:`` or ``sinks:``.
 
     Attributes:
-        type: the registered type name (``type:`` in YAML).
+        type: the registered type name (``type:`` in YAML, without an ``@package``).
         name: unique in the file; defaults to the type, then ``type-2``...
         tags: the entry's ``tags:``, added to its points.
         options: the built instance of ``cls.Options``.
@@ -175,7 +175,8 @@ def _read_component(
     options = validate_into(cls.Options, item, where, problems, reserved=reserved)  # type: ignore[attr-defined]
     if any(value is INVALID for value in (name, tags, options, upload)):
         return None
-    return _Entry(item["type"], name, tags, options, cls, where, upload)
+    # ``bme280@plexus-bme280sim`` chose a package; the entry's type is the bare name.
+    return _Entry(item["type"].partition("@")[0], name, tags, options, cls, where, upload)
 
 
 def _component_name(item: Mapping[str, Any], where: Where, problems: list[ConfigProblem]) -> Any:
@@ -209,10 +210,14 @@ def _component_class(
         return None
     cls = registry.get(type_name)
     if cls is None:
-        message = f"unknown {kind} type {type_name!r}; known types: {_known(registry)}"
-        close = difflib.get_close_matches(type_name, list(registry), n=1)
-        if close:
-            message += f" (did you mean {close[0]!r}?)"
+        # A plugin registry explains a name two packages share, or a wrong @package.
+        explain = getattr(registry, "explain", None)
+        message = explain(type_name) if explain is not None else None
+        if message is None:
+            message = f"unknown {kind} type {type_name!r}; known types: {_known(registry)}"
+            close = difflib.get_close_matches(type_name, list(registry), n=1)
+            if close:
+                message += f" (did you mean {close[0]!r}?)"
         problems.append(where.key("type").problem(message))
     return cls
 

@@ -38,7 +38,7 @@ def rig_schema(adapter_types: Mapping[str, type], sink_types: Mapping[str, type]
         "description": "Sources: each a mapping with type, optional name and tags, and the "
                        "type's options.",
         "items": {"anyOf": [_entry(cls, name, defs, f"adapter.{name}")
-                            for name, cls in sorted(adapter_types.items())]},
+                            for name, cls in _types(adapter_types)]},
     }
     upload = _options_schema(UploadRules, defs, "upload")
     upload["description"] = ("Upload rules of this sink: a byte budget, metrics held while a "
@@ -48,7 +48,7 @@ def rig_schema(adapter_types: Mapping[str, type], sink_types: Mapping[str, type]
         "type": "array",
         "description": "Destinations, written like adapters. Default: the Plexus platform.",
         "items": {"anyOf": [_entry(cls, name, defs, f"sink.{name}", upload=True)
-                            for name, cls in sorted(sink_types.items())]},
+                            for name, cls in _types(sink_types)]},
     }
     return {
         "$schema": SCHEMA_DIALECT,
@@ -57,6 +57,12 @@ def rig_schema(adapter_types: Mapping[str, type], sink_types: Mapping[str, type]
         **top,
         "$defs": dict(sorted(defs.items())),
     }
+
+
+def _types(types: Mapping[str, type]) -> list[tuple[str, type]]:
+    """The names a rig may write: bare, and ``name@package`` where packages share a name."""
+    qualified = getattr(types, "qualified", None)  # a plugin registry's TypeTable
+    return sorted([*types.items(), *(qualified().items() if qualified else [])])
 
 
 def _entry(cls: type, type_name: str, defs: dict[str, Any], prefix: str,
@@ -128,11 +134,14 @@ def _describe(schema: dict[str, Any], cls: type) -> None:
             prop["description"] = spec.help
         if spec.secret:
             prop["writeOnly"] = True
-        if "type" in prop:  # limits written in metadata={"gt": 0}, unseen by pydantic
+        # Limits written in metadata={"gt": 0}, unseen by pydantic's JSON Schema.
+        for target in [prop, *prop.get("anyOf", [])]:
+            if target.get("type") not in ("number", "integer"):
+                continue
             for key, keyword in (("gt", "exclusiveMinimum"), ("ge", "minimum"),
                                  ("lt", "exclusiveMaximum"), ("le", "maximum")):
                 if key in spec.limits:
-                    prop.setdefault(keyword, spec.limits[key])
+                    target.setdefault(keyword, spec.limits[key])
 
 
 def _rewrite_refs(node: Any, renames: Mapping[str, str]) -> Any:

@@ -5,6 +5,14 @@ stdout). Each sink has its own buffer and uploader thread (see
 ``plexus.pipeline``), so a slow or failing sink never stalls another one and
 never makes it lose data: fan-out copies every point into every sink's buffer.
 
+The life of a sink: the gateway builds it (``cls(options, name=...)``;
+raise ``ConfigError`` for options it cannot use), calls :meth:`Sink.codec`
+once, then :meth:`Sink.open` once when it starts. When ``open`` raises, the
+sink is isolated: the error is logged and shown in its status, ``open`` is
+tried again with backoff (1 s doubling to 60 s) while its points wait in its
+buffer, and the other sinks keep delivering (``plexus.sink_opener``).
+:meth:`Sink.close` is called once at shutdown if ``open`` returned.
+
 ``send`` is called from that sink's uploader thread only, one batch at a time.
 It returns a :class:`SendResult` when the batch is done with (delivered, or
 some points permanently rejected), raises :class:`RetryableSinkError` when the
@@ -57,6 +65,10 @@ class Sink:
 
     type_name: ClassVar[str] = ""
     Options: ClassVar[type] = object
+    #: pip extra that brings the driver library, named in errors.
+    extra: ClassVar[str | None] = None
+    #: driver modules the sink imports when it opens (checked by ``--check``).
+    requires: ClassVar[tuple[str, ...]] = ()
     #: Body bytes this sink reported sending (see :meth:`record_sent`).
     bytes_sent: int = 0
     #: True once the sink has called :meth:`record_sent`: its byte counts are trusted.
@@ -67,7 +79,26 @@ class Sink:
         self.name = name or self.type_name
 
     def open(self, source_id: str) -> None:
-        """Prepare to send points of ``source_id`` (called once, before ``send``)."""
+        """Prepare to send points of ``source_id`` (called once, before ``send``).
+
+        Raise (anything) when the sink cannot work yet: the gateway logs it,
+        shows it in the status and calls ``open`` again later, with backoff,
+        while the other sinks deliver. Release what a failed attempt took.
+        """
+
+    def preflight(self) -> list[str]:
+        """What would stop this sink, found without opening it (``--check``).
+
+        Check files it will write (see :func:`plexus.cannot_write`) and
+        settings only it can judge. One message per problem, without the
+        sink's name (the caller adds it and the rig file's line).
+        """
+        return []
+
+    def preflight_online(self, timeout: float) -> list[str]:
+        """``--check --online``: reach the destination without sending points, within
+        about ``timeout`` seconds. One message per problem."""
+        return []
 
     def send(self, points: list[Point], key: str) -> SendResult:
         """Deliver ``points``; ``key`` is stable when the same batch is retried."""
@@ -98,4 +129,4 @@ class Sink:
         return POINTS
 
     def close(self) -> None:
-        """Release resources (called once, after the last ``send``)."""
+        """Release resources (called once, after the last ``send``, if ``open`` returned)."""

@@ -17,6 +17,7 @@ from annotated_types import Ge
 
 from plexus.point import Point, json_lines
 from plexus.sinks.base import SendResult, Sink
+from plexus.writable import cannot_write
 
 
 @dataclass
@@ -44,6 +45,10 @@ class FileSink(Sink):
         self._file: IO[bytes] | None = None
         self._size = 0
         self.source_id = ""
+
+    def preflight(self) -> list[str]:
+        reason = cannot_write(self.path)
+        return [reason] if reason else []
 
     def open(self, source_id: str) -> None:
         self.source_id = source_id

@@ -36,7 +36,8 @@ from urllib.parse import urlsplit
 import orjson
 
 from plexus.codec import IngestCodec, gzip_bytes
-from plexus.errors import AuthenticationError, ConfigError, RetryableSinkError
+from plexus.errors import AuthenticationError, ConfigError, InvalidOptions, RetryableSinkError
+from plexus.optioncheck import declared_problems
 from plexus.point import MAX_BODY_BYTES, MAX_POINTS_PER_REQUEST, Point
 from plexus.secret import Secret
 from plexus.sinks.base import SendResult, Sink
@@ -64,16 +65,25 @@ class HttpSinkOptions:
                           "top-level gateway_url, else https://gateway.plexus.company"},
     )
     api_key: str | None = field(
-        default=None, metadata={"help": "API key; default: the top-level api_key"}
+        default=None, repr=False,
+        metadata={"help": "API key; default: the top-level api_key", "secret": True}
     )
-    timeout: float = field(default=10.0, metadata={"help": "seconds per request"})
+    # Limits as metadata, not Annotated[...]: `import plexus` loads this module.
+    timeout: float = field(default=10.0, metadata={"help": "seconds per request", "gt": 0})
     verify_tls: bool = field(
         default=True, metadata={"help": "verify the server's TLS certificate (warns when off)"}
     )
     gzip_min_bytes: int = field(
-        default=1024, metadata={"help": "gzip request bodies larger than this many bytes"}
+        default=1024,
+        metadata={"help": "gzip request bodies larger than this many bytes", "ge": 0},
     )
-    gzip_level: int = field(default=1, metadata={"help": "gzip level 1 (fast) .. 9 (small)"})
+    gzip_level: int = field(
+        default=1, metadata={"help": "gzip level 1 (fast) .. 9 (small)", "ge": 1, "le": 9})
+
+    def __post_init__(self) -> None:
+        problems = declared_problems(self)  # the rig loader checks these at load; Python too
+        if problems:
+            raise InvalidOptions(problems)
 
 
 class HttpSink(Sink):

@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from plexus.codec import gzip_bytes
-from plexus.errors import AuthenticationError, ConfigError, RetryableSinkError
+from plexus.errors import AuthenticationError, InvalidOptions, RetryableSinkError
+from plexus.optioncheck import declared_problems
 from plexus.point import Point
 from plexus.secret import Secret
 from plexus.sinks.base import SendResult, Sink
@@ -107,7 +108,7 @@ class InfluxdbSinkOptions:
                   "feed mixes 3 and 3.5); 'integer': ints as InfluxDB integers (3i)"},
     )
     gzip: bool = field(default=True, metadata={"help": "gzip request bodies"})
-    timeout: float = field(default=10.0, metadata={"help": "seconds per request"})
+    timeout: float = field(default=10.0, metadata={"help": "seconds per request", "gt": 0})
     verify_tls: bool = field(
         default=True, metadata={"help": "verify the server's TLS certificate (warns when off)"}
     )
@@ -117,36 +118,35 @@ class InfluxdbSinkOptions:
     )
 
     def __post_init__(self) -> None:
+        # Declared limits were checked by the rig loader, each at its line; this holds
+        # options built in Python to them too and adds the rules joining several fields.
+        problems = declared_problems(self)
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"influxdb: url must be an http:// or https:// URL, got {self.url!r}")
-        if self.api not in ("v1", "v2"):
-            raise ConfigError(f"influxdb: api must be 'v1' or 'v2', got {self.api!r}")
+            problems.append(("url", f"must be an http:// or https:// URL, got {self.url!r}"))
         if self.api == "v1":
             if not self.database:
-                raise ConfigError("influxdb: api v1 needs database")
+                problems.append(("database", "api v1 needs database"))
             if self.bucket or self.org:
-                raise ConfigError("influxdb: bucket and org are for api v2; v1 uses database "
-                                  "and retention_policy")
+                problems.append(("api", "bucket and org are for api v2; v1 uses database and "
+                                 "retention_policy"))
         else:
             if not self.bucket:
-                raise ConfigError("influxdb: api v2 needs bucket")
+                problems.append(("bucket", "api v2 needs bucket"))
             if self.database or self.retention_policy or self.username or self.create_database:
-                raise ConfigError("influxdb: database, retention_policy, username and "
-                                  "create_database are for api v1; v2 uses bucket, org, token")
+                problems.append(("api", "database, retention_policy, username and "
+                                 "create_database are for api v1; v2 uses bucket, org, token"))
         if self.password is not None and self.username is None:
-            raise ConfigError("influxdb: password is set but username is not")
+            problems.append(("password", "is set without a username"))
         if self.username is not None and self.token is not None:
-            raise ConfigError("influxdb: set username/password or token, not both")
-        if self.timeout <= 0:
-            raise ConfigError(f"influxdb: timeout must be positive, got {self.timeout}")
-        if self.integers not in ("float", "integer"):
-            raise ConfigError(f"influxdb: integers must be float or integer, got {self.integers!r}")
+            problems.append(("token", "set username/password or token, not both"))
         for name in ("measurement", "value_field", "source_tag"):
             value = getattr(self, name)
             if value is not None and (not value or _unwritable(value)):
-                raise ConfigError(f"influxdb: {name} {value!r} cannot be written in line "
-                                  "protocol (empty, a newline, or a trailing backslash)")
+                problems.append((name, f"{value!r} cannot be written in line protocol "
+                                 "(empty, a newline, or a trailing backslash)"))
+        if problems:
+            raise InvalidOptions(problems)
 
 
 # Line protocol ---------------------------------------------------------------------

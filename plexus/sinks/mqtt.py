@@ -34,12 +34,19 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
+from annotated_types import Ge, Gt, Interval
 
 from plexus.adapters.base import require
-from plexus.errors import AuthenticationError, ConfigError, RetryableSinkError, SinkError
+from plexus.errors import (
+    AuthenticationError,
+    InvalidOptions,
+    RetryableSinkError,
+    SinkError,
+)
+from plexus.optioncheck import declared_problems
 from plexus.point import Point
 from plexus.sinks.base import SendResult, Sink
 
@@ -60,7 +67,8 @@ class MqttSinkOptions:
     """Options of the ``mqtt`` sink."""
 
     host: str = field(default="localhost", metadata={"help": "broker host name or address"})
-    port: int = field(default=1883, metadata={"help": "broker port (8883 is usual for TLS)"})
+    port: Annotated[int, Interval(ge=1, le=65535)] = field(
+        default=1883, metadata={"help": "broker port (8883 is usual for TLS)"})
     topic: str = field(
         default="plexus/{source_id}/{metric_path}",
         metadata={"help": "topic template: {source_id}, {metric}, {metric_path} (the metric "
@@ -76,11 +84,13 @@ class MqttSinkOptions:
         metadata={"help": "one message per topic per batch, the points' JSON objects as "
                   "JSON Lines (needs payload: json; many times faster than one per point)"},
     )
-    max_message_bytes: int = field(
+    max_message_bytes: Annotated[int, Ge(1024)] = field(
         default=262_144,
         metadata={"help": "batch: cut a topic's lines into messages of at most this size"},
     )
-    qos: int = field(default=1, metadata={"help": "1 (PUBACK) or 2 (PUBCOMP) = delivered"})
+    qos: Literal[1, 2] = field(
+        default=1, metadata={"help": "1 (PUBACK) or 2 (PUBCOMP) = delivered; 0 has no "
+                             "acknowledgement, so nothing could count as delivered"})
     retain: bool = field(default=False, metadata={"help": "publish as retained messages"})
     protocol: Literal["5", "3.1.1"] = field(
         default="3.1.1",
@@ -89,12 +99,13 @@ class MqttSinkOptions:
     client_id: str | None = field(
         default=None, metadata={"help": "MQTT client id; None: plexus-sink-<random hex>"}
     )
-    keepalive: int = field(default=60, metadata={"help": "keepalive interval, seconds"})
-    timeout: float = field(
+    keepalive: Annotated[int, Ge(1)] = field(
+        default=60, metadata={"help": "keepalive interval, seconds"})
+    timeout: Annotated[float, Gt(0)] = field(
         default=10.0,
         metadata={"help": "seconds to connect, and for a batch's last acknowledgement"},
     )
-    max_inflight: int = field(
+    max_inflight: Annotated[int, Ge(1)] = field(
         default=100, metadata={"help": "messages awaiting acknowledgement at once"}
     )
     username: str | None = field(default=None, metadata={"help": "broker user name"})
@@ -120,40 +131,34 @@ class MqttSinkOptions:
     )
 
     def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"mqtt sink: port must be 1..65535, got {self.port}")
-        if self.qos not in (1, 2) or isinstance(self.qos, bool):
-            raise ConfigError(f"mqtt sink: qos must be 1 or 2 (0 has no acknowledgement, so "
-                              f"nothing could be counted as delivered), got {self.qos!r}")
-        if self.protocol not in ("5", "3.1.1"):
-            raise ConfigError(f"mqtt sink: protocol must be '5' or '3.1.1', got {self.protocol!r}")
-        if self.payload not in ("json", "value"):
-            raise ConfigError(f"mqtt sink: payload must be json or value, got {self.payload!r}")
+        # Declared limits were checked by the rig loader, each at its line; this holds
+        # options built in Python to them too and adds the rules joining several fields.
+        problems = declared_problems(self)
         if self.batch and self.payload != "json":
-            raise ConfigError("mqtt sink: batch needs payload: json (values alone cannot be "
-                              "told apart in one message)")
-        if self.max_message_bytes < 1024:
-            raise ConfigError("mqtt sink: max_message_bytes must be at least 1024")
-        if self.timeout <= 0 or self.keepalive < 1 or self.max_inflight < 1:
-            raise ConfigError("mqtt sink: timeout, keepalive and max_inflight must be positive")
+            problems.append(("batch", "needs payload: json (values alone cannot be told "
+                             "apart in one message)"))
         if not self.tls and (self.ca_certs or self.certfile or self.keyfile):
-            raise ConfigError("mqtt sink: ca_certs/certfile/keyfile are set but tls is false")
+            problems.append(("tls", "is false, but ca_certs/certfile/keyfile are set"))
         if self.password is not None and self.username is None:
-            raise ConfigError("mqtt sink: password is set but username is not")
-        _check_template(self.topic)
+            problems.append(("password", "is set without a username"))
+        problem = _template_problem(self.topic)
+        if problem:
+            problems.append(("topic", problem))
+        if problems:
+            raise InvalidOptions(problems)
 
 
-def _check_template(template: str) -> None:
+def _template_problem(template: str) -> str | None:
     sample: defaultdict[str, str] = defaultdict(lambda: "t")
     try:
         topic = template.format(source_id="s", metric="m", metric_path="m", tags=sample)
     except (KeyError, IndexError, ValueError, AttributeError) as exc:
-        raise ConfigError(
-            f"mqtt sink: topic {template!r} is invalid ({exc!r}); use {{source_id}}, {{metric}}, "
-            "{metric_path} and {tags[name]}") from exc
+        return (f"{template!r} is invalid ({exc!r}); use {{source_id}}, {{metric}}, "
+                "{metric_path} and {tags[name]}")
     if not topic or "+" in topic or "#" in topic:
-        raise ConfigError(f"mqtt sink: topic {template!r} must not be empty or hold '+' or '#' "
-                          "(wildcards are for subscribing)")
+        return (f"{template!r} must not be empty or hold '+' or '#' (wildcards are for "
+                "subscribing)")
+    return None
 
 
 class _TagView:

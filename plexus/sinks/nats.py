@@ -38,11 +38,12 @@ from typing import Any, ClassVar, TypeVar
 from plexus.adapters.base import RateLimitedLog, require
 from plexus.errors import (
     AuthenticationError,
-    ConfigError,
+    InvalidOptions,
     PlexusError,
     RetryableSinkError,
     SinkError,
 )
+from plexus.optioncheck import declared_problems
 from plexus.point import Point, json_lines
 from plexus.sinks.base import SendResult, Sink
 
@@ -74,12 +75,12 @@ class NatsSinkOptions:
                   "routes to another stream fails (None: any stream capturing the subject)"},
     )
     timeout: float = field(
-        default=10.0, metadata={"help": "seconds to connect, and to wait for each ack"}
+        default=10.0, metadata={"help": "seconds to connect, and to wait for each ack", "gt": 0}
     )
     max_message_bytes: int | None = field(
         default=None,
         metadata={"help": "split batches into messages of at most this many bytes; "
-                  "None: the server's max_payload"},
+                  "None: the server's max_payload", "ge": 1024},
     )
     user: str | None = field(default=None, metadata={"help": "user name"})
     password: str | None = field(
@@ -108,33 +109,37 @@ class NatsSinkOptions:
     )
 
     def __post_init__(self) -> None:
+        # Declared limits were checked by the rig loader, each at its line; this holds
+        # options built in Python to them too and adds the rules joining several fields.
         if isinstance(self.servers, str):
             self.servers = [self.servers]
+        problems = declared_problems(self)
         if not self.servers:
-            raise ConfigError("nats: servers must name at least one server URL")
-        for url in self.servers:
+            problems.append(("servers", "must name at least one server URL"))
+        for index, url in enumerate(self.servers):
             if not isinstance(url, str) or "://" not in url:
-                raise ConfigError(f"nats: server {url!r} must be a URL like nats://host:4222")
+                problems.append((f"servers[{index}]", f"{url!r} must be a URL like "
+                                 "nats://host:4222"))
         try:
             subject = self.subject.format(source_id="rig-01")
         except (KeyError, IndexError, ValueError) as exc:
-            raise ConfigError(f"nats: subject {self.subject!r} is invalid ({exc!r}); the only "
-                              "field is {source_id}") from exc
-        tokens = subject.split(".")
-        if (not subject or any(not t for t in tokens) or any(t in ("*", ">") for t in tokens)
-                or any(c.isspace() for c in subject)):
-            raise ConfigError(f"nats: subject {self.subject!r} must be dot-separated tokens "
-                              "without spaces or wildcards ('*', '>')")
-        if self.timeout <= 0:
-            raise ConfigError(f"nats: timeout must be positive, got {self.timeout}")
-        if self.max_message_bytes is not None and self.max_message_bytes < 1024:
-            raise ConfigError("nats: max_message_bytes must be at least 1024")
+            problems.append(("subject", f"{self.subject!r} is invalid ({exc!r}); the only "
+                             "field is {source_id}"))
+        else:
+            tokens = subject.split(".")
+            if (not subject or any(not t for t in tokens) or any(t in ("*", ">") for t in tokens)
+                    or any(c.isspace() for c in subject)):
+                problems.append(("subject", f"{self.subject!r} must be dot-separated tokens "
+                                 "without spaces or wildcards ('*', '>')"))
         if self.password is not None and self.user is None:
-            raise ConfigError("nats: password is set but user is not")
+            problems.append(("password", "is set without a user"))
         if sum(x is not None for x in (self.user, self.token, self.creds)) > 1:
-            raise ConfigError("nats: use one of user/password, token or creds")
+            problems.append(("", "use one of user/password, token or creds"))
         if (self.certfile is None) != (self.keyfile is None):
-            raise ConfigError("nats: certfile and keyfile go together")
+            problems.append(("certfile" if self.keyfile is None else "keyfile",
+                             "certfile and keyfile go together"))
+        if problems:
+            raise InvalidOptions(problems)
 
 
 class _Loop:

@@ -48,6 +48,14 @@ calls were made. Within one request they act in this order: delay, reset
 storing. So ``delay_next(1, 5)`` plus ``fail_next(1)`` gives a slow 503 that
 stores nothing.
 
+A whole gateway from a rig text, for testing a plugin through the gateway
+(see :mod:`plexus.testing.gateway`)::
+
+    with run_gateway("adapters: [{type: bme280}]", receiver=rx) as gw:
+        gw.wait_until(lambda: rx.count >= 10)
+        gw.status()["adapters"][0]["state"]
+    check_rig("sinks: [{type: file, path: /proc/x}]")   # what --check says
+
 Trying a rig against a local receiver (logs each request, and each accepted
 point unless ``--quiet``; without ``--api-key`` any non-empty key is accepted)::
 
@@ -55,7 +63,8 @@ point unless ``--quiet``; without ``--api-key`` any non-empty key is accepted)::
     plexus-gateway --config rig.yaml   # with gateway_url: http://127.0.0.1:8080
 
 This package uses only the standard library and orjson and never imports
-pytest, so it can be imported anywhere. It deliberately re-implements the
+pytest, so it can be imported anywhere (``run_gateway`` and ``check_rig``
+load the gateway, and so pydantic, when called). It deliberately re-implements the
 protocol's rules instead of reusing :mod:`plexus.point`: it is the independent
 oracle the client is tested against, so a mistake in the client's validation
 cannot hide itself here.
@@ -67,6 +76,7 @@ independent oracle), :mod:`~plexus.testing.http` (HTTP plumbing),
 """
 
 from plexus.testing.command import main
+from plexus.testing.gateway import GatewayRun, check_rig, run_gateway
 from plexus.testing.receiver import Receiver, RequestRecord
 from plexus.testing.rules import (
     GATEWAY_RATE_LIMIT_INTERVAL,
@@ -90,7 +100,10 @@ __all__ = [
     "MAX_STRING_VALUE_BYTES",
     "MAX_TAGS",
     "MAX_TAG_CHARS",
+    "GatewayRun",
     "Receiver",
     "RequestRecord",
+    "check_rig",
     "main",
+    "run_gateway",
 ]

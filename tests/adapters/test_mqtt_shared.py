@@ -279,11 +279,11 @@ def test_a_kept_session_queues_what_arrives_while_the_gateway_is_away(tmp_path: 
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"share_group": "g"}, "share_group needs protocol: '5'"),
-    ({"share_group": "a/b", "protocol": "5"}, "share_group must be a non-empty name"),
-    ({"share_group": "", "protocol": "5"}, "share_group must be a non-empty name"),
-    ({"clean_start": False}, "clean_start false needs a fixed client_id"),
-    ({"session_expiry": -1}, "session_expiry must be >= 0"),
+    ({"share_group": "g"}, "share_group: needs protocol: '5'"),
+    ({"share_group": "a/b", "protocol": "5"}, "share_group: must be a non-empty name"),
+    ({"share_group": "", "protocol": "5"}, "share_group: must be a non-empty name"),
+    ({"clean_start": False}, "clean_start: false needs a fixed client_id"),
+    ({"session_expiry": -1}, "session_expiry: must be between 0 and 4294967295, got -1"),
 ])
 def test_shared_and_persistent_options_are_checked(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):

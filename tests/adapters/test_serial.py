@@ -406,7 +406,7 @@ def test_unknown_url_scheme_fails_at_start(collector: CollectingContext) -> None
     ({"format": "regex"}, "pattern"),
     ({"format": "regex", "pattern": "(unclosed"}, "regular expression"),
     ({"format": "regex", "pattern": r"\d+"}, "named group"),
-    ({"pattern": "(?P<a>.)"}, "only used with format regex"),
+    ({"pattern": "(?P<a>.)"}, "pattern: only used with format: regex"),
     ({"format": "kv", "kv_separator": " "}, "separator"),
     ({"format": "csv", "delimiter": ";;"}, "delimiter"),
     ({"format": "nmea", "timestamp_field": "t"}, "timestamp_field"),

@@ -293,9 +293,9 @@ def test_v2_request_shape_token_and_status_handling(v2: V2StandIn) -> None:
     ({"api": "v2"}, "api v2 needs bucket"),
     ({"database": "d", "bucket": "b"}, "bucket and org are for api v2"),
     ({"api": "v2", "bucket": "b", "database": "d"}, "are for api v1"),
-    ({"database": "d", "password": "x"}, "password is set but username is not"),
+    ({"database": "d", "password": "x"}, "password: is set without a username"),
     ({"database": "d", "username": "u", "token": "t"}, "not both"),
-    ({"database": "d", "url": "localhost:8086"}, "url must be an http"),
+    ({"database": "d", "url": "localhost:8086"}, "url: must be an http"),
     ({"database": "d", "measurement": "bad\\"}, "cannot be written"),
 ])
 def test_options_are_checked(options: dict[str, Any], message: str) -> None:

@@ -204,13 +204,13 @@ def test_login_refused_is_an_authentication_error_and_the_password_never_shows(
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"qos": 0}, "qos must be 1 or 2"),
-    ({"topic": "a/{nope}"}, "topic 'a/{nope}' is invalid"),
+    ({"qos": 0}, "qos: expected one of 1, 2, got 0"),
+    ({"topic": "a/{nope}"}, "topic: 'a/{nope}' is invalid"),
     ({"topic": "a/{0}"}, "is invalid"),
     ({"topic": "a/#"}, "must not be empty or hold"),
-    ({"password": "x"}, "password is set but username is not"),
-    ({"ca_certs": "ca.pem"}, "tls is false"),
-    ({"batch": True, "payload": "value"}, "batch needs payload: json"),
+    ({"password": "x"}, "password: is set without a username"),
+    ({"ca_certs": "ca.pem"}, "tls: is false, but ca_certs/certfile/keyfile are set"),
+    ({"batch": True, "payload": "value"}, "batch: needs payload: json"),
 ])
 def test_options_are_checked(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -212,7 +212,7 @@ def test_refused_login_and_forbidden_subject_are_authentication_errors(
     ({"subject": "a.*.b"}, "without spaces or wildcards"),
     ({"subject": "a..b"}, "without spaces or wildcards"),
     ({"subject": "a.{vehicle}"}, "the only field is"),
-    ({"password": "x"}, "password is set but user is not"),
+    ({"password": "x"}, "password: is set without a user"),
     ({"user": "u", "token": "t"}, "use one of"),
     ({"certfile": "c.pem"}, "go together"),
     ({"max_message_bytes": 10}, "at least 1024"),

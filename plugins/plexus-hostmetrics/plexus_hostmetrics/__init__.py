@@ -11,6 +11,9 @@ install on a vehicle computer. Metrics, with the default prefix ``host``:
   kernel exposes thermal zones; containers often do not)
 - ``host.uptime_seconds``
 
+The ``history`` sink (:mod:`plexus_hostmetrics.history`) keeps the last
+hours of points in a local SQLite file, for a look at the machine itself.
+
 It also adds a remote command, ``host_report``: read the host now (every
 ``hostmetrics`` adapter of the rig sends a fresh set of points) and answer
 with load, memory and uptime, so the dashboard can ask "how is the computer
@@ -23,10 +26,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from plexus import hookimpl
-from plexus.adapters.base import ThreadedAdapter
+from plexus import OptionsModel, ThreadedAdapter, hookimpl, option
 from plexus.commands import command
-from plexus.config import OptionsModel, option
+from plexus_hostmetrics.history import HistorySink
 
 __version__ = "0.1.0"
 
@@ -149,6 +151,11 @@ class HostMetricsAdapter(ThreadedAdapter):
 @hookimpl
 def plexus_register_adapters(register: Any) -> None:
     register(HostMetricsAdapter)
+
+
+@hookimpl
+def plexus_register_sinks(register: Any) -> None:
+    register(HistorySink)
 
 
 @hookimpl
