@@ -32,6 +32,7 @@ import orjson
 from plexus.adapters.callable import CallableAdapter, CallableOptions
 from plexus.batching import BatchSender
 from plexus.buffer import DEFAULT_MAX_POINTS, WHEN_FULL, Buffer, MemoryBuffer
+from plexus.clock import Clock
 from plexus.commands import CommandCenter, declare
 from plexus.errors import (  # noqa: F401 - the SDK's names, importable from plexus.client too
     AuthenticationError,
@@ -172,6 +173,9 @@ class Plexus:
         sleep: the retry clock, for tests.
         ws_url: the device link (remote commands), opened only once a command
             is declared; see :meth:`command`.
+        clock: stamps points sent without a timestamp and decides when the
+            system clock can be trusted (a :class:`plexus.clock.Clock`; default
+            one on the system clock). See docs/time.md.
         endpoint, retry_config, max_buffer_size: the official SDK's names
             (docs/migrating.md): ``endpoint`` (its web app's URL, for test
             runs) is accepted and ignored, ``retry_config`` (a
@@ -217,6 +221,7 @@ class Plexus:
         transport: Any = None,
         sleep: Callable[[float], object] | None = None,
         ws_url: str | None = None,
+        clock: Clock | None = None,
         endpoint: str | None = None,
         retry_config: RetryConfig | None = None,
         max_buffer_size: int | None = None,
@@ -285,7 +290,7 @@ class Plexus:
                                   when_full)  # type: ignore[arg-type]
 
         try:
-            self._pipeline = Pipeline(self.source_id, tags)
+            self._pipeline = Pipeline(self.source_id, tags, clock=clock)
             self._sink = HttpSink(
                 HttpSinkOptions(timeout=timeout, verify_tls=verify_tls),
                 name="plexus",
@@ -547,10 +552,17 @@ class Plexus:
         self._serving.set()
 
     @property
+    def clock(self) -> Clock:
+        """Stamps points sent without a timestamp; ``clock.status()`` says whether the
+        system clock is trusted, and how many points wait for a trustworthy time."""
+        return self._pipeline.clock
+
+    @property
     def clock_offset(self) -> float | None:
         """Seconds to add to this computer's clock to match the platform's, as
         measured when the device link last authenticated; None before that.
-        (Timestamps are not corrected with it yet.)"""
+        The client's clock uses the same measurement as a time reference
+        (see :attr:`clock` and docs/time.md)."""
         return None if self._link is None else self._link.clock_offset
 
     @property
@@ -587,7 +599,8 @@ class Plexus:
         assert self._commands is not None
         self._link = DeviceLink(self.ws_url or DEFAULT_WS_URL, self._api_key, self.source_id,
                                 self._commands, agent_version=__version__,
-                                platform="python-sdk", verify_tls=self._verify_tls)
+                                platform="python-sdk", verify_tls=self._verify_tls,
+                                clock=self._pipeline.clock)
         self._link.start()
 
     # The official SDK's hosted-only features --------------------------------

@@ -406,7 +406,8 @@ class GatewayCommands:
         try:
             return DeviceLink(url, gateway.api_key, gateway.source_id, self.center,
                               agent_version=__version__, platform="plexus-gateway",
-                              verify_tls=gateway.config.verify_tls)
+                              verify_tls=gateway.config.verify_tls,
+                              clock=gateway.pipeline.clock)
         except ConfigError as exc:
             raise _config_error(f"commands: {exc}") from None
 

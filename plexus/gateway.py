@@ -25,6 +25,7 @@ from plexus.adapters.base import Adapter, describe_error
 from plexus.adapters.callable import CallableAdapter
 from plexus.buffer import DEFAULT_MAX_POINTS, Buffer, MemoryBuffer
 from plexus.client import config_path, read_user_config, resolve_source_id
+from plexus.clock import Clock
 from plexus.codec import register_codec
 from plexus.config import ComponentConfig, ConfigErrors, ConfigProblem, RigConfig
 from plexus.errors import PlexusError
@@ -72,6 +73,14 @@ def _under(value: str, base_dir: Path) -> str:
     return str(path if path.is_absolute() or "://" in value else base_dir / path)
 
 
+def make_clock(config: RigConfig) -> Clock:
+    """The pipeline's clock, as the rig's ``clock:`` section sets it (docs/time.md)."""
+    c = config.clock
+    return Clock(not_before=c.not_before_s, require_sync=c.require_sync, tolerance=c.tolerance,
+                 step_threshold=c.step_threshold, hold_max_points=c.hold_max_points,
+                 platform_time=c.platform_time)
+
+
 class Gateway:
     """Everything a rig file describes, built and ready to start.
 
@@ -115,11 +124,12 @@ class Gateway:
         self.ws_url: str | None = None  # set by a local receiver
         if not (dry_run or check_only):
             self._start_local_receiver()
+        clock = make_clock(config)
         try:
-            self.pipeline = Pipeline(self.source_id, config.tags or None)
+            self.pipeline = Pipeline(self.source_id, config.tags or None, clock=clock)
         except PlexusError as exc:
             problems.append(config.problem("tags", str(exc)))
-            self.pipeline = Pipeline(self.source_id)
+            self.pipeline = Pipeline(self.source_id, clock=clock)
         #: (sink, the rig entry it comes from; None for the default sink)
         self.sinks: list[tuple[Sink, ComponentConfig | None]] = []
         self._build_lanes(dry_run, problems)
@@ -410,7 +420,8 @@ class Gateway:
         return {"source_id": self.source_id, "session": self.pipeline.current_session,
                 "uptime": round(now - (self.started_at or now), 1),
                 "adapters": adapters, "sinks": sinks,
-                "link": None if self.commands is None else self.commands.status()}
+                "link": None if self.commands is None else self.commands.status(),
+                "clock": self.pipeline.clock.status()}
 
 
 def _open_error(opener: Any) -> str:

@@ -142,6 +142,8 @@ class DeviceLink:
             one to skip the delays; default: a wait that :meth:`stop` cuts short.
         rng: randomness of the backoff jitter.
         heartbeat_interval, auth_timeout, connect_timeout: seconds.
+        clock: a :class:`~plexus.clock.Clock` that takes the platform's
+            ``server_time_ms`` as a time reference (docs/time.md).
 
     Raises:
         ConfigError: a bad URL or source id.
@@ -162,6 +164,7 @@ class DeviceLink:
         heartbeat_interval: float = HEARTBEAT_INTERVAL_S,
         auth_timeout: float = AUTH_TIMEOUT_S,
         connect_timeout: float = CONNECT_TIMEOUT_S,
+        clock: Any = None,
     ) -> None:
         self.url = device_url(url)
         self.source_id = check_link_source_id(source_id)
@@ -173,6 +176,8 @@ class DeviceLink:
         self.auth_timeout = auth_timeout
         self.connect_timeout = connect_timeout
         self._api_key = api_key
+        self._clock = clock
+        self._auth_sent = 0  # the clock's monotonic time when device_auth went out
         self._rng = rng or random.Random()
         self._stopping = threading.Event()
         self._wait = wait or self._stopping.wait
@@ -354,6 +359,8 @@ class DeviceLink:
         manifest = self.center.manifest()
         if manifest:
             auth["commands"] = manifest
+        if self._clock is not None:
+            self._auth_sent = self._clock.mono_ns()
         ws.send(orjson.dumps(auth).decode())
         try:
             raw = ws.recv(timeout=self.auth_timeout)
@@ -379,7 +386,13 @@ class DeviceLink:
                 and server_ms > 0:
             offset = (server_ms - time.time() * 1000.0) / 1000.0
             self.clock_offset = offset
-            if abs(offset) > CLOCK_WARN_S:
+            if self._clock is not None and getattr(self._clock, "platform_time", False):
+                # The server stamped its reply between our device_auth and this moment;
+                # the clock judges the difference (and says so) itself.
+                self._clock.observe("device-link", int(server_ms) * 1_000_000,
+                                    self._auth_sent, self._clock.mono_ns(),
+                                    resolution_ns=1_000_000)
+            elif abs(offset) > CLOCK_WARN_S:
                 log.warning("this computer's clock is %.1f s %s the platform's; timestamps it "
                             "makes are off by as much (set up NTP, e.g. systemd-timesyncd or "
                             "chrony)", abs(offset), "behind" if offset > 0 else "ahead of")

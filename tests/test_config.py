@@ -347,7 +347,7 @@ def test_yaml_anchors_and_merge_keys(tmp_path: Path) -> None:
         pytest.param(
             "sourceid: x\n",
             "rig.yaml:1: sourceid: unknown key; allowed keys: adapters, agent_metrics, api_key, batch, "
-            "buffer, commands, gateway_url, grace_period, local_receiver, log_events, "
+            "buffer, clock, commands, gateway_url, grace_period, local_receiver, log_events, "
             "log_events_per_minute, log_level, metrics, retry, session, session_tags, sinks, "
             "source_id, status_interval, tags, timeout, verify_tls (did you mean 'source_id'?)",
             id="unknown-top-level",

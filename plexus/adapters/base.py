@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, ClassVar, Protocol
 
+from plexus.clock import WALL_CLOCK
 from plexus.errors import AdapterError, PlexusError
 from plexus.ratelimit import RateLimitedLog
 
@@ -45,6 +46,9 @@ class AdapterContext(Protocol):
 
     def end_session(self, session_id: str) -> None:
         """End the session begun with ``session_id``."""
+
+    # A pipeline's context also has ``clock`` (a plexus.clock.Clock): adapters
+    # read it through Adapter.clock, which falls back to the system clock.
 
 
 @dataclass
@@ -129,6 +133,10 @@ class Adapter:
         self.last_point_time: float | None = None
         self.last_error: str | None = None
         self._ctx: AdapterContext | None = None
+        #: The pipeline's clock once started (``now()``, ``from_wall()``, ``observe()``;
+        #: see plexus.clock): an adapter that stamps a whole message or frame itself
+        #: asks it, so the time is right even while the system clock is not.
+        self.clock: Any = WALL_CLOCK
         self._log = logging.getLogger(f"plexus.adapters.{self.name}")
         self._bad_input_log = RateLimitedLog(self._log)
 
@@ -141,6 +149,7 @@ class Adapter:
         retried in the background instead.
         """
         self._ctx = ctx
+        self.clock = getattr(ctx, "clock", None) or WALL_CLOCK
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop producing points, within ``timeout`` seconds."""

@@ -56,7 +56,10 @@ Timestamps
     SocketCAN and the virtual bus). A frame time before the year 2000 comes
     from an interface that counts from its own start; such frames get the
     receive time instead (counted in ``relative_timestamps``).
-    ``timestamps: now`` always uses the receive time.
+    ``timestamps: now`` always uses the receive time. The kernel stamps
+    frames with the system clock; while that clock is not trusted (a board
+    without a real-time clock, docs/time.md) such times are mapped to the
+    trusted time, or the points wait until one is known.
 
 Replay
     ``replay`` reads a capture (``.asc``, ``.blf``, ``.trc``, candump ``.log``
@@ -100,6 +103,8 @@ _CAN_ERR_BUSOFF = 0x40
 # Frame times before 2000-01-01 cannot be Unix time: the interface counts from
 # its own start (or not at all).
 _MIN_UNIX_TIME = 946_684_800.0
+# A frame timestamp this close to the system clock came from it (the kernel's).
+_WALL_STAMP = 86_400.0
 _RECV_TIMEOUT = 0.5
 
 _SIGNAL_OPTION_KEYS = frozenset({"min_interval", "on_change", "keepalive"})
@@ -525,6 +530,7 @@ class CanAdapter(ThreadedAdapter):
         stopping = self.stopping
         use_now = self.options.timestamps == "now"
         can_error = self._can.CanError
+        clock = self.clock
         while not stopping.is_set():
             try:
                 msg = bus.recv(timeout=_RECV_TIMEOUT)
@@ -534,12 +540,16 @@ class CanAdapter(ThreadedAdapter):
                 raise
             if msg is None:
                 continue
-            ts = msg.timestamp
+            ts: float | None = msg.timestamp
             if use_now:
-                ts = time.time()
-            elif ts < _MIN_UNIX_TIME:
+                ts = clock.now()
+            elif clock.state != "trusted" and abs(msg.timestamp - time.time()) < _WALL_STAMP:
+                # The kernel stamped the frame with the system clock, which is wrong now:
+                # the clock maps it to the trusted time (None: the point waits for one).
+                ts = clock.from_wall(msg.timestamp)
+            elif msg.timestamp < _MIN_UNIX_TIME:
                 self.relative_timestamps += 1
-                ts = time.time()
+                ts = clock.now()
             on_frame(msg, ts)
 
     def _run_replay(self) -> None:
@@ -569,7 +579,8 @@ class CanAdapter(ThreadedAdapter):
         filters = [_python_can_filter(f) for f in opts.filters]
         first: float | None = None
         start_mono = time.monotonic()
-        start_wall = time.time()
+        clock = self.clock
+        start_wall = clock.now()  # None while no trustworthy time: each point waits for one
         count = 0
         try:
             for msg in reader:
@@ -584,10 +595,13 @@ class CanAdapter(ThreadedAdapter):
                         break
                 if filters and not _passes(filters, msg):
                     continue
+                ts: float | None
                 if not recorded:
-                    ts = time.time()
+                    ts = clock.now()
                 elif msg.timestamp >= _MIN_UNIX_TIME:
                     ts = msg.timestamp
+                elif start_wall is None:
+                    ts = None
                 else:
                     # Timestamps relative to the start of the recording.
                     ts = start_wall + (msg.timestamp - first)
@@ -600,7 +614,7 @@ class CanAdapter(ThreadedAdapter):
         return count
 
     # The hot path --------------------------------------------------------
-    def _on_frame(self, msg: Any, ts: float) -> None:
+    def _on_frame(self, msg: Any, ts: float | None) -> None:
         self.frames += 1
         if msg.is_error_frame:
             self.error_frames += 1

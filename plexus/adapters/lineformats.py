@@ -422,10 +422,62 @@ def _vtg(fields: list[str]) -> list[Reading]:
     return out
 
 
+def _zda(fields: list[str]) -> list[Reading]:
+    # $--ZDA,time,day,month,year,zone_hours,zone_minutes: a time, no readings
+    if len(fields) < 5:
+        raise LineError(f"ZDA has {len(fields) - 1} fields, expected at least 4")
+    return []
+
+
 _NMEA_HANDLERS: dict[str, Callable[[list[str]], list[Reading]]] = {
     "GGA": _gga,
     "RMC": _rmc,
     "VTG": _vtg,
+    "ZDA": _zda,
+}
+
+
+def _nmea_utc(hhmmss: str, day: int, month: int, year: int) -> float:
+    """Unix seconds of an NMEA UTC time of day (``hhmmss.ss``) on a date."""
+    if len(hhmmss) < 6 or not hhmmss[:6].isdigit():
+        raise LineError(f"time {hhmmss!r} is not hhmmss.ss")
+    seconds = _nmea_float(hhmmss[4:], "seconds")
+    try:
+        midnight = datetime(year, month, day, tzinfo=timezone.utc).timestamp()
+    except ValueError:
+        raise LineError(f"date {day:02d}.{month:02d}.{year} does not exist") from None
+    hours, minutes = int(hhmmss[:2]), int(hhmmss[2:4])
+    if hours > 23 or minutes > 59 or seconds is None or not 0 <= seconds < 61:
+        raise LineError(f"time {hhmmss!r} is not a time of day")
+    return midnight + hours * 3600 + minutes * 60 + seconds
+
+
+def _rmc_time(fields: list[str]) -> float | None:
+    # Only a valid fix: before one, receivers print the time of their own clock.
+    date = fields[9]
+    if fields[2] != "A" or (len(fields) > 12 and fields[12][:1] == "N") \
+            or not fields[1] or not date:
+        return None
+    if len(date) != 6 or not date.isdigit():
+        raise LineError(f"date {date!r} is not ddmmyy")
+    yy = int(date[4:])
+    # Two-digit years: NMEA's convention is 19yy from 80 on.
+    return _nmea_utc(fields[1], int(date[:2]), int(date[2:4]), 1900 + yy if yy >= 80 else 2000 + yy)
+
+
+def _zda_time(fields: list[str]) -> float | None:
+    if not all(fields[1:5]):
+        return None  # receivers leave the fields empty until they know the time
+    day = _nmea_int(fields[2], "day")
+    month = _nmea_int(fields[3], "month")
+    year = _nmea_int(fields[4], "year")
+    assert day is not None and month is not None and year is not None
+    return _nmea_utc(fields[1], day, month, year)
+
+
+_NMEA_TIMES: dict[str, Callable[[list[str]], float | None]] = {
+    "RMC": _rmc_time,
+    "ZDA": _zda_time,
 }
 
 
@@ -446,8 +498,13 @@ class NmeaParser(LineParser):
 
     An empty field (no fix yet) skips that reading. GGA with fix quality 0
     skips lat/lon/alt; RMC with status ``V`` (or mode ``N``) and VTG with mode
-    ``N`` give no readings at all. Other sentence types (GSA, GSV, proprietary
-    ``$P...``) return ``None``.
+    ``N`` give no readings at all. ZDA gives none either: only a time. Other
+    sentence types (GSA, GSV, proprietary ``$P...``) return ``None``.
+
+    After each ``parse``, :attr:`utc` is the sentence's date and time in
+    Unix seconds when it carried both (RMC with a valid fix, ZDA with every
+    field, both well formed), else None: a time reference for a computer
+    without a clock.
 
     Parameters:
         require_checksum: a sentence without ``*hh`` is a ChecksumError;
@@ -456,8 +513,10 @@ class NmeaParser(LineParser):
 
     def __init__(self, require_checksum: bool = True) -> None:
         self.require_checksum = require_checksum
+        self.utc: float | None = None
 
     def parse(self, line: str) -> list[Reading] | None:
+        self.utc = None
         line = line.strip()
         if not line.startswith("$"):
             raise LineError("not an NMEA sentence: no leading '$'")
@@ -483,7 +542,15 @@ class NmeaParser(LineParser):
         # Proprietary sentences ($PUBX, $PMTK...) start with P and carry vendor formats.
         if len(address) != 5 or address[0] == "P":
             return None
-        handler = _NMEA_HANDLERS.get(address[2:])
+        kind = address[2:]
+        handler = _NMEA_HANDLERS.get(kind)
         if handler is None:
             return None
-        return handler(fields)
+        readings = handler(fields)
+        timer = _NMEA_TIMES.get(kind)
+        if timer is not None:
+            try:
+                self.utc = timer(fields)
+            except LineError:
+                pass  # the readings stand; a time that does not parse is no reference
+        return readings

@@ -41,9 +41,17 @@ Values that are not readings
 Tags and time
     Every point carries ``system_id`` and ``component_id`` (strings); messages
     with an instance field (e.g. BATTERY_STATUS ``id``) add ``instance``.
-    Timestamps are the receive time on this computer's wall clock: MAVLink's
+    Timestamps are the receive time, one per message, from the pipeline's
+    clock (the system clock while it is trusted, see docs/time.md): MAVLink's
     ``time_boot_ms``/``time_usec`` count from the autopilot's boot and are
     emitted as ordinary fields instead.
+
+Time source (``time_source: true``)
+    SYSTEM_TIME's ``time_unix_usec`` (the autopilot's GPS time; 0 until it
+    has one) becomes a time reference for the gateway's clock, whether or not
+    SYSTEM_TIME is in ``messages``: on a computer without a real-time clock,
+    points wait for it (or for network time) instead of leaving stamped 1970.
+    A time before the package's build date (a GPS week rollover) is ignored.
 
 Link and sessions
     The link is "up" while HEARTBEATs from a non-GCS component arrive; after
@@ -138,6 +146,7 @@ UNKNOWN_VALUES: dict[tuple[str, str], int] = {
 }
 
 _UINT16_MAX = 65535
+_TIME_LATENCY_NS = 200_000_000
 _MAX_BYTE_ARRAY = 20
 _MAV_MODE_FLAG_SAFETY_ARMED = 128
 _MAV_TYPE_GCS = 6
@@ -228,6 +237,11 @@ class MavlinkOptions:
         metadata={"help": "seconds; emit each message type (per system and component) at most "
                   "once per this interval; null: every message"},
     )
+    time_source: bool = field(
+        default=False,
+        metadata={"help": "use SYSTEM_TIME (the autopilot's GPS time) as a time reference for "
+                  "this computer's clock (docs/time.md)"},
+    )
 
     def __post_init__(self) -> None:
         # The rig loader checks the declared limits, each at its line; this holds
@@ -287,6 +301,7 @@ class MavlinkAdapter(ThreadedAdapter):
         self._session: str | None = None
         self._session_system: int | None = None
         self.thinned = 0
+        self.time_references = 0
         self._last_emit: dict[tuple[str, int, int], float] = {}
         self._stream_patterns: tuple[str, ...] = ()
         self._lifted: dict[str, bool] = {}
@@ -417,6 +432,8 @@ class MavlinkAdapter(ThreadedAdapter):
         self._check_seq(system, component, msg.get_seq())
         if mtype == "COMMAND_ACK" and self._ack_waiters:
             self._on_ack(msg)
+        if mtype == "SYSTEM_TIME" and self.options.time_source:
+            self._observe_time(msg)
 
         if mtype == "HEARTBEAT":
             self._on_heartbeat(msg, system)
@@ -534,6 +551,17 @@ class MavlinkAdapter(ThreadedAdapter):
                     box.append(msg)
                     event.set()
 
+    def _observe_time(self, msg: Any) -> None:
+        unix_us = getattr(msg, "time_unix_usec", 0)
+        if not unix_us:
+            return  # the autopilot has no GPS time yet
+        received = self.clock.mono_ns()
+        # The message left the autopilot a little before it arrived: a link's latency,
+        # generously 200 ms (a 57600-baud radio with queued telemetry).
+        if self.clock.observe("mavlink", int(unix_us) * 1000, received - _TIME_LATENCY_NS,
+                              received):
+            self.time_references += 1
+
     def _check_seq(self, system: int, component: int, seq: int) -> None:
         key = (system, component)
         last = self._last_seq.get(key)
@@ -543,14 +571,14 @@ class MavlinkAdapter(ThreadedAdapter):
         self.seq_gaps += 1
         self.lost_packets += (seq - last - 1) & 0xFF
 
-    def _emit_fields(self, msg: Any, mtype: str, system: int, component: int) -> float:
+    def _emit_fields(self, msg: Any, mtype: str, system: int, component: int) -> float | None:
         plan = self._plans.get(mtype)
         if plan is None:
             plan = self._plans[mtype] = self._build_plan(type(msg), mtype)
         instance_field = getattr(msg, "_instance_field", None)
         instance = getattr(msg, instance_field, None) if instance_field else None
         tags = self._tags_for(system, component, instance)
-        ts = time.time()
+        ts = self.clock.now()  # None while no trustworthy time: the points wait for one
         emit = self.emit
         for attr, metric, kind, scale, unknown, names in plan:
             value = getattr(msg, attr, None)
@@ -644,7 +672,9 @@ class MavlinkAdapter(ThreadedAdapter):
             self._end_session()
 
     def _begin_session(self, system: int, msg: Any) -> None:
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        now = self.clock.now()
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) if now is not None \
+            else f"notime{self.clock.mono_ns() // 1_000_000_000}"
         session_id = f"{self.options.session_prefix}-{stamp}-sys{system}"
         # A distinct tag key: session tags apply to every source's points, and
         # must not overwrite the system_id tag of another vehicle's points.
@@ -694,7 +724,7 @@ class MavlinkAdapter(ThreadedAdapter):
 
     def health_extra(self) -> dict[str, Any]:
         last = self._last_heartbeat
-        return {
+        extra = {
             "messages": self.messages,
             "bad_crc": self.bad_crc,
             "bad_data": self.bad_data,
@@ -708,3 +738,6 @@ class MavlinkAdapter(ThreadedAdapter):
             "thinned": self.thinned,
             "session": self._session,
         }
+        if self.options.time_source:
+            extra["time_references"] = self.time_references
+        return extra

@@ -35,7 +35,11 @@ Formats and metric names (``prefix``, when set, is put in front with a ``.``)
                ``.satellites``, ``.hdop``. A wrong or (with
                ``nmea_require_checksum``) missing ``*hh`` checksum is counted
                in ``bad_checksums`` and the sentence is dropped. NMEA points
-               carry the gateway's receive time.
+               carry the gateway's receive time. With ``time_source: true``
+               the UTC date and time of RMC (with a valid fix) and ZDA
+               sentences is a time reference for the gateway's clock: on a
+               computer without a real-time clock, points wait for it (or for
+               network time) instead of leaving stamped 1970 (docs/time.md).
 
     Text values (csv, kv, regex) become ints or floats when they parse as
     numbers, ``true``/``false`` become bools, ``nan``/``inf`` are skipped,
@@ -95,6 +99,7 @@ log = logging.getLogger(__name__)
 # (socket:// URLs); long enough that an idle port costs nothing.
 READ_TIMEOUT = 0.5
 
+_NMEA_LATENCY_NS = 1_000_000_000
 
 
 @dataclass
@@ -154,6 +159,11 @@ class SerialOptions:
         metadata={"help": "nmea: drop sentences without a '*hh' checksum (a wrong one is "
                   "always dropped)"},
     )
+    time_source: bool = field(
+        default=False,
+        metadata={"help": "nmea: use the GPS date and time (RMC, ZDA) as a time reference for "
+                  "this computer's clock (docs/time.md)"},
+    )
     discard_first_line: bool = field(
         default=False,
         metadata={"help": "drop the first line after each open, which is usually cut when a "
@@ -183,6 +193,8 @@ class SerialOptions:
             problems.append(("pattern", "only used with format: regex"))
         if self.format == "nmea" and self.timestamp_field is not None:
             problems.append(("timestamp_field", "not used with format: nmea"))
+        if self.time_source and self.format != "nmea":
+            problems.append(("time_source", "needs format: nmea (a GPS receiver)"))
         if problems:
             raise InvalidOptions(problems)
         # Build the parser once so a bad pattern or separator fails at load, with its reason.
@@ -249,6 +261,7 @@ class SerialAdapter(ThreadedAdapter):
         self.bad_timestamps = 0
         self.ignored_lines = 0
         self.reopens = 0
+        self.time_references = 0
         self._opens = 0
         self._serial: ModuleType | None = None
         self._port: Any = None
@@ -425,6 +438,10 @@ class SerialAdapter(ThreadedAdapter):
                 self.bad_checksums += 1
             self.bad_input(f"bad {self.options.format} line ({exc}): {line[:60]!r}")
             return
+        if self.options.time_source:
+            utc = getattr(self._parser, "utc", None)
+            if utc is not None:
+                self._observe_time(utc)
         if readings is None:
             self.ignored_lines += 1
             return
@@ -434,6 +451,14 @@ class SerialAdapter(ThreadedAdapter):
         prefix = self._prefix
         for name, value in readings:
             self.emit(prefix + name, value, timestamp)
+
+    def _observe_time(self, utc: float) -> None:
+        received = self.clock.mono_ns()
+        # A receiver prints a fix's sentences after its second began: within a second
+        # at any common baud rate and output rate.
+        if self.clock.observe("gps", int(round(utc * 1000)) * 1_000_000,
+                              received - _NMEA_LATENCY_NS, received):
+            self.time_references += 1
 
     def _line_time(self, raw: Any) -> float | None:
         if raw is None:
@@ -450,7 +475,7 @@ class SerialAdapter(ThreadedAdapter):
         return seconds
 
     def health_extra(self) -> dict[str, Any]:
-        return {
+        extra = {
             "port": self.options.port,
             "lines": self.lines,
             "bad_lines": self.bad_lines,
@@ -460,3 +485,6 @@ class SerialAdapter(ThreadedAdapter):
             "ignored_lines": self.ignored_lines,
             "reopens": self.reopens,
         }
+        if self.options.time_source:
+            extra["time_references"] = self.time_references
+        return extra

@@ -105,8 +105,10 @@ _EXTRA = re.compile(r"""^([A-Za-z0-9_.\-]+).*;\s*extra\s*==\s*["']([a-z0-9_\-]+)
 def version_text() -> str:
     """The package, Python, and which adapter extras (driver libraries) are installed."""
     from plexus import __version__
+    from plexus.buildinfo import BUILD_DATE
 
-    lines = [f"plexus-gateway {__version__}",
+    lines = [f"plexus-gateway {__version__} (built {BUILD_DATE}: an earlier system clock is "
+             "not trusted, docs/time.md)",
              f"Python {platform.python_version()} ({sys.executable})"]
     extras: dict[str, list[str]] = {}
     try:

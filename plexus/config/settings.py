@@ -7,6 +7,7 @@ top-level section (``commands:``, say) is a field here, with its own model.
 
 from __future__ import annotations
 
+from datetime import date, datetime, timezone
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
@@ -19,6 +20,7 @@ __all__ = [
     "AgentMetricsConfig",
     "BatchConfig",
     "BufferConfig",
+    "ClockConfig",
     "GatewaySettings",
     "LocalReceiverConfig",
     "MetricsConfig",
@@ -116,6 +118,55 @@ class AgentMetricsConfig(OptionsModel):
     interval: float = option(60.0, help="Seconds between reports. Default: 60.0.", ge=1)
     sinks: list[str] | None = option(
         None, help="Names of the sinks that get the reports. Default: null, every sink.")
+class ClockConfig(OptionsModel):
+    """When the system clock may stamp points, and what stamps them when it may not
+    (docs/time.md)."""
+
+    not_before: str | None = option(
+        None, help="A day (YYYY-MM-DD, UTC): a system clock showing an earlier time is not "
+                   "trusted. Default: null, the day this package was built (plexus-gateway "
+                   "--version); 1970-01-01 turns the check off.")
+    require_sync: bool = option(
+        False, help="Trust the system clock only once the kernel says it is synchronized "
+                    "(NTP) or a time reference agrees with it: for boards that restore the "
+                    "last shutdown's time at boot (fake-hwclock). Default: false.")
+    tolerance: float = option(
+        2.0, help="Seconds a time reference (the platform, a GPS) may disagree with a system "
+                  "clock that is not synchronized before the reference stamps instead. "
+                  "Default: 2.0.", ge=0)
+    step_threshold: float = option(
+        0.5, help="A jump of the system clock larger than this many seconds is logged and "
+                  "counted as a step. Default: 0.5.", gt=0)
+    hold_max_points: int = option(
+        100_000, help="Most points that wait for a trustworthy time; beyond it the oldest are "
+                      "dropped (counted). Default: 100000.", ge=1)
+    platform_time: bool = option(
+        True, help="Use the platform's time (the Date header of its answers, the device "
+                   "link's server time) as a time reference. Default: true.")
+
+    @field_validator("not_before", mode="before")
+    @classmethod
+    def _a_day(cls, value: object) -> object:
+        if isinstance(value, datetime):
+            value = value.date()
+        if isinstance(value, date):  # YAML reads an unquoted 2027-01-31 as a date
+            return value.isoformat()
+        if isinstance(value, str):
+            try:
+                date.fromisoformat(value)
+            except ValueError:
+                raise PydanticCustomError(
+                    "not_before", "must be a day as YYYY-MM-DD, got {value}",
+                    {"value": repr(value)}) from None
+        return value
+
+    @property
+    def not_before_s(self) -> float | None:
+        """``not_before`` as Unix seconds (midnight UTC), or None for the build date."""
+        if self.not_before is None:
+            return None
+        day = date.fromisoformat(self.not_before)
+        return datetime(day.year, day.month, day.day, tzinfo=timezone.utc).timestamp()
 
 
 class GatewaySettings(OptionsModel):
@@ -167,6 +218,9 @@ class GatewaySettings(OptionsModel):
     log_events_per_minute: int = option(
         10, help="Most log events sent a minute (bursts of up to twice that); the rest are "
                  "counted and summed up in the next one. Default: 10.", ge=1)
+    clock: ClockConfig = option(
+        default_factory=ClockConfig,
+        help="Clock safety: when the system clock may stamp points (docs/time.md).")
 
     @field_validator("source_id")
     @classmethod

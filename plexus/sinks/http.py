@@ -15,6 +15,11 @@ Status handling (docs/protocol.md, "Responses"):
 
 Every request carries ``Idempotency-Key``: the batch key, with a suffix per
 part when a batch is split, so a retried batch repeats the same keys.
+
+The ``Date`` header of every answer (an error's too) is the platform's time:
+given a clock (``attach_clock``), the sink reports it as a time reference,
+and while no trustworthy time is known it asks for it with an empty request
+(``points: []``, a no-op the platform answers with 200). See docs/time.md.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import logging
 import random
 import re
 from dataclasses import dataclass, field
+from datetime import timezone
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -40,6 +46,7 @@ if TYPE_CHECKING:
     import httpx
 
     from plexus.buffer import Batch
+    from plexus.clock import Clock
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +127,7 @@ class HttpSink(Sink):
         self._not_sent: tuple[type[Exception], ...] = ()  # failures before any byte went out
         self.source_id = ""
         self.requests = 0
+        self._clock: Clock | None = None
 
     def __repr__(self) -> str:
         return f"HttpSink(name={self.name!r}, url={self.url!r}, api_key={self._api_key!r})"
@@ -150,6 +158,23 @@ class HttpSink(Sink):
         if self._client is not None:
             self._client.close()
             self._client = None
+
+    def attach_clock(self, clock: Clock) -> None:
+        """Report the platform's time (each answer's Date header) to ``clock``."""
+        self._clock = clock
+        clock.add_probe(self.probe_time)
+
+    def probe_time(self) -> None:
+        """Ask the platform for its time: an empty ``/ingest`` request, whose answer's
+        Date header goes to the clock. Raises what the request raises."""
+        client, clock = self._client, self._clock
+        if client is None or clock is None:
+            return
+        headers = {"x-api-key": self._api_key.reveal()} if self._api_key is not None else {}
+        body = orjson.dumps({"source_id": self.source_id, "points": []})
+        sent = clock.mono_ns()
+        response = client.post(self.url, content=body, headers=headers)
+        _report_date(clock, response, sent)
 
     def check_key(self, source_id: str) -> str | None:
         """Ask the platform whether it takes the key, storing nothing (an empty
@@ -301,6 +326,8 @@ class HttpSink(Sink):
             body = gzip_bytes(body, opts.gzip_level)
             headers["Content-Encoding"] = "gzip"
         self.requests += 1
+        clock = self._clock
+        sent = 0 if clock is None else clock.mono_ns()
         try:
             response = self._client.post(self.url, content=body, headers=headers)
         except self._http_error as exc:
@@ -308,7 +335,28 @@ class HttpSink(Sink):
                 self.record_sent(len(body))
             raise RetryableSinkError(f"{type(exc).__name__}: {exc}") from exc
         self.record_sent(len(body))
+        if clock is not None:
+            _report_date(clock, response, sent)
         return response.status_code, *_parse_response(response)
+
+
+def _report_date(clock: Clock, response: httpx.Response, sent_mono_ns: int) -> None:
+    """The answer's Date (whole seconds, RFC 9110) was true between sending and now."""
+    received = clock.mono_ns()
+    value = response.headers.get("date")
+    if not value:
+        return
+    from email.utils import parsedate_to_datetime  # imported at the first answer
+
+    try:
+        date = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        log.debug("unreadable Date header %r", value[:64])
+        return
+    if date.tzinfo is None:  # "-0000": UTC by RFC 5322
+        date = date.replace(tzinfo=timezone.utc)
+    clock.observe("http-date", int(date.timestamp()) * 1_000_000_000, sent_mono_ns, received,
+                  resolution_ns=1_000_000_000)
 
 
 def _parse_response(response: httpx.Response) -> tuple[str, int]:
