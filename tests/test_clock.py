@@ -128,6 +128,19 @@ def test_send_batch_readings_with_their_own_time_go_at_once_the_others_wait() ->
                               ("c", 3.0, ms(NOW - 1), {"k": "v"})]
 
 
+def test_health_points_take_the_clocks_time_and_are_skipped_while_it_is_unknown() -> None:
+    fake, clock, pipeline, lane = make(42.0)
+    lane.uploader.side = side = MemoryBuffer(100)
+    assert pipeline.emit_side([("plexus.agent.backlog", 1, None)]) == 0
+    assert len(side) == 0 and clock.status()["held"] == 0  # not held: the next report says it
+    fake.set_wall(NOW)
+    clock.check()
+    assert pipeline.emit_side([("plexus.agent.backlog", 2, None)]) == 1
+    batch = side.take(10)
+    assert batch is not None and [(m, v, ts) for m, v, ts, _t in batch.points] == [
+        ("plexus.agent.backlog", 2, ms(NOW))]
+
+
 def test_the_platforms_date_header_stamps_until_the_system_clock_is_sane() -> None:
     fake, clock, pipeline, lane = make(1_000.0)
     pipeline.emit("x", 1.0)
