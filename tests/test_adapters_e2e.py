@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from tests.adapters.mosquitto import MosquittoBroker
-from tests.support import readings, require_binary
+from tests.support import readings, require_binary, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
@@ -48,15 +48,6 @@ ADAPTER_STATUS = re.compile(r"(?:^|; )(?P<name>[^\s;]+) (?P<state>\w+) \((?P<poi
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, step: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return bool(predicate())
 
 
 def write_rig(tmp_path: Path, receiver_url: str, adapters: str, extra: str = "") -> Path:

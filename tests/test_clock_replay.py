@@ -15,7 +15,7 @@ import operator
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -34,6 +34,7 @@ from plexus.point import Point
 from plexus.sinks.base import SendResult, Sink
 from plexus.testing import Receiver
 from tests.adapters.test_serial import PtyPeer
+from tests.support import wait_until
 
 BOOT_WALL = 30.0  # what the system clock says: 30 s into 1970
 DAY = 86_400.0
@@ -43,15 +44,6 @@ DAY = 86_400.0
 # back, so the build date, which may be today, does not make it implausible.
 GPS_TIME = float(int(time.time() - 2 * DAY)) + 0.5
 FLOOR = time.time() - 365 * DAY
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 def nmea(body: str) -> str:

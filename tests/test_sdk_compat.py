@@ -42,15 +42,6 @@ def make_client(receiver, *args, **kwargs):
     return Plexus(KEY, *args, **kwargs)
 
 
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
 # --- the constructor: both positional orders, never the wrong source id ----------------
 
 

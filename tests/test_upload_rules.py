@@ -37,6 +37,7 @@ from plexus.sinks.file import FileSink, FileSinkOptions
 from plexus.sinks.stdout import StdoutSink
 from plexus.testing import Receiver
 from plexus.upload_rules import ByteBudget, ConditionSpec, MetricRouter, UploadRules
+from tests.support import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 FUNCS = Path(__file__).resolve().parent / "gateway_funcs.py"
@@ -53,15 +54,6 @@ def load(text: str) -> Any:
     registry = load_plugins()
     return load_config_text(text, "rig.yaml", adapter_types=registry.adapters,
                             sink_types=registry.sinks)
-
-
-def wait_until(predicate: Any, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 class Arrivals:

@@ -17,6 +17,7 @@ import pytest
 from plexus.adapters.mavlink import MavlinkAdapter, MavlinkOptions
 from plexus.errors import AdapterError
 from tests.support import CollectingContext
+from tests.support import wait_until as wait
 
 pytest.importorskip("pymavlink")
 
@@ -53,15 +54,6 @@ def sender_command(port: int, steps: list[dict[str, Any]]) -> list[str]:
 def send(port: int, steps: list[dict[str, Any]]) -> None:
     """Run the sender process to completion."""
     subprocess.run(sender_command(port, steps), check=True, timeout=60)
-
-
-def wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 Start = Callable[..., tuple[MavlinkAdapter, int]]

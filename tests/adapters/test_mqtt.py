@@ -16,7 +16,7 @@ import pytest
 from plexus.adapters.mqtt import MqttAdapter, MqttOptions, TopicOption
 from plexus.errors import AdapterError, ConfigError
 from tests.adapters.mosquitto import MosquittoBroker, make_tls_files
-from tests.support import CollectingContext, require_binary
+from tests.support import CollectingContext, require_binary, wait_until
 
 PROTOCOLS = ["3.1.1", "5"]
 
@@ -49,15 +49,6 @@ def start_adapter(adapters: list[MqttAdapter], ctx: CollectingContext, port: int
 
 def subscribed(adapter: MqttAdapter) -> bool:
     return adapter.state == "connected" and adapter.subscriptions == len(adapter.options.topics)
-
-
-def wait_until(predicate: Any, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 def mosquitto_pub(broker: MosquittoBroker, topic: str, payload: bytes | str,

@@ -29,7 +29,7 @@ from plexus.errors import ClientClosedError, ConfigError
 from plexus.testing import Receiver
 from tests.adapters.mosquitto import MosquittoBroker
 from tests.adapters.test_mqtt import Publisher
-from tests.support import CollectingContext
+from tests.support import CollectingContext, wait_until
 
 GATEWAYS = 3
 DEVICES = 10
@@ -105,15 +105,6 @@ def subscribed_clients(broker: MosquittoBroker) -> Counter[str]:
     found = re.findall(r"^\d+: (depot-gw-\d) 1 \$share/depot/fleet/\+/seq$", broker.log_text(),
                        re.MULTILINE)
     return Counter(found)
-
-
-def wait_until(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 def test_three_gateways_share_a_feed_and_a_killed_one_loses_nothing(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import tty
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from plexus.adapters.lineformats import (
 )
 from plexus.adapters.serial import SerialAdapter, SerialOptions
 from plexus.errors import AdapterError, ConfigError
-from tests.support import CollectingContext, require_binary
+from tests.support import CollectingContext, require_binary, wait_until
 
 REPO = Path(__file__).parents[2]
 KNOT = 1852 / 3600
@@ -81,15 +80,6 @@ def pty() -> Iterator[PtyPeer]:
     peer = PtyPeer()
     yield peer
     peer.close()
-
-
-def wait_until(predicate: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
 
 
 @contextmanager

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from plexus import Plexus
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, step: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return bool(predicate())
+from tests.support import wait_until as wait_until  # re-exported for the tests here
 
 
 @pytest.fixture

@@ -5,12 +5,12 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from plexus import Plexus, RetryPolicy
+from tests.support import wait_until as wait_until  # re-exported for the tests here
 
 KEY = "plx_test"
 FAST_RETRY = RetryPolicy(retries=3, base=0.01, max_delay=0.05)
@@ -61,15 +61,6 @@ def assert_duplicates_only_from_unknown_outcomes(receiver: Any) -> int:
             f"request with key {r.idempotency_key} was a duplicate although no earlier "
             f"request with that key had an unknown outcome")
     return len(dupes)
-
-
-def wait_until(predicate: Any, timeout: float = 10.0, step: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return bool(predicate())
 
 
 class LogCapture(logging.Handler):

@@ -10,29 +10,19 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from tests.adapters.mosquitto import free_port
-from tests.support import require_binary
+from tests.support import require_binary, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 FUNCS = "tests.gateway_funcs"
 
 __all__ = ["FUNCS", "GatewayProcess", "NotifySocket", "PrometheusServer", "REPO", "free_port",
            "wait_until"]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, step: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(step)
 
 
 class NotifySocket:

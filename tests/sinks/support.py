@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from plexus.pipeline import Pipeline
 from plexus.plugins import load_plugins
 from plexus.sinks.base import Sink
 from plexus.uploader import RetryPolicy
+from tests.support import wait_until as wait_until  # re-exported for the tests here
 
 
 def build_gateway(text: str, tmp_path: Path) -> Gateway:
@@ -32,11 +32,3 @@ def pipeline_for(sink: Sink, source_id: str = "rig-01", **uploader: Any) -> Pipe
     pipeline.start()
     return pipeline
 
-
-def wait_until(predicate: Any, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
