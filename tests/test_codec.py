@@ -46,6 +46,47 @@ def test_an_ingest_block_is_a_whole_ingest_body():
     assert codec.tag == "ingest:rig-01" and codec.source_id == "rig-01"
 
 
+ODD_POINTS = [
+    ('quote"and\\slash', -0.0, 0, None), ("ünïcode.温度", 1e300, 2**53, {"é": "\u2028"}),
+    ("tab\tnew\nline", 12345678901234567890, 1, {"a": "1", "b": ""}),
+    ("x", [1.25, "s", None, {"n": False}], 7, None), ("x", "</script>", 8, None),
+]
+
+
+@pytest.mark.parametrize("point", POINTS_IN + ODD_POINTS)
+def test_an_ingest_record_is_the_json_of_the_point_object(point):
+    metric, value, ts, tags = point
+    expected = {"metric": metric, "value": value, "timestamp": ts}
+    if tags:
+        expected["tags"] = tags
+    codec = IngestCodec("rig-01")
+    for _ in range(2):  # the second time from the cached head
+        assert codec.record(point) == orjson.dumps(expected)
+
+
+def test_the_cache_of_record_heads_stays_bounded_and_right():
+    codec = IngestCodec("rig-01")
+    for i in range(10_000):
+        assert codec.record((f"m{i}", 1.0, 5, None)) == (
+            b'{"metric":"m%d","value":1.0,"timestamp":5}' % i)
+    assert len(codec._heads) <= 4096
+
+
+@pytest.mark.parametrize("codec", [POINTS, IngestCodec("rig-01")], ids=["points", "ingest"])
+def test_records_waiting_in_memory_cost_their_size_not_4_kb_each(codec):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        records = [codec.record(("rig.sensor_1", float(i), 1_700_000_000_000 + i, None))
+                   for i in range(1_000)]
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(records) == 1_000
+    assert held < 1_000 * 200  # about 100 bytes each; orjson's own output holds ~4 KB
+
+
 def test_blocks_join_by_their_bodies():
     codec = IngestCodec("rig-01")
     one = codec.block([codec.record(POINTS_IN[0])])
