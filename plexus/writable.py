@@ -19,12 +19,12 @@ def cannot_write(path: str | os.PathLike[str]) -> str | None:
     Nothing is left behind.
     """
     path = Path(path).expanduser()
-    if path.exists():
+    if _exists(path):
         if path.is_dir():
             return f"{path} is a folder, not a file"
         return None if os.access(path, os.W_OK) else f"cannot write {path} (permission denied)"
     folder = path.parent
-    while not folder.exists() and folder != folder.parent:
+    while not _exists(folder) and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
         return f"cannot create {path}: {folder} is not a folder"
@@ -34,3 +34,13 @@ def cannot_write(path: str | os.PathLike[str]) -> str | None:
     except OSError as exc:
         return f"cannot create {path}: {folder} does not take new files ({exc.strerror})"
     return None
+
+
+def _exists(path: Path) -> bool:
+    """Like ``Path.exists``, but a folder on the way that may not be searched
+    means "not there" (Python 3.11's ``exists`` raises PermissionError): the
+    walk up then finds that folder, and creating a file in it fails with why."""
+    try:
+        return path.exists()
+    except PermissionError:
+        return False

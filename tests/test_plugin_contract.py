@@ -7,8 +7,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import select
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -196,15 +200,55 @@ def test_the_issue_rig_runs_the_other_sink_and_check_finds_the_path(plexus_recei
     assert plexus_receiver.count > 0
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere the mode bits forbid")
-def test_check_finds_a_folder_the_gateway_may_not_write(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    problems = check_rig(f"""
-        adapters: [{{type: callable, function: "time:time", metric: t}}]
-        sinks: [{{type: file, path: {locked}/sub/x.jsonl}}]
-    """, folder=tmp_path)
-    assert any("does not take new files" in p for p in problems), problems
+def test_check_finds_a_folder_the_gateway_may_not_write():
+    # The service runs as its own user (the unit's DynamicUser). Root writes anywhere
+    # the mode bits forbid, so as root the check runs in a child process as nobody.
+    base = Path(tempfile.mkdtemp(prefix="plexus-locked-"))  # in /tmp: any user reaches it
+    try:
+        base.chmod(0o755)
+        locked = base / "locked"
+        locked.mkdir(mode=0o500)
+        rig = f"""
+            adapters: [{{type: callable, function: "time:time", metric: t}}]
+            sinks: [{{type: file, path: {locked}/sub/x.jsonl}}]
+        """
+        problems = _unprivileged(lambda: check_rig(rig, folder=base))
+    finally:
+        shutil.rmtree(base)
+    assert any("locked does not take new files (Permission denied)" in p for p in problems), \
+        problems
+
+
+def _unprivileged(task: Any) -> Any:
+    """``task()``'s JSON-able result, computed as user nobody when we are root."""
+    if os.geteuid() != 0:
+        return task()
+    task()  # once as root first: nobody cannot read root's Python to import lazily
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop root for good, run the task, report, exit
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            payload = orjson.dumps({"result": task()})
+        except BaseException as exc:  # reported to the parent, never raised here
+            payload = orjson.dumps({"error": repr(exc)})
+        os.write(write_end, payload)
+        os._exit(0)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], 60)
+        data = b"".join(iter(lambda: os.read(read_end, 65536), b"")) if ready else b""
+    finally:
+        os.close(read_end)
+        if not data:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert data, "the unprivileged check did not answer within 60 s"
+    answer = orjson.loads(data)
+    assert "error" not in answer, answer["error"]
+    return answer["result"]
 
 
 def test_check_writes_nothing_when_probing(tmp_path):
