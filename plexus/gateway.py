@@ -39,6 +39,7 @@ from plexus.sqlite_buffer import (
     DEFAULT_SQLITE_MAX_BYTES,
     DEFAULT_SQLITE_MAX_POINTS,
     SqliteBuffer,
+    recorded_owner,
 )
 from plexus.upload_rules import UploadRules
 from plexus.uploader import RetryPolicy
@@ -291,8 +292,9 @@ class Gateway:
         return self._resolve_rules(entry.upload if entry is not None else None)
 
     def make_buffer(self, index: int, sink_name: str, held: bool = False) -> Buffer:
-        """The buffer of the sink at ``index``: its own file beside the first's (and,
-        with ``held``, the one for its held points)."""
+        """The buffer of the sink named ``sink_name`` (at ``index`` in the rig): its
+        own file, found by the name it was claimed with (and, with ``held``, the
+        one for its held points)."""
         opts = self.config.buffer
         if opts.type == "memory" or self.check_only:
             return MemoryBuffer(opts.max_points or DEFAULT_MAX_POINTS, opts.when_full)
@@ -304,12 +306,34 @@ class Gateway:
         if held:
             # A folder of its own: no sink name can make it collide with a lane's file.
             path = path.with_name(f"{path.stem}.held") / f"{sink_name}{path.suffix}"
-        elif index > 0:  # each sink keeps its own cursor: its own file beside the first
-            path = path.with_name(f"{path.stem}.{sink_name}{path.suffix}")
-        return SqliteBuffer(path, opts.max_points or DEFAULT_SQLITE_MAX_POINTS,
-                            sync_interval=opts.sync_interval,
-                            max_bytes=opts.max_bytes or DEFAULT_SQLITE_MAX_BYTES,
-                            when_full=opts.when_full)
+        else:
+            path = self._lane_file(path, index, sink_name)
+        buffer = SqliteBuffer(path, opts.max_points or DEFAULT_SQLITE_MAX_POINTS,
+                              sync_interval=opts.sync_interval,
+                              max_bytes=opts.max_bytes or DEFAULT_SQLITE_MAX_BYTES,
+                              when_full=opts.when_full)
+        buffer.claim(sink_name)
+        return buffer
+
+    @staticmethod
+    def _lane_file(base: Path, index: int, sink_name: str) -> Path:
+        """Which file holds a sink's points: the configured path for the first sink,
+        ``<stem>.<sink name><suffix>`` beside it for the others. A file names the
+        sink that claimed it, so a sink keeps its own file when the rig's sinks
+        are reordered, and never takes over another's backlog."""
+        named = base.with_name(f"{base.stem}.{sink_name}{base.suffix}")
+        owner = recorded_owner(base)
+        if owner == sink_name:
+            return base
+        if named.exists():
+            return named
+        if index == 0 and owner is None:  # new, or from before files named their sink
+            return base
+        if index == 0:
+            log.warning("buffer file %s holds the points of sink %s, not of %s (the sinks "
+                        "were reordered or renamed); %s uses %s", base, owner, sink_name,
+                        sink_name, named)
+        return named
 
     # Running -------------------------------------------------------------
     def start(self) -> None:

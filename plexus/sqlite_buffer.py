@@ -1037,6 +1037,13 @@ class SqliteBuffer(Buffer):
         """Bytes the buffer holds: compressed blocks plus records not yet moved."""
         return self._bytes()
 
+    def claim(self, owner: str) -> None:
+        """Record ``owner`` (a sink's name) as whose points this file holds, unless
+        one is recorded already: the gateway finds each sink's file by it, so
+        reordering the rig's sinks cannot hand one sink's backlog to another."""
+        with self._db_lock:
+            self._conn.execute("INSERT OR IGNORE INTO meta VALUES ('owner', ?)", (owner,))
+
     def close(self) -> None:
         if self._closed:
             return
@@ -1069,6 +1076,23 @@ class SqliteBuffer(Buffer):
                     for seg in segments:
                         seg.path.unlink(missing_ok=True)
             os.close(self._lock_fd)  # releases the lock
+
+
+def recorded_owner(path: str | os.PathLike[str]) -> str | None:
+    """The sink a buffer file was claimed by (:meth:`SqliteBuffer.claim`); None when
+    there is no such file, it predates owners, or it cannot be read."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return None
+    try:
+        conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=5.0)
+        try:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'owner'").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
 
 
 def buffer_stats(path: str | os.PathLike[str]) -> dict[str, Any]:

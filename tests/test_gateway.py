@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -279,6 +280,56 @@ def test_persistent_buffer_survives_a_gateway_restart(tmp_path, plexus_receiver)
     second.start()
     assert plexus_receiver.wait_for(kept, timeout=10)
     second.shutdown(5.0)
+
+
+def test_each_sink_keeps_its_own_backlog_when_the_sinks_are_reordered(
+        tmp_path, plexus_receiver_factory):
+    down, up = plexus_receiver_factory(), plexus_receiver_factory()
+    down.go_down()
+
+    def two_sinks(first: tuple[str, str], second: tuple[str, str], interval: str) -> str:
+        sinks = "".join(f"  - type: plexus\n    name: {name}\n    gateway_url: {url}\n"
+                        for name, url in (first, second))
+        return (f"source_id: rig-01\napi_key: plx_test\nbatch:\n  interval: 0.05\n"
+                f"buffer:\n  type: sqlite\n  path: {tmp_path / 'buf.db'}\n"
+                f"adapters:\n  - type: callable\n    function: {FUNCS}:sequence\n"
+                f"    interval: {interval}\nsinks:\n{sinks}")
+
+    first = build(two_sinks(("a", down.url), ("b", up.url), "0.01"), tmp_path)
+    first.start()
+    time.sleep(0.5)
+    first.shutdown(2.0)
+    kept = len(first.pipeline.lanes[0].buffer)
+    assert kept > 10 and len(first.pipeline.lanes[1].buffer) == 0
+    delivered_to_b = len(readings(up))
+
+    down.come_up()
+    second = build(two_sinks(("b", up.url), ("a", down.url), "100"), tmp_path)
+    second.start()
+    try:
+        assert down.wait_for(kept, timeout=10)  # a's backlog reached a, not b
+    finally:
+        second.shutdown(5.0)
+    # each got at most the one reading the second gateway took, and b none of a's backlog
+    assert kept <= len(readings(down)) <= kept + 1
+    assert len(readings(up)) <= delivered_to_b + 1
+    assert [lane.buffer.path.name for lane in second.pipeline.lanes] == ["buf.b.db", "buf.db"]
+
+
+def test_a_new_first_sink_leaves_the_old_first_sinks_file_alone(tmp_path, caplog):
+    from plexus.sqlite_buffer import SqliteBuffer
+
+    base = tmp_path / "buf.db"
+    old = SqliteBuffer(base, 1000)
+    old.claim("a")
+    old.claim("b")  # the first claim stands
+    old.close()
+    with caplog.at_level(logging.WARNING, logger="plexus.gateway"):
+        assert Gateway._lane_file(base, 0, "c") == tmp_path / "buf.c.db"
+    assert f"buffer file {base} holds the points of sink a, not of c" in caplog.text
+    assert Gateway._lane_file(base, 2, "a") == base
+    (tmp_path / "new").mkdir()
+    assert Gateway._lane_file(tmp_path / "new" / "buf.db", 0, "c") == tmp_path / "new" / "buf.db"
 
 
 # --- the callable adapter ---------------------------------------------------------------------
