@@ -8,10 +8,12 @@ schedule is asserted exactly.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
 
+import orjson
 import pytest
 
 from plexus.buffer import MemoryBuffer
@@ -19,6 +21,7 @@ from plexus.errors import AuthenticationError, DeliveryError, PlexusError
 from plexus.point import Point
 from plexus.sinks.base import SendResult, Sink
 from plexus.sinks.http import HttpSink
+from plexus.upload_rules import ByteBudget
 from plexus.uploader import JITTER, RetryPolicy, Uploader, jittered
 
 KEY = "plx_test"
@@ -574,3 +577,168 @@ def test_stop_makes_no_attempts_after_its_deadline(plexus_receiver, lane):
     # About one attempt per 0.05-0.1 s for 0.5 s; a stop that ignored its deadline
     # would go through all 1,000 retries.
     assert uploader.stats.failures < 100
+
+
+# --- in-process: a byte budget and a hold, with a sink that needs no network ------------------
+
+
+class CountingSink(Sink):
+    """Records each request's points; reports ``cost(i)`` bytes a point for request i
+    (``record_sent``), or nothing at all with ``cost=None``."""
+
+    type_name = "counting"
+
+    def __init__(self, cost=None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(None, "counting")
+        self.cost = cost
+        self.requests: list[list[Point]] = []
+
+    def send(self, points: list[Point], key: str) -> SendResult:
+        if self.cost is not None:
+            self.record_sent(self.cost(len(self.requests)) * len(points))
+        self.requests.append(list(points))
+        return SendResult(len(points))
+
+
+class SteppingClock:
+    """A clock for the byte budget that moves one second at each reading."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def run_until_flushed(uploader: Uploader) -> None:
+    uploader.start()
+    try:
+        assert uploader.flush(timeout=30) is True
+    finally:
+        uploader.stop(1.0)
+
+
+def test_with_a_byte_budget_a_batch_is_about_one_burst_of_what_a_point_cost_lately():
+    # 4 bytes a point in the first request, 8 in the others. Before any request a
+    # point is guessed at 8 bytes; then the cost is 0.7 x the old one + 0.3 x the new.
+    sink = CountingSink(cost=lambda i: 4 if i == 0 else 8)
+    budget = ByteBudget(1_000_000, 80, clock=SteppingClock())
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, budget=budget, rng=random.Random(2),
+                        min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(80)])
+    run_until_flushed(uploader)
+    # 80 / 8 = 10; cost 4 -> 80 / 4 = 20; 5.2 -> 15; 6.04 -> 13; 6.628 -> 12; the last 10
+    assert [len(r) for r in sink.requests] == [10, 20, 15, 13, 12, 10]
+    assert [p[1] for r in sink.requests for p in r] == list(range(80))
+    assert budget.charged == 10 * 4 + 70 * 8 == sink.bytes_sent
+    assert uploader.stats.delivered == 80 and uploader.stats.requests_ok == 6
+
+
+def test_a_batch_under_a_tiny_budget_still_carries_one_point():
+    sink = CountingSink(cost=lambda i: 100)
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=5, min_request_interval=0.0,
+                        budget=ByteBudget(1_000_000, 4, clock=SteppingClock()))
+    buffer.put_many([point(i) for i in range(3)])
+    run_until_flushed(uploader)
+    assert [len(r) for r in sink.requests] == [1, 1, 1]
+
+
+def test_a_generous_budget_still_keeps_batches_to_max_batch():
+    sink = CountingSink(cost=lambda i: 1)
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=7, min_request_interval=0.0,
+                        budget=ByteBudget(1_000_000, 10_000, clock=SteppingClock()))
+    buffer.put_many([point(i) for i in range(20)])
+    run_until_flushed(uploader)
+    assert [len(r) for r in sink.requests] == [7, 7, 6]
+
+
+def test_a_sink_that_never_reports_is_charged_the_points_json_and_warned_about_once(caplog):
+    sink = CountingSink(cost=None)
+    budget = ByteBudget(1_000_000, 1_000_000, clock=SteppingClock())
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=4, budget=budget,
+                        min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(10)])
+    with caplog.at_level(logging.WARNING, logger="plexus.uploader"):
+        run_until_flushed(uploader)
+    assert [len(r) for r in sink.requests] == [4, 4, 2]
+    assert budget.charged == sum(len(orjson.dumps(r)) for r in sink.requests)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "plexus.uploader"]
+    assert warnings == [
+        "sink counting does not report the bytes it sends (Sink.record_sent); its "
+        "max_bytes_per_s is kept on an estimate (the points' JSON, or their stored size)"]
+
+
+def test_a_held_lane_sends_nothing_lets_producers_drop_and_goes_once_the_hold_clears():
+    holding = [True]
+    sink = CountingSink()
+    buffer = MemoryBuffer(10)
+    uploader = Uploader(buffer, sink, interval=60.0, gate=lambda: not holding[0],
+                        min_request_interval=0.0)
+    uploader.start()
+    try:
+        buffer.put_many([point(i) for i in range(5)])
+        assert uploader.flush(timeout=10) is False  # held points wait, on purpose
+        buffer.put_many([point(i) for i in range(5, 15)])  # over the cap: no wait, drops
+        assert buffer.dropped == 5 and sink.requests == []
+        holding[0] = False
+        uploader.wake()
+        assert uploader.flush(timeout=10) is True
+    finally:
+        uploader.stop(1.0)
+    assert [p[1] for r in sink.requests for p in r] == list(range(5, 15))
+
+
+def test_stop_leaves_held_points_in_the_buffer():
+    sink = CountingSink()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, gate=lambda: False, min_request_interval=0.0)
+    uploader.start()
+    buffer.put_many([point(i) for i in range(3)])
+    uploader.stop(5.0)
+    assert not uploader.running and len(buffer) == 3 and sink.requests == []
+
+
+def test_health_points_go_in_their_own_requests_and_are_counted_apart():
+    sink = CountingSink()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=2, min_request_interval=0.0)
+    uploader.side = MemoryBuffer(100, "drop_oldest")
+    uploader.side.put_many([point(i, "gateway.health") for i in range(3)])
+    buffer.put_many([point(i) for i in range(10, 12)])
+    run_until_flushed(uploader)  # stopping sends the last health report
+    assert [[p[1] for p in r] for r in sink.requests] == [[0, 1], [10, 11], [2]]
+    assert uploader.side_delivered == 3 and len(uploader.side) == 0
+    assert (uploader.stats.delivered, uploader.stats.requests_ok) == (2, 1)
+
+
+def test_health_points_that_fail_stay_waiting_and_the_sink_is_still_healthy():
+    class RefusesHealth(CountingSink):
+        def send(self, points: list[Point], key: str) -> SendResult:
+            if points[0][0] == "gateway.health":
+                raise PlexusError("no room for health points")
+            return super().send(points, key)
+
+    sink = RefusesHealth()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, min_request_interval=0.0)
+    uploader.side = MemoryBuffer(100, "drop_oldest")
+    uploader.side.put_many([point(i, "gateway.health") for i in range(3)])
+    buffer.put_many([point(i) for i in range(10, 12)])
+    run_until_flushed(uploader)
+    assert [[p[1] for p in r] for r in sink.requests] == [[10, 11]]
+    assert uploader.side_delivered == 0 and len(uploader.side) == 3
+    assert uploader.healthy and uploader.stats.failures == 0 and uploader.stats.delivered == 2
+
+
+def test_join_tells_whether_the_thread_has_ended():
+    uploader = Uploader(MemoryBuffer(), CountingSink(), interval=60.0)
+    assert uploader.join(0.0) is True  # never started
+    uploader.start()
+    assert uploader.join(0.05) is False  # nothing ends it but stop()
+    uploader.stop(1.0)
+    assert uploader.join(1.0) is True and not uploader.running
