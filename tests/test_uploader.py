@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from plexus.buffer import MemoryBuffer
-from plexus.errors import AuthenticationError, DeliveryError, PlexusError
+from plexus.errors import AuthenticationError, DeliveryError, PlexusError, RetryableSinkError
 from plexus.point import Point
 from plexus.sinks.base import SendResult, Sink
 from plexus.sinks.http import HttpSink
@@ -601,13 +601,14 @@ class CountingSink(Sink):
 
 
 class SteppingClock:
-    """A clock for the byte budget that moves one second at each reading."""
+    """A clock for the byte budget that moves ``step`` seconds at each reading."""
 
-    def __init__(self) -> None:
+    def __init__(self, step: float = 1.0) -> None:
         self.now = 0.0
+        self.step = step
 
     def __call__(self) -> float:
-        self.now += 1.0
+        self.now += self.step
         return self.now
 
 
@@ -742,3 +743,170 @@ def test_join_tells_whether_the_thread_has_ended():
     assert uploader.join(0.05) is False  # nothing ends it but stop()
     uploader.stop(1.0)
     assert uploader.join(1.0) is True and not uploader.running
+
+
+class RecordingBuffer(MemoryBuffer):
+    """A memory buffer that records the block limits the uploader sets, and can attach
+    a stored body to each batch it gives out."""
+
+    def __init__(self, body: bytes | None = None) -> None:
+        super().__init__()
+        self.body = body
+        self.block_limits: list[int] = []
+
+    def set_block_limit(self, points: int) -> None:
+        self.block_limits.append(points)
+
+    def take(self, max_points: int, newest: bool = False):  # type: ignore[no-untyped-def]
+        batch = super().take(max_points, newest)
+        if batch is not None and self.body is not None:
+            batch.body = self.body
+        return batch
+
+
+def test_the_buffer_is_told_a_block_of_about_one_burst_before_and_after_each_request():
+    sink = CountingSink(cost=lambda i: 4 if i == 0 else 8)
+    buffer = RecordingBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, min_request_interval=0.0,
+                        budget=ByteBudget(1_000_000, 80, clock=SteppingClock()))
+    buffer.put_many([point(i) for i in range(30)])
+    run_until_flushed(uploader)
+    assert [len(r) for r in sink.requests] == [10, 20]
+    assert buffer.block_limits == [10, 20, 15]  # the guess, then after each request
+
+
+def test_a_request_that_sent_no_bytes_teaches_nothing_about_the_cost_of_a_point():
+    sink = CountingSink(cost=lambda i: 0 if i == 0 else 4)
+    budget = ByteBudget(1_000_000, 80, clock=SteppingClock())
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, budget=budget, min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(60)])
+    run_until_flushed(uploader)
+    # Still the 8-byte guess after the empty one; then 4 bytes a point: 80 / 4 = 20.
+    assert [len(r) for r in sink.requests] == [10, 10, 20, 20]
+    assert budget.charged == 50 * 4
+
+
+def test_a_stored_body_is_charged_at_its_size_when_the_sink_does_not_report():
+    sink = CountingSink(cost=None)
+    budget = ByteBudget(1_000_000, 1_000_000, clock=SteppingClock())
+    buffer = RecordingBuffer(body=b"z" * 50)
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=4, budget=budget,
+                        min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(10)])
+    run_until_flushed(uploader)
+    assert len(sink.requests) == 3 and budget.charged == 3 * 50
+
+
+def test_requests_wait_for_the_budget_on_its_own_clock():
+    # 100 bytes a request at 1,000 bytes a second, a burst of 100: each request must
+    # wait until the previous one's 100 bytes have drained, 0.1 s on the budget's clock.
+    clock = SteppingClock(step=0.01)
+    sends: list[float] = []
+
+    class Stamping(CountingSink):
+        def send(self, points: list[Point], key: str) -> SendResult:
+            sends.append(clock.now)
+            return super().send(points, key)
+
+    sink = Stamping(cost=lambda i: 100)
+    budget = ByteBudget(1000, 100, clock=clock)
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=1, budget=budget,
+                        min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(4)])
+    run_until_flushed(uploader)
+    assert len(sends) == 4 and budget.charged == 400
+    gaps = [b - a for a, b in zip(sends, sends[1:], strict=False)]
+    assert min(gaps) >= 0.1 - 1e-9
+    assert budget.waited > 0
+
+
+def test_once_a_hold_clears_a_full_batch_goes_again_without_a_flush():
+    holding = [True]
+    seen = threading.Event()
+
+    def gate() -> bool:
+        if threading.current_thread().name.startswith("plexus-uploader"):
+            seen.set()
+        return not holding[0]
+
+    sink = CountingSink()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, batch_size=5, interval=60.0, gate=gate,
+                        min_request_interval=0.0)
+    uploader.start()
+    try:
+        buffer.put_many([point(i) for i in range(3)])
+        assert seen.wait(10)  # the uploader has met the hold
+        holding[0] = False
+        uploader.wake()
+        assert wait(lambda: len(sink.requests) == 1)  # what was held goes at once
+        buffer.put_many([point(i) for i in range(3, 8)])  # a full batch, no flush
+        assert wait(lambda: len(sink.requests) == 2)
+    finally:
+        uploader.stop(1.0)
+    assert [len(r) for r in sink.requests] == [3, 5]
+
+
+def test_a_buffer_that_fails_to_acknowledge_is_logged_and_the_uploader_goes_on(caplog):
+    class AckFails(MemoryBuffer):
+        def ack(self, batch) -> None:  # type: ignore[no-untyped-def]
+            raise OSError("disk full")
+
+    sink = CountingSink()
+    buffer = AckFails()
+    uploader = Uploader(buffer, sink, interval=0.05, min_request_interval=0.0, label="lane-a")
+    buffer.put(point(1))
+    with caplog.at_level(logging.ERROR, logger="plexus.uploader"):
+        uploader.start()
+        try:
+            assert wait(lambda: any(r.name == "plexus.uploader" for r in caplog.records))
+            assert uploader.running and len(buffer) == 1  # sent, but still counted
+        finally:
+            uploader.stop(0.1)
+    assert [[p[1] for p in r] for r in sink.requests] == [[1]]
+    assert [r.getMessage() for r in caplog.records if r.name == "plexus.uploader"] == [
+        "acknowledging a delivered batch in the lane-a buffer failed; its points may be "
+        "sent again (with the same Idempotency-Key)"]
+
+
+def test_a_flush_tries_a_refused_key_again_at_once():
+    class RefusedOnce(CountingSink):
+        refused = False
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            if not self.refused:
+                self.refused = True
+                raise AuthenticationError("the platform refused the API key")
+            return super().send(points, key)
+
+    sink = RefusedOnce()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, auth_retry_interval=3600.0,
+                        rng=random.Random(5), min_request_interval=0.0)
+    buffer.put(point(1))
+    uploader.start()
+    try:
+        with pytest.raises(AuthenticationError, match="refused the API key"):
+            uploader.flush(timeout=10)
+        assert uploader.flush(timeout=10) is True  # not an hour later
+    finally:
+        uploader.stop(1.0)
+    assert [[p[1] for p in r] for r in sink.requests] == [[1]]
+
+
+def test_stop_ends_within_its_grace_period_even_during_a_long_retry_pause():
+    class Down(CountingSink):
+        def send(self, points: list[Point], key: str) -> SendResult:
+            raise RetryableSinkError("503")
+
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, Down(), batch_size=1, interval=60.0, min_request_interval=0.0,
+                        retry=RetryPolicy(retries=5, base=30.0, max_delay=30.0),
+                        rng=random.Random(1))
+    buffer.put(point(1))
+    uploader.start()
+    assert wait(lambda: uploader.stats.failures >= 1)  # now in a 30 s pause
+    uploader.stop(0.3)  # joins for at most 0.3 + 5 s
+    assert not uploader.running and len(buffer) == 1
