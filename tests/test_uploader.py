@@ -839,8 +839,7 @@ def test_once_a_hold_clears_a_full_batch_goes_again_without_a_flush():
     try:
         buffer.put_many([point(i) for i in range(3)])
         assert seen.wait(10)  # the uploader has met the hold
-        holding[0] = False
-        uploader.wake()
+        holding[0] = False  # no wake(): the uploader looks at the gate again on its own
         assert wait(lambda: len(sink.requests) == 1)  # what was held goes at once
         buffer.put_many([point(i) for i in range(3, 8)])  # a full batch, no flush
         assert wait(lambda: len(sink.requests) == 2)
@@ -910,3 +909,125 @@ def test_stop_ends_within_its_grace_period_even_during_a_long_retry_pause():
     assert wait(lambda: uploader.stats.failures >= 1)  # now in a 30 s pause
     uploader.stop(0.3)  # joins for at most 0.3 + 5 s
     assert not uploader.running and len(buffer) == 1
+
+
+def test_rejected_points_are_named_and_an_index_past_the_batch_is_a_question_mark(caplog):
+    class Rejecting(CountingSink):
+        def send(self, points: list[Point], key: str) -> SendResult:
+            super().send(points, key)
+            return SendResult(len(points) - 2, [(1, "too long"), (len(points), "no such point")])
+
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, Rejecting(), interval=60.0, min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(4)])
+    with caplog.at_level(logging.WARNING, logger="plexus.uploader"):
+        run_until_flushed(uploader)
+    assert [r.getMessage() for r in caplog.records if r.name == "plexus.uploader"] == [
+        "counting rejected point 'm1' and it was dropped: too long",
+        "counting rejected point '?' and it was dropped: no such point"]
+    assert uploader.stats.last_rejection == "?: no such point"
+    assert (uploader.stats.rejected, uploader.stats.delivered) == (2, 2)
+    assert buffer.loss_counts()["rejected"] == 2 and len(buffer) == 0
+
+
+def test_a_sink_that_raises_is_logged_with_its_traceback_and_a_success_clears_the_error(caplog):
+    class RaisesOnce(CountingSink):
+        raised = False
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            if not self.raised:
+                self.raised = True
+                raise RuntimeError("plugin bug")
+            return super().send(points, key)
+
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, RaisesOnce(), interval=60.0, sleep=Sleeps(),
+                        min_request_interval=0.0)
+    buffer.put(point(1))
+    before = time.time()
+    with caplog.at_level(logging.DEBUG, logger="plexus.uploader"):
+        run_until_flushed(uploader)
+    raised = [r for r in caplog.records if r.getMessage() == "sink counting raised"]
+    assert len(raised) == 1 and raised[0].exc_info is not None
+    assert str(raised[0].exc_info[1]) == "plugin bug"
+    stats = uploader.stats
+    assert (stats.failures, stats.retries, stats.delivered) == (1, 1, 1)
+    assert stats.last_error is None
+    assert stats.last_success is not None and before <= stats.last_success <= time.time()
+
+
+def test_rate_ceiling_pauses_are_jittered_from_the_injected_rng():
+    class Throttled(CountingSink):
+        answers = 2
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            if self.answers:
+                self.answers -= 1
+                raise RetryableSinkError("rate ceiling", retry_after=0.2)
+            return super().send(points, key)
+
+    sleeps = Sleeps()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, Throttled(), interval=60.0, sleep=sleeps, rng=random.Random(4),
+                        min_request_interval=0.0)
+    buffer.put(point(1))
+    run_until_flushed(uploader)
+    same = random.Random(4)
+    assert sleeps.pauses == [0.2 * same.uniform(0.75, 1.25) for _ in range(2)]
+    assert uploader.stats.failures == 0
+
+
+def test_sending_since_is_set_only_while_a_request_is_on_the_wire():
+    seen: list[float | None] = []
+
+    class Watching(CountingSink):
+        def send(self, points: list[Point], key: str) -> SendResult:
+            seen.append(uploader.sending_since)
+            return super().send(points, key)
+
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, Watching(), interval=60.0, min_request_interval=0.0)
+    assert uploader.sending_since is None
+    buffer.put(point(1))
+    before = time.monotonic()
+    run_until_flushed(uploader)
+    assert len(seen) == 1 and seen[0] is not None and before <= seen[0] <= time.monotonic()
+    assert uploader.sending_since is None
+
+
+def test_a_one_byte_request_is_charged():
+    sink = CountingSink(cost=lambda i: 1)
+    budget = ByteBudget(1_000_000, 100, clock=SteppingClock())
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=1, budget=budget,
+                        min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(3)])
+    run_until_flushed(uploader)
+    assert budget.charged == 3
+
+
+def test_after_stop_a_full_buffer_drops_instead_of_waiting_for_room():
+    buffer = MemoryBuffer(5)  # when_full="block": producers wait only while an uploader runs
+    uploader = Uploader(buffer, CountingSink(), interval=60.0)
+    uploader.start()
+    uploader.stop(1.0)
+    done = threading.Event()
+    threading.Thread(target=lambda: (buffer.put_many([point(i) for i in range(5)]),
+                                     buffer.put_many([point(i) for i in range(5, 8)]),
+                                     done.set()), daemon=True).start()
+    assert done.wait(10) and buffer.dropped == 3
+
+
+def test_stop_with_no_grace_makes_no_retry():
+    class Down(CountingSink):
+        def send(self, points: list[Point], key: str) -> SendResult:
+            raise RetryableSinkError("503")
+
+    sleeps = Sleeps()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, Down(), interval=60.0, sleep=sleeps, min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(3)])
+    uploader.start()
+    uploader.stop(0.0)
+    assert not uploader.running and len(buffer) == 3
+    assert uploader.stats.retries == 0 and sleeps.pauses == []
