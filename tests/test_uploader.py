@@ -387,8 +387,8 @@ def test_the_uploader_thread_outlives_a_buffer_that_fails(plexus_receiver, caplo
     try:
         assert plexus_receiver.wait_for(1, timeout=10)
         assert uploader.running
-        assert "hit an unexpected error and goes on after a pause: PlexusError: database is " \
-               "locked" in caplog.text
+        assert "uploader for plexus hit an unexpected error and goes on after a pause: " \
+               "PlexusError: database is locked" in caplog.text
     finally:
         uploader.stop(1.0)
         sink.close()
@@ -692,6 +692,7 @@ def test_a_held_lane_sends_nothing_lets_producers_drop_and_goes_once_the_hold_cl
     finally:
         uploader.stop(1.0)
     assert [p[1] for r in sink.requests for p in r] == list(range(5, 15))
+    assert uploader.stats.last_error is None  # holding is no error
 
 
 def test_stop_leaves_held_points_in_the_buffer():
@@ -846,6 +847,7 @@ def test_once_a_hold_clears_a_full_batch_goes_again_without_a_flush():
     finally:
         uploader.stop(1.0)
     assert [len(r) for r in sink.requests] == [3, 5]
+    assert uploader.stats.last_error is None
 
 
 def test_a_buffer_that_fails_to_acknowledge_is_logged_and_the_uploader_goes_on(caplog):
@@ -1031,3 +1033,108 @@ def test_stop_with_no_grace_makes_no_retry():
     uploader.stop(0.0)
     assert not uploader.running and len(buffer) == 3
     assert uploader.stats.retries == 0 and sleeps.pauses == []
+
+
+def test_producers_wait_for_room_while_the_sink_delivers_and_again_once_it_recovers():
+    class FailsOnce(CountingSink):
+        failed = False
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            if not self.failed:
+                self.failed = True
+                raise RetryableSinkError("503")
+            return super().send(points, key)
+
+    sink = FailsOnce()
+    buffer = MemoryBuffer(5)
+    uploader = Uploader(buffer, sink, interval=60.0, sleep=Sleeps(), min_request_interval=0.0)
+    uploader.start()
+    try:
+        buffer.put(point(0))
+        assert uploader.flush(timeout=10)  # a failure, then a success: the sink delivers
+        buffer.put_many([point(i) for i in range(1, 6)])
+        buffer.put(point(6))  # one over the cap: waits until the uploader makes room
+        assert uploader.flush(timeout=10)
+    finally:
+        uploader.stop(1.0)
+    assert (buffer.waited, buffer.dropped) == (1, 0)
+    assert sorted(p[1] for r in sink.requests for p in r) == list(range(7))
+
+
+def test_a_success_ends_the_retry_count_even_with_more_batches_waiting():
+    class FailsFirstTries(CountingSink):
+        tries = 0
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            self.tries += 1
+            if self.tries in (1, 3):  # the first try of each of the two batches
+                raise RetryableSinkError("503")
+            return super().send(points, key)
+
+    sleeps = Sleeps()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, FailsFirstTries(), interval=60.0, max_batch=1, sleep=sleeps,
+                        rng=random.Random(3), min_request_interval=0.0)
+    buffer.put_many([point(0), point(1)])
+    run_until_flushed(uploader)
+    same = random.Random(3)
+    assert sleeps.pauses == [same.uniform(0.75, 1.25), same.uniform(0.75, 1.25)]  # 1 s twice
+
+
+def test_stop_waits_for_the_byte_budget_within_its_grace_period():
+    # 100 bytes a request at 1,000 bytes a second: 0.1 s between requests.
+    sink = CountingSink(cost=lambda i: 100)
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=1, min_request_interval=0.0,
+                        budget=ByteBudget(1000, 100))
+    buffer.put_many([point(i) for i in range(3)])
+    uploader.start()
+    uploader.stop(5.0)
+    assert len(sink.requests) == 3 and len(buffer) == 0
+
+
+def test_stop_gives_up_waiting_for_the_byte_budget_at_its_deadline():
+    # 1,000 bytes a request at 1 byte a second: the second request would wait 1,000 s.
+    sink = CountingSink(cost=lambda i: 1000)
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, batch_size=1, interval=60.0, max_batch=1,
+                        min_request_interval=0.0, budget=ByteBudget(1, 1))
+    buffer.put_many([point(i) for i in range(3)])
+    uploader.start()
+    assert wait(lambda: len(sink.requests) == 1)
+    uploader.stop(0.2)  # joins for at most 5.2 s
+    assert not uploader.running and len(sink.requests) == 1 and len(buffer) == 2
+
+
+def test_an_unexpected_error_is_logged_with_the_lane_and_kept_as_the_last_error(caplog):
+    class TakeFails(MemoryBuffer):
+        def take(self, max_points: int, newest: bool = False):  # type: ignore[no-untyped-def]
+            raise PlexusError("database is locked")
+
+    buffer = TakeFails()
+    uploader = Uploader(buffer, CountingSink(), interval=0.05, min_request_interval=0.0,
+                        label="lane-b")
+    buffer.put(point(1))
+    with caplog.at_level(logging.DEBUG, logger="plexus.uploader"):
+        uploader.start()
+        try:
+            assert wait(lambda: any(r.getMessage() == "uploader error" for r in caplog.records))
+            assert uploader.running
+        finally:
+            uploader.stop(0.1)
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert messages[0] == ("uploader for lane-b hit an unexpected error and goes on after a "
+                           "pause: PlexusError: database is locked")
+    debug = next(r for r in caplog.records if r.getMessage() == "uploader error")
+    assert debug.exc_info is not None and str(debug.exc_info[1]) == "database is locked"
+    assert uploader.stats.last_error == "PlexusError: database is locked"
+
+
+def test_stop_with_no_grace_sends_at_most_the_batch_under_way():
+    sink = CountingSink()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=1, min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(5)])
+    uploader.start()
+    uploader.stop(0.0)
+    assert len(sink.requests) <= 1 and len(buffer) == 5 - len(sink.requests)
