@@ -21,7 +21,8 @@ mutmut keeps a verdict until the mutated function changes: a test added later
 does not re-test a survivor, and a function added to the module after the
 test map was made gets "no tests". ``--retest`` rebuilds the map of which tests
 reach which function and re-tests every mutant not yet killed (survived, no
-tests, or not run), keeping the killed ones.
+tests, or not run), and every one listed as equivalent, keeping the other
+killed ones.
 
 Runs are CPU-heavy: they run under ``nice -n 19`` with one test process at a
 time (``--max-children`` to change it). The focused test selections below
@@ -116,11 +117,15 @@ def run(module: str, max_children: int, tests_from: Path | None = None,
 
 
 def _not_killed(work: Path) -> list[str]:
-    """The mutants of a work folder that survived, had no tests or were not run yet."""
+    """The mutants of a work folder that survived, had no tests or were not run yet,
+    and those listed as equivalent that a test killed all the same: the entry is
+    wrong, or a test failed for another reason (a timing-sensitive one, on a busy
+    machine), and a second look tells which."""
     names = []
+    known = equivalents()
     for meta in (work / "mutants").rglob("*.meta"):
         for name, code in json.loads(meta.read_text()).get("exit_code_by_key", {}).items():
-            if _verdict(code) in ("survived", "no tests", "not run"):
+            if _verdict(code) in ("survived", "no tests", "not run") or name in known:
                 names.append(name)
     return sorted(names)
 
