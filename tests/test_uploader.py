@@ -706,7 +706,14 @@ def test_stop_leaves_held_points_in_the_buffer():
 
 
 def test_health_points_go_in_their_own_requests_and_are_counted_apart():
-    sink = CountingSink()
+    on_the_wire: list[float | None] = []
+
+    class Watching(CountingSink):
+        def send(self, points: list[Point], key: str) -> SendResult:
+            on_the_wire.append(uploader.sending_since)
+            return super().send(points, key)
+
+    sink = Watching()
     buffer = MemoryBuffer()
     uploader = Uploader(buffer, sink, interval=60.0, max_batch=2, min_request_interval=0.0)
     uploader.side = MemoryBuffer(100, "drop_oldest")
@@ -716,9 +723,10 @@ def test_health_points_go_in_their_own_requests_and_are_counted_apart():
     assert [[p[1] for p in r] for r in sink.requests] == [[0, 1], [10, 11], [2]]
     assert uploader.side_delivered == 3 and len(uploader.side) == 0
     assert (uploader.stats.delivered, uploader.stats.requests_ok) == (2, 1)
+    assert None not in on_the_wire and uploader.sending_since is None
 
 
-def test_health_points_that_fail_stay_waiting_and_the_sink_is_still_healthy():
+def test_health_points_that_fail_stay_waiting_and_the_sink_is_still_healthy(caplog):
     class RefusesHealth(CountingSink):
         def send(self, points: list[Point], key: str) -> SendResult:
             if points[0][0] == "gateway.health":
@@ -731,10 +739,15 @@ def test_health_points_that_fail_stay_waiting_and_the_sink_is_still_healthy():
     uploader.side = MemoryBuffer(100, "drop_oldest")
     uploader.side.put_many([point(i, "gateway.health") for i in range(3)])
     buffer.put_many([point(i) for i in range(10, 12)])
-    run_until_flushed(uploader)
+    with caplog.at_level(logging.DEBUG, logger="plexus.uploader"):
+        run_until_flushed(uploader)
     assert [[p[1] for p in r] for r in sink.requests] == [[10, 11]]
     assert uploader.side_delivered == 0 and len(uploader.side) == 3
     assert uploader.healthy and uploader.stats.failures == 0 and uploader.stats.delivered == 2
+    messages = {r.getMessage() for r in caplog.records if r.name == "plexus.uploader"}
+    assert "sending health points to counting failed: no room for health points" in messages
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert uploader.sending_since is None
 
 
 def test_join_tells_whether_the_thread_has_ended():
@@ -1138,3 +1151,173 @@ def test_stop_with_no_grace_sends_at_most_the_batch_under_way():
     uploader.start()
     uploader.stop(0.0)
     assert len(sink.requests) <= 1 and len(buffer) == 5 - len(sink.requests)
+
+
+def test_the_uploader_defaults():
+    uploader = Uploader(MemoryBuffer(), CountingSink())
+    assert (uploader.batch_size, uploader.interval, uploader.max_batch,
+            uploader.min_request_interval) == (1000, 1.0, 10_000, 0.002)
+    assert (uploader.side, uploader.side_delivered, uploader.sending_since) == (None, 0, None)
+    assert uploader.label == "counting"
+    uploader.start()
+    try:
+        thread = next(t for t in threading.enumerate() if t.name == "plexus-uploader:counting")
+        assert thread.daemon is True  # never keeps the process alive
+    finally:
+        uploader.stop(1.0)
+
+
+def test_a_retry_is_logged_with_the_lane_the_error_and_the_pause(caplog):
+    class FailsOnce(CountingSink):
+        failed = False
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            if not self.failed:
+                self.failed = True
+                raise RetryableSinkError("503 from the platform")
+            return super().send(points, key)
+
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, FailsOnce(), interval=60.0, sleep=Sleeps(), rng=random.Random(3),
+                        min_request_interval=0.0, label="lane-c")
+    buffer.put(point(1))
+    with caplog.at_level(logging.INFO, logger="plexus.uploader"):
+        run_until_flushed(uploader)
+    pause = random.Random(3).uniform(0.75, 1.25)
+    assert [r.getMessage() for r in caplog.records if r.name == "plexus.uploader"] == [
+        f"sending to lane-c failed (503 from the platform); retry 1/3 in {pause:.1f} s"]
+
+
+def test_a_retry_goes_at_once_without_waiting_for_a_batch_or_the_interval():
+    class FailsOnce(CountingSink):
+        failed = False
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            if not self.failed:
+                self.failed = True
+                raise RetryableSinkError("503")
+            return super().send(points, key)
+
+    sink = FailsOnce()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, sleep=Sleeps(), min_request_interval=0.0)
+    buffer.put(point(1))
+    uploader.start()
+    try:
+        uploader.wake()  # one look at the buffer, no flush
+        assert wait(lambda: len(sink.requests) == 1)
+    finally:
+        uploader.stop(1.0)
+
+
+def test_a_permanently_throttled_first_batch_gets_exactly_100_quick_resends():
+    class Throttled(CountingSink):
+        def send(self, points: list[Point], key: str) -> SendResult:
+            raise RetryableSinkError("rate ceiling", retry_after=0.01)
+
+    sleeps = Sleeps()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, Throttled(), interval=60.0, sleep=sleeps,
+                        retry=RetryPolicy(retries=0), min_request_interval=0.0)
+    buffer.put(point(1))
+    uploader.start()
+    try:
+        with pytest.raises(DeliveryError, match="rate ceiling"):
+            uploader.flush(timeout=10)
+    finally:
+        uploader.stop(0.0)
+    assert len(sleeps.pauses) == 100
+
+
+def test_stopping_with_the_retries_spent_gives_up_once_and_says_why(caplog):
+    class Down(CountingSink):
+        tries = 0
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            self.tries += 1
+            raise RetryableSinkError("503 from the platform")
+
+    sink = Down()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, retry=RetryPolicy(retries=0),
+                        min_request_interval=0.0)
+    buffer.put(point(1))
+    uploader.start()
+    with caplog.at_level(logging.WARNING, logger="plexus.uploader"):
+        uploader.stop(5.0)
+    assert sink.tries == 1 and not uploader.running and len(buffer) == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "plexus.uploader"] == [
+        "delivery to counting failed, keeping 1 points buffered: 503 from the platform"]
+
+
+def test_stopping_past_the_deadline_gives_up_and_says_why(caplog):
+    class Down(CountingSink):
+        def send(self, points: list[Point], key: str) -> SendResult:
+            raise RetryableSinkError("503 from the platform")
+
+    looked = threading.Event()
+
+    def gate() -> bool:  # open; tells when the uploader starts a cycle
+        if threading.current_thread().name.startswith("plexus-uploader"):
+            looked.set()
+        return True
+
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, Down(), interval=60.0, gate=gate, sleep=Sleeps(),
+                        min_request_interval=0.0)
+    buffer.put(point(1))
+    uploader.start()
+    assert looked.wait(10)  # the cycle waits for a batch: stop() sends it on
+    with caplog.at_level(logging.WARNING, logger="plexus.uploader"):
+        uploader.stop(0.0)
+    assert [r.getMessage() for r in caplog.records if r.name == "plexus.uploader"] == [
+        "delivery to counting failed, keeping 1 points buffered: 503 from the platform"]
+
+
+def test_the_uploader_goes_on_after_finding_nothing_to_take_or_a_hold_beginning():
+    answers = [True, False]  # open at the cycle's start, held once it has the lock
+    calls: list[int] = []
+
+    def gate() -> bool:
+        if not threading.current_thread().name.startswith("plexus-uploader"):
+            return True
+        calls.append(1)
+        return answers.pop(0) if answers else True
+
+    sink = CountingSink()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, batch_size=1, interval=0.01, gate=gate,
+                        min_request_interval=0.0)
+    buffer.put(point(1))
+    uploader.start()
+    try:
+        assert wait(lambda: len(sink.requests) == 1)
+        assert wait(lambda: len(calls) >= 10)  # empty looks every 0.01 s
+        assert uploader.running
+    finally:
+        uploader.stop(1.0)
+
+
+def test_after_giving_up_the_next_flush_tries_again_without_an_unexpected_error(caplog):
+    class Down(CountingSink):
+        tries = 0
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            self.tries += 1
+            raise RetryableSinkError("503")
+
+    sink = Down()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, retry=RetryPolicy(retries=0),
+                        min_request_interval=0.0)
+    buffer.put(point(1))
+    with caplog.at_level(logging.WARNING, logger="plexus.uploader"):
+        uploader.start()
+        try:
+            for _ in range(2):
+                with pytest.raises(DeliveryError, match=r"^delivery to counting failed \(503\)"):
+                    uploader.flush(timeout=10)
+        finally:
+            uploader.stop(0.0)
+    assert sink.tries == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
