@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from plexus.buffer import Batch, MemoryBuffer, in_flight_limit
+from plexus.buffer import Batch, Buffer, MemoryBuffer, in_flight_limit
 from plexus.codec import IngestCodec
 from plexus.point import Point
 
@@ -69,6 +69,25 @@ def test_the_options_are_kept_and_checked():
         MemoryBuffer(0)
     with pytest.raises(ValueError, match="when_full must be one of"):
         MemoryBuffer(10, "wait")  # type: ignore[arg-type]
+
+
+def test_a_buffer_written_on_the_base_class_blocks_when_full_by_default():
+    class Minimal(Buffer):
+        def __init__(self) -> None:
+            super().__init__(5)
+
+    buffer = Minimal()
+    assert (buffer.when_full, buffer.max_points) == ("block", 5)
+
+
+def test_loss_counts_start_at_zero_and_add_up_drops_and_rejections():
+    buffer = MemoryBuffer(5, "drop_oldest")
+    assert buffer.loss_counts() == {"buffer_full": 0, "rejected": 0}
+    buffer.put_many(pts(8))  # 3 over the cap
+    buffer.count_rejected(2)
+    buffer.count_rejected(1)
+    assert buffer.loss_counts() == {"buffer_full": 3, "rejected": 3}
+    assert (buffer.dropped, buffer.rejected) == (3, 3)
 
 
 def test_a_buffer_keeps_the_codec_it_is_given():
@@ -150,6 +169,17 @@ def test_wake_on_next_put_wakes_for_a_single_point():
     buffer.take(100)
     buffer.put(pts(1, 2)[0])
     assert calls == [2]  # only the next put
+
+
+def test_with_a_batch_in_flight_the_uploader_is_woken_at_the_batch_size_not_when_full():
+    calls: list[int] = []
+    buffer = MemoryBuffer(10, "drop_oldest")
+    buffer.set_ready_callback(lambda: calls.append(len(buffer)), 8)
+    buffer.put_many(pts(8))
+    assert calls == [8]
+    assert buffer.take(5) is not None  # 5 in flight, 3 waiting: room for 2 more
+    buffer.put_many(pts(2, 8))  # the buffer is full, but only 5 points wait
+    assert calls == [8] and buffer.dropped == 0
 
 
 def test_a_buffer_without_a_ready_callback_still_takes_points():
@@ -329,3 +359,30 @@ def test_without_a_running_consumer_a_full_buffer_drops_instead_of_waiting():
     threading.Thread(target=lambda: ([buffer.put(p) for p in pts(10)], done.set()),
                      daemon=True).start()
     assert done.wait(5) and buffer.dropped == 5 and buffer.waited == 0
+
+
+@pytest.mark.parametrize("held, adding, seen", [
+    (8, 5, 8),     # 13 would not fit: the producer waits with its points outside
+    (1, 15, 1),    # more than the cap, and the buffer holds a point: the same
+    (0, 15, 15),   # an empty buffer takes the block whole (it could never fit otherwise)
+])
+def test_put_many_waits_for_room_before_its_points_go_in_unless_the_buffer_is_empty(
+        held, adding, seen):
+    buffer = MemoryBuffer(10)
+    buffer.set_consumer_running(True)
+    buffer.put_many(pts(held))
+    waiting = threading.Event()
+    sizes: list[int] = []
+
+    def about_to_wait() -> None:  # a full buffer calls it as its producer starts waiting
+        sizes.append(len(buffer))
+        waiting.set()
+
+    buffer.set_ready_callback(about_to_wait, 1000)
+    producer = threading.Thread(target=buffer.put_many, args=(pts(adding, 100),), daemon=True)
+    producer.start()
+    assert waiting.wait(10)
+    assert sizes == [seen] and buffer.waited == 1
+    buffer.set_consumer_running(False)  # lets the producer go
+    producer.join(10)
+    assert not producer.is_alive()

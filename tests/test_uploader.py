@@ -8,17 +8,20 @@ schedule is asserted exactly.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
 
+import orjson
 import pytest
 
 from plexus.buffer import MemoryBuffer
-from plexus.errors import AuthenticationError, DeliveryError, PlexusError
+from plexus.errors import AuthenticationError, DeliveryError, PlexusError, RetryableSinkError
 from plexus.point import Point
 from plexus.sinks.base import SendResult, Sink
 from plexus.sinks.http import HttpSink
+from plexus.upload_rules import ByteBudget
 from plexus.uploader import JITTER, RetryPolicy, Uploader, jittered
 
 KEY = "plx_test"
@@ -384,8 +387,8 @@ def test_the_uploader_thread_outlives_a_buffer_that_fails(plexus_receiver, caplo
     try:
         assert plexus_receiver.wait_for(1, timeout=10)
         assert uploader.running
-        assert "hit an unexpected error and goes on after a pause: PlexusError: database is " \
-               "locked" in caplog.text
+        assert "uploader for plexus hit an unexpected error and goes on after a pause: " \
+               "PlexusError: database is locked" in caplog.text
     finally:
         uploader.stop(1.0)
         sink.close()
@@ -574,3 +577,829 @@ def test_stop_makes_no_attempts_after_its_deadline(plexus_receiver, lane):
     # About one attempt per 0.05-0.1 s for 0.5 s; a stop that ignored its deadline
     # would go through all 1,000 retries.
     assert uploader.stats.failures < 100
+
+
+# --- in-process: a byte budget and a hold, with a sink that needs no network ------------------
+
+
+class CountingSink(Sink):
+    """Records each request's points; reports ``cost(i)`` bytes a point for request i
+    (``record_sent``), or nothing at all with ``cost=None``."""
+
+    type_name = "counting"
+
+    def __init__(self, cost=None) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(None, "counting")
+        self.cost = cost
+        self.requests: list[list[Point]] = []
+
+    def send(self, points: list[Point], key: str) -> SendResult:
+        if self.cost is not None:
+            self.record_sent(self.cost(len(self.requests)) * len(points))
+        self.requests.append(list(points))
+        return SendResult(len(points))
+
+
+class SteppingClock:
+    """A clock for the byte budget that moves ``step`` seconds at each reading."""
+
+    def __init__(self, step: float = 1.0) -> None:
+        self.now = 0.0
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def run_until_flushed(uploader: Uploader) -> None:
+    uploader.start()
+    try:
+        assert uploader.flush(timeout=30) is True
+    finally:
+        uploader.stop(1.0)
+
+
+def test_with_a_byte_budget_a_batch_is_about_one_burst_of_what_a_point_cost_lately():
+    # 4 bytes a point in the first request, 8 in the others. Before any request a
+    # point is guessed at 8 bytes; then the cost is 0.7 x the old one + 0.3 x the new.
+    sink = CountingSink(cost=lambda i: 4 if i == 0 else 8)
+    budget = ByteBudget(1_000_000, 80, clock=SteppingClock())
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, budget=budget, rng=random.Random(2),
+                        min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(80)])
+    run_until_flushed(uploader)
+    # 80 / 8 = 10; cost 4 -> 80 / 4 = 20; 5.2 -> 15; 6.04 -> 13; 6.628 -> 12; the last 10
+    assert [len(r) for r in sink.requests] == [10, 20, 15, 13, 12, 10]
+    assert [p[1] for r in sink.requests for p in r] == list(range(80))
+    assert budget.charged == 10 * 4 + 70 * 8 == sink.bytes_sent
+    assert uploader.stats.delivered == 80 and uploader.stats.requests_ok == 6
+
+
+def test_a_batch_under_a_tiny_budget_still_carries_one_point():
+    sink = CountingSink(cost=lambda i: 100)
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=5, min_request_interval=0.0,
+                        budget=ByteBudget(1_000_000, 4, clock=SteppingClock()))
+    buffer.put_many([point(i) for i in range(3)])
+    run_until_flushed(uploader)
+    assert [len(r) for r in sink.requests] == [1, 1, 1]
+
+
+def test_a_generous_budget_still_keeps_batches_to_max_batch():
+    sink = CountingSink(cost=lambda i: 1)
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=7, min_request_interval=0.0,
+                        budget=ByteBudget(1_000_000, 10_000, clock=SteppingClock()))
+    buffer.put_many([point(i) for i in range(20)])
+    run_until_flushed(uploader)
+    assert [len(r) for r in sink.requests] == [7, 7, 6]
+
+
+def test_a_sink_that_never_reports_is_charged_the_points_json_and_warned_about_once(caplog):
+    sink = CountingSink(cost=None)
+    budget = ByteBudget(1_000_000, 1_000_000, clock=SteppingClock())
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=4, budget=budget,
+                        min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(10)])
+    with caplog.at_level(logging.WARNING, logger="plexus.uploader"):
+        run_until_flushed(uploader)
+    assert [len(r) for r in sink.requests] == [4, 4, 2]
+    assert budget.charged == sum(len(orjson.dumps(r)) for r in sink.requests)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "plexus.uploader"]
+    assert warnings == [
+        "sink counting does not report the bytes it sends (Sink.record_sent); its "
+        "max_bytes_per_s is kept on an estimate (the points' JSON, or their stored size)"]
+
+
+def test_a_held_lane_sends_nothing_lets_producers_drop_and_goes_once_the_hold_clears(caplog):
+    holding = [True]
+    sink = CountingSink()
+    buffer = MemoryBuffer(10)
+    uploader = Uploader(buffer, sink, interval=60.0, gate=lambda: not holding[0],
+                        min_request_interval=0.0)
+    caplog.set_level(logging.ERROR, logger="plexus.uploader")
+    uploader.start()
+    try:
+        buffer.put_many([point(i) for i in range(5)])
+        assert uploader.flush(timeout=10) is False  # held points wait, on purpose
+        buffer.put_many([point(i) for i in range(5, 15)])  # over the cap: no wait, drops
+        assert buffer.dropped == 5 and sink.requests == []
+        holding[0] = False
+        uploader.wake()
+        assert uploader.flush(timeout=10) is True
+    finally:
+        uploader.stop(1.0)
+    assert [p[1] for r in sink.requests for p in r] == list(range(5, 15))
+    assert uploader.stats.last_error is None  # holding is no error
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_stop_leaves_held_points_in_the_buffer():
+    sink = CountingSink()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, gate=lambda: False, min_request_interval=0.0)
+    uploader.start()
+    buffer.put_many([point(i) for i in range(3)])
+    uploader.stop(5.0)
+    assert not uploader.running and len(buffer) == 3 and sink.requests == []
+
+
+def test_health_points_go_in_their_own_requests_and_are_counted_apart():
+    on_the_wire: list[float | None] = []
+
+    class Watching(CountingSink):
+        def send(self, points: list[Point], key: str) -> SendResult:
+            on_the_wire.append(uploader.sending_since)
+            return super().send(points, key)
+
+    sink = Watching()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=2, min_request_interval=0.0)
+    uploader.side = MemoryBuffer(100, "drop_oldest")
+    uploader.side.put_many([point(i, "gateway.health") for i in range(3)])
+    buffer.put_many([point(i) for i in range(10, 12)])
+    run_until_flushed(uploader)  # stopping sends the last health report
+    assert [[p[1] for p in r] for r in sink.requests] == [[0, 1], [10, 11], [2]]
+    assert uploader.side_delivered == 3 and len(uploader.side) == 0
+    assert (uploader.stats.delivered, uploader.stats.requests_ok) == (2, 1)
+    assert None not in on_the_wire and uploader.sending_since is None
+
+
+def test_health_points_that_fail_stay_waiting_and_the_sink_is_still_healthy(caplog):
+    class RefusesHealth(CountingSink):
+        def send(self, points: list[Point], key: str) -> SendResult:
+            if points[0][0] == "gateway.health":
+                raise PlexusError("no room for health points")
+            return super().send(points, key)
+
+    sink = RefusesHealth()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, min_request_interval=0.0)
+    uploader.side = MemoryBuffer(100, "drop_oldest")
+    uploader.side.put_many([point(i, "gateway.health") for i in range(3)])
+    buffer.put_many([point(i) for i in range(10, 12)])
+    with caplog.at_level(logging.DEBUG, logger="plexus.uploader"):
+        run_until_flushed(uploader)
+    assert [[p[1] for p in r] for r in sink.requests] == [[10, 11]]
+    assert uploader.side_delivered == 0 and len(uploader.side) == 3
+    assert uploader.healthy and uploader.stats.failures == 0 and uploader.stats.delivered == 2
+    messages = {r.getMessage() for r in caplog.records if r.name == "plexus.uploader"}
+    assert "sending health points to counting failed: no room for health points" in messages
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert uploader.sending_since is None
+
+
+def test_join_tells_whether_the_thread_has_ended():
+    uploader = Uploader(MemoryBuffer(), CountingSink(), interval=60.0)
+    assert uploader.join(0.0) is True  # never started
+    uploader.start()
+    assert uploader.join(0.05) is False  # nothing ends it but stop()
+    uploader.stop(1.0)
+    assert uploader.join(1.0) is True and not uploader.running
+
+
+class RecordingBuffer(MemoryBuffer):
+    """A memory buffer that records the block limits the uploader sets, and can attach
+    a stored body to each batch it gives out."""
+
+    def __init__(self, body: bytes | None = None) -> None:
+        super().__init__()
+        self.body = body
+        self.block_limits: list[int] = []
+
+    def set_block_limit(self, points: int) -> None:
+        self.block_limits.append(points)
+
+    def take(self, max_points: int, newest: bool = False):  # type: ignore[no-untyped-def]
+        batch = super().take(max_points, newest)
+        if batch is not None and self.body is not None:
+            batch.body = self.body
+        return batch
+
+
+def test_the_buffer_is_told_a_block_of_about_one_burst_before_and_after_each_request():
+    sink = CountingSink(cost=lambda i: 4 if i == 0 else 8)
+    buffer = RecordingBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, min_request_interval=0.0,
+                        budget=ByteBudget(1_000_000, 80, clock=SteppingClock()))
+    buffer.put_many([point(i) for i in range(30)])
+    run_until_flushed(uploader)
+    assert [len(r) for r in sink.requests] == [10, 20]
+    assert buffer.block_limits == [10, 20, 15]  # the guess, then after each request
+
+
+def test_a_request_that_sent_no_bytes_teaches_nothing_about_the_cost_of_a_point():
+    sink = CountingSink(cost=lambda i: 0 if i == 0 else 4)
+    budget = ByteBudget(1_000_000, 80, clock=SteppingClock())
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, budget=budget, min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(60)])
+    run_until_flushed(uploader)
+    # Still the 8-byte guess after the empty one; then 4 bytes a point: 80 / 4 = 20.
+    assert [len(r) for r in sink.requests] == [10, 10, 20, 20]
+    assert budget.charged == 50 * 4
+
+
+def test_a_stored_body_is_charged_at_its_size_when_the_sink_does_not_report():
+    sink = CountingSink(cost=None)
+    budget = ByteBudget(1_000_000, 1_000_000, clock=SteppingClock())
+    buffer = RecordingBuffer(body=b"z" * 50)
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=4, budget=budget,
+                        min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(10)])
+    run_until_flushed(uploader)
+    assert len(sink.requests) == 3 and budget.charged == 3 * 50
+
+
+def test_requests_wait_for_the_budget_on_its_own_clock():
+    # 100 bytes a request at 1,000 bytes a second, a burst of 100: each request must
+    # wait until the previous one's 100 bytes have drained, 0.1 s on the budget's clock.
+    clock = SteppingClock(step=0.01)
+    sends: list[float] = []
+
+    class Stamping(CountingSink):
+        def send(self, points: list[Point], key: str) -> SendResult:
+            sends.append(clock.now)
+            return super().send(points, key)
+
+    sink = Stamping(cost=lambda i: 100)
+    budget = ByteBudget(1000, 100, clock=clock)
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=1, budget=budget,
+                        min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(4)])
+    run_until_flushed(uploader)
+    assert len(sends) == 4 and budget.charged == 400
+    gaps = [b - a for a, b in zip(sends, sends[1:], strict=False)]
+    assert min(gaps) >= 0.1 - 1e-9
+    assert 0 < budget.waited < 60  # seconds really spent waiting
+
+
+def test_once_a_hold_clears_a_full_batch_goes_again_without_a_flush(caplog):
+    caplog.set_level(logging.ERROR, logger="plexus.uploader")
+    holding = [True]
+    seen = threading.Event()
+
+    def gate() -> bool:
+        if threading.current_thread().name.startswith("plexus-uploader"):
+            seen.set()
+        return not holding[0]
+
+    sink = CountingSink()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, batch_size=5, interval=60.0, gate=gate,
+                        min_request_interval=0.0)
+    uploader.start()
+    try:
+        buffer.put_many([point(i) for i in range(3)])
+        assert seen.wait(10)  # the uploader has met the hold
+        holding[0] = False  # no wake(): the uploader looks at the gate again on its own
+        assert wait(lambda: len(sink.requests) == 1)  # what was held goes at once
+        buffer.put_many([point(i) for i in range(3, 8)])  # a full batch, no flush
+        assert wait(lambda: len(sink.requests) == 2)
+    finally:
+        uploader.stop(1.0)
+    assert [len(r) for r in sink.requests] == [3, 5]
+    assert uploader.stats.last_error is None
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_buffer_that_fails_to_acknowledge_is_logged_and_the_uploader_goes_on(caplog):
+    class AckFails(MemoryBuffer):
+        def ack(self, batch) -> None:  # type: ignore[no-untyped-def]
+            raise OSError("disk full")
+
+    sink = CountingSink()
+    buffer = AckFails()
+    uploader = Uploader(buffer, sink, interval=0.05, min_request_interval=0.0, label="lane-a")
+    buffer.put(point(1))
+    with caplog.at_level(logging.ERROR, logger="plexus.uploader"):
+        uploader.start()
+        try:
+            assert wait(lambda: any(r.name == "plexus.uploader" for r in caplog.records))
+            assert uploader.running and len(buffer) == 1  # sent, but still counted
+        finally:
+            uploader.stop(0.1)
+    assert [[p[1] for p in r] for r in sink.requests] == [[1]]
+    assert [r.getMessage() for r in caplog.records if r.name == "plexus.uploader"] == [
+        "acknowledging a delivered batch in the lane-a buffer failed; its points may be "
+        "sent again (with the same Idempotency-Key)"]
+
+
+def test_a_flush_tries_a_refused_key_again_at_once():
+    class RefusedOnce(CountingSink):
+        refused = False
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            if not self.refused:
+                self.refused = True
+                raise AuthenticationError("the platform refused the API key")
+            return super().send(points, key)
+
+    sink = RefusedOnce()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, auth_retry_interval=3600.0,
+                        rng=random.Random(5), min_request_interval=0.0)
+    buffer.put(point(1))
+    uploader.start()
+    try:
+        with pytest.raises(AuthenticationError, match="refused the API key"):
+            uploader.flush(timeout=10)
+        assert uploader.flush(timeout=10) is True  # not an hour later
+    finally:
+        uploader.stop(1.0)
+    assert [[p[1] for p in r] for r in sink.requests] == [[1]]
+
+
+def test_stop_ends_within_its_grace_period_even_during_a_long_retry_pause():
+    class Down(CountingSink):
+        def send(self, points: list[Point], key: str) -> SendResult:
+            raise RetryableSinkError("503")
+
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, Down(), batch_size=1, interval=60.0, min_request_interval=0.0,
+                        retry=RetryPolicy(retries=5, base=30.0, max_delay=30.0),
+                        rng=random.Random(1))
+    buffer.put(point(1))
+    uploader.start()
+    assert wait(lambda: uploader.stats.failures >= 1)  # now in a 30 s pause
+    uploader.stop(0.3)  # joins for at most 0.3 + 5 s
+    assert not uploader.running and len(buffer) == 1
+
+
+def test_rejected_points_are_named_and_an_index_past_the_batch_is_a_question_mark(caplog):
+    class Rejecting(CountingSink):
+        def send(self, points: list[Point], key: str) -> SendResult:
+            super().send(points, key)
+            return SendResult(len(points) - 2, [(1, "too long"), (len(points), "no such point")])
+
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, Rejecting(), interval=60.0, min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(4)])
+    with caplog.at_level(logging.WARNING, logger="plexus.uploader"):
+        run_until_flushed(uploader)
+    assert [r.getMessage() for r in caplog.records if r.name == "plexus.uploader"] == [
+        "counting rejected point 'm1' and it was dropped: too long",
+        "counting rejected point '?' and it was dropped: no such point"]
+    assert uploader.stats.last_rejection == "?: no such point"
+    assert (uploader.stats.rejected, uploader.stats.delivered) == (2, 2)
+    assert buffer.loss_counts()["rejected"] == 2 and len(buffer) == 0
+
+
+def test_a_sink_that_raises_is_logged_with_its_traceback_and_a_success_clears_the_error(caplog):
+    class RaisesOnce(CountingSink):
+        raised = False
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            if not self.raised:
+                self.raised = True
+                raise RuntimeError("plugin bug")
+            return super().send(points, key)
+
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, RaisesOnce(), interval=60.0, sleep=Sleeps(),
+                        min_request_interval=0.0)
+    buffer.put(point(1))
+    before = time.time()
+    with caplog.at_level(logging.DEBUG, logger="plexus.uploader"):
+        run_until_flushed(uploader)
+    raised = [r for r in caplog.records if r.getMessage() == "sink counting raised"]
+    assert len(raised) == 1 and raised[0].exc_info is not None
+    assert str(raised[0].exc_info[1]) == "plugin bug"
+    stats = uploader.stats
+    assert (stats.failures, stats.retries, stats.delivered) == (1, 1, 1)
+    assert stats.last_error is None
+    assert stats.last_success is not None and before <= stats.last_success <= time.time()
+
+
+def test_rate_ceiling_pauses_are_jittered_from_the_injected_rng():
+    class Throttled(CountingSink):
+        answers = 2
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            if self.answers:
+                self.answers -= 1
+                raise RetryableSinkError("rate ceiling", retry_after=0.2)
+            return super().send(points, key)
+
+    sleeps = Sleeps()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, Throttled(), interval=60.0, sleep=sleeps, rng=random.Random(4),
+                        min_request_interval=0.0)
+    buffer.put(point(1))
+    run_until_flushed(uploader)
+    same = random.Random(4)
+    assert sleeps.pauses == [0.2 * same.uniform(0.75, 1.25) for _ in range(2)]
+    assert uploader.stats.failures == 0
+
+
+def test_sending_since_is_set_only_while_a_request_is_on_the_wire():
+    seen: list[float | None] = []
+
+    class Watching(CountingSink):
+        def send(self, points: list[Point], key: str) -> SendResult:
+            seen.append(uploader.sending_since)
+            return super().send(points, key)
+
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, Watching(), interval=60.0, min_request_interval=0.0)
+    assert uploader.sending_since is None
+    buffer.put(point(1))
+    before = time.monotonic()
+    run_until_flushed(uploader)
+    assert len(seen) == 1 and seen[0] is not None and before <= seen[0] <= time.monotonic()
+    assert uploader.sending_since is None
+
+
+def test_a_one_byte_request_is_charged():
+    sink = CountingSink(cost=lambda i: 1)
+    budget = ByteBudget(1_000_000, 100, clock=SteppingClock())
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=1, budget=budget,
+                        min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(3)])
+    run_until_flushed(uploader)
+    assert budget.charged == 3
+
+
+def test_after_stop_a_full_buffer_drops_instead_of_waiting_for_room():
+    buffer = MemoryBuffer(5)  # when_full="block": producers wait only while an uploader runs
+    uploader = Uploader(buffer, CountingSink(), interval=60.0)
+    uploader.start()
+    uploader.stop(1.0)
+    done = threading.Event()
+    threading.Thread(target=lambda: (buffer.put_many([point(i) for i in range(5)]),
+                                     buffer.put_many([point(i) for i in range(5, 8)]),
+                                     done.set()), daemon=True).start()
+    assert done.wait(10) and buffer.dropped == 3
+
+
+def test_stop_with_no_grace_makes_no_retry():
+    class Down(CountingSink):
+        def send(self, points: list[Point], key: str) -> SendResult:
+            raise RetryableSinkError("503")
+
+    sleeps = Sleeps()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, Down(), interval=60.0, sleep=sleeps, min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(3)])
+    uploader.start()
+    uploader.stop(0.0)
+    assert not uploader.running and len(buffer) == 3
+    assert uploader.stats.retries == 0 and sleeps.pauses == []
+
+
+def test_producers_wait_for_room_while_the_sink_delivers_and_again_once_it_recovers():
+    class FailsOnce(CountingSink):
+        failed = False
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            if not self.failed:
+                self.failed = True
+                raise RetryableSinkError("503")
+            return super().send(points, key)
+
+    sink = FailsOnce()
+    buffer = MemoryBuffer(5)
+    uploader = Uploader(buffer, sink, interval=60.0, sleep=Sleeps(), min_request_interval=0.0)
+    uploader.start()
+    try:
+        buffer.put(point(0))
+        assert uploader.flush(timeout=10)  # a failure, then a success: the sink delivers
+        buffer.put_many([point(i) for i in range(1, 6)])
+        buffer.put(point(6))  # one over the cap: waits until the uploader makes room
+        assert uploader.flush(timeout=10)
+    finally:
+        uploader.stop(1.0)
+    assert (buffer.waited, buffer.dropped) == (1, 0)
+    assert sorted(p[1] for r in sink.requests for p in r) == list(range(7))
+
+
+def test_a_success_ends_the_retry_count_even_with_more_batches_waiting():
+    class FailsFirstTries(CountingSink):
+        tries = 0
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            self.tries += 1
+            if self.tries in (1, 3):  # the first try of each of the two batches
+                raise RetryableSinkError("503")
+            return super().send(points, key)
+
+    sleeps = Sleeps()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, FailsFirstTries(), interval=60.0, max_batch=1, sleep=sleeps,
+                        rng=random.Random(3), min_request_interval=0.0)
+    buffer.put_many([point(0), point(1)])
+    run_until_flushed(uploader)
+    same = random.Random(3)
+    assert sleeps.pauses == [same.uniform(0.75, 1.25), same.uniform(0.75, 1.25)]  # 1 s twice
+
+
+def test_stop_waits_for_the_byte_budget_within_its_grace_period():
+    # 100 bytes a request at 1,000 bytes a second: 0.1 s between requests.
+    sink = CountingSink(cost=lambda i: 100)
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=1, min_request_interval=0.0,
+                        budget=ByteBudget(1000, 100))
+    buffer.put_many([point(i) for i in range(3)])
+    uploader.start()
+    uploader.stop(5.0)
+    assert len(sink.requests) == 3 and len(buffer) == 0
+
+
+def test_stop_gives_up_waiting_for_the_byte_budget_at_its_deadline():
+    # 1,000 bytes a request at 1 byte a second: the second request would wait 1,000 s.
+    sink = CountingSink(cost=lambda i: 1000)
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, batch_size=1, interval=60.0, max_batch=1,
+                        min_request_interval=0.0, budget=ByteBudget(1, 1))
+    buffer.put_many([point(i) for i in range(3)])
+    uploader.start()
+    assert wait(lambda: len(sink.requests) == 1)
+    uploader.stop(0.2)  # joins for at most 5.2 s
+    assert not uploader.running and len(sink.requests) == 1 and len(buffer) == 2
+
+
+def test_an_unexpected_error_is_logged_with_the_lane_and_kept_as_the_last_error(caplog):
+    class TakeFails(MemoryBuffer):
+        def take(self, max_points: int, newest: bool = False):  # type: ignore[no-untyped-def]
+            raise PlexusError("database is locked")
+
+    buffer = TakeFails()
+    uploader = Uploader(buffer, CountingSink(), interval=0.05, min_request_interval=0.0,
+                        label="lane-b")
+    buffer.put(point(1))
+    with caplog.at_level(logging.DEBUG, logger="plexus.uploader"):
+        uploader.start()
+        try:
+            assert wait(lambda: any(r.getMessage() == "uploader error" for r in caplog.records))
+            assert uploader.running
+        finally:
+            uploader.stop(0.1)
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert messages[0] == ("uploader for lane-b hit an unexpected error and goes on after a "
+                           "pause: PlexusError: database is locked")
+    debug = next(r for r in caplog.records if r.getMessage() == "uploader error")
+    assert debug.exc_info is not None and str(debug.exc_info[1]) == "database is locked"
+    assert uploader.stats.last_error == "PlexusError: database is locked"
+
+
+def test_stop_with_no_grace_sends_at_most_the_batch_under_way():
+    sink = CountingSink()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=1, min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(5)])
+    uploader.start()
+    uploader.stop(0.0)
+    assert len(sink.requests) <= 1 and len(buffer) == 5 - len(sink.requests)
+
+
+def test_the_uploader_defaults():
+    uploader = Uploader(MemoryBuffer(), CountingSink())
+    assert (uploader.batch_size, uploader.interval, uploader.max_batch,
+            uploader.min_request_interval) == (1000, 1.0, 10_000, 0.002)
+    assert (uploader.side, uploader.side_delivered, uploader.sending_since) == (None, 0, None)
+    assert uploader.label == "counting"
+    uploader.start()
+    try:
+        thread = next(t for t in threading.enumerate() if t.name == "plexus-uploader:counting")
+        assert thread.daemon is True  # never keeps the process alive
+    finally:
+        uploader.stop(1.0)
+
+
+def test_a_retry_is_logged_with_the_lane_the_error_and_the_pause(caplog):
+    class FailsOnce(CountingSink):
+        failed = False
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            if not self.failed:
+                self.failed = True
+                raise RetryableSinkError("503 from the platform")
+            return super().send(points, key)
+
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, FailsOnce(), interval=60.0, sleep=Sleeps(), rng=random.Random(3),
+                        min_request_interval=0.0, label="lane-c")
+    buffer.put(point(1))
+    with caplog.at_level(logging.INFO, logger="plexus.uploader"):
+        run_until_flushed(uploader)
+    pause = random.Random(3).uniform(0.75, 1.25)
+    assert [r.getMessage() for r in caplog.records if r.name == "plexus.uploader"] == [
+        f"sending to lane-c failed (503 from the platform); retry 1/3 in {pause:.1f} s"]
+
+
+def test_a_retry_goes_at_once_without_waiting_for_a_batch_or_the_interval():
+    class FailsOnce(CountingSink):
+        failed = False
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            if not self.failed:
+                self.failed = True
+                raise RetryableSinkError("503")
+            return super().send(points, key)
+
+    sink = FailsOnce()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, sleep=Sleeps(), min_request_interval=0.0)
+    buffer.put(point(1))
+    uploader.start()
+    try:
+        uploader.wake()  # one look at the buffer, no flush
+        assert wait(lambda: len(sink.requests) == 1)
+    finally:
+        uploader.stop(1.0)
+
+
+def test_a_permanently_throttled_first_batch_gets_exactly_100_quick_resends():
+    class Throttled(CountingSink):
+        def send(self, points: list[Point], key: str) -> SendResult:
+            raise RetryableSinkError("rate ceiling", retry_after=0.01)
+
+    sleeps = Sleeps()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, Throttled(), interval=60.0, sleep=sleeps,
+                        retry=RetryPolicy(retries=0), min_request_interval=0.0)
+    buffer.put(point(1))
+    uploader.start()
+    try:
+        with pytest.raises(DeliveryError, match="rate ceiling"):
+            uploader.flush(timeout=10)
+    finally:
+        uploader.stop(0.0)
+    assert len(sleeps.pauses) == 100
+
+
+def test_stopping_with_the_retries_spent_gives_up_once_and_says_why(caplog):
+    class Down(CountingSink):
+        tries = 0
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            self.tries += 1
+            raise RetryableSinkError("503 from the platform")
+
+    sink = Down()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, retry=RetryPolicy(retries=0),
+                        min_request_interval=0.0)
+    buffer.put(point(1))
+    uploader.start()
+    with caplog.at_level(logging.WARNING, logger="plexus.uploader"):
+        uploader.stop(5.0)
+    assert sink.tries == 1 and not uploader.running and len(buffer) == 1
+    assert [r.getMessage() for r in caplog.records if r.name == "plexus.uploader"] == [
+        "delivery to counting failed, keeping 1 points buffered: 503 from the platform"]
+
+
+def test_stopping_past_the_deadline_gives_up_and_says_why(caplog):
+    class Down(CountingSink):
+        def send(self, points: list[Point], key: str) -> SendResult:
+            raise RetryableSinkError("503 from the platform")
+
+    looked = threading.Event()
+
+    def gate() -> bool:  # open; tells when the uploader starts a cycle
+        if threading.current_thread().name.startswith("plexus-uploader"):
+            looked.set()
+        return True
+
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, Down(), interval=60.0, gate=gate, sleep=Sleeps(),
+                        min_request_interval=0.0)
+    buffer.put(point(1))
+    uploader.start()
+    assert looked.wait(10)  # the cycle waits for a batch: stop() sends it on
+    with caplog.at_level(logging.WARNING, logger="plexus.uploader"):
+        uploader.stop(0.0)
+    assert [r.getMessage() for r in caplog.records if r.name == "plexus.uploader"] == [
+        "delivery to counting failed, keeping 1 points buffered: 503 from the platform"]
+
+
+def test_the_uploader_goes_on_after_finding_nothing_to_take_or_a_hold_beginning():
+    answers = [True, False]  # open at the cycle's start, held once it has the lock
+    calls: list[int] = []
+
+    def gate() -> bool:
+        if not threading.current_thread().name.startswith("plexus-uploader"):
+            return True
+        calls.append(1)
+        return answers.pop(0) if answers else True
+
+    sink = CountingSink()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, batch_size=1, interval=0.01, gate=gate,
+                        min_request_interval=0.0)
+    buffer.put(point(1))
+    uploader.start()
+    try:
+        assert wait(lambda: len(sink.requests) == 1)
+        assert wait(lambda: len(calls) >= 10)  # empty looks every 0.01 s
+        assert uploader.running
+    finally:
+        uploader.stop(1.0)
+
+
+def test_after_giving_up_the_next_flush_tries_again_without_an_unexpected_error(caplog):
+    class Down(CountingSink):
+        tries = 0
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            self.tries += 1
+            raise RetryableSinkError("503")
+
+    sink = Down()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, retry=RetryPolicy(retries=0),
+                        min_request_interval=0.0)
+    buffer.put(point(1))
+    with caplog.at_level(logging.WARNING, logger="plexus.uploader"):
+        uploader.start()
+        try:
+            for _ in range(2):
+                with pytest.raises(DeliveryError, match=r"^delivery to counting failed \(503\)"):
+                    uploader.flush(timeout=10)
+        finally:
+            uploader.stop(0.0)
+    assert sink.tries == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_backlog_alternates_oldest_and_newest_batches_while_more_than_two_batches_wait():
+    sink = CountingSink()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=100, min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(1000)])
+    run_until_flushed(uploader)
+    # 1000 waiting: oldest, newest, oldest... until 200 or fewer wait, then oldest first.
+    assert [r[0][1] for r in sink.requests] == [0, 900, 100, 800, 200, 700, 300, 600, 400, 500]
+
+
+def test_exactly_a_batch_left_after_a_take_goes_without_waiting_for_the_interval():
+    looked = threading.Event()
+
+    def gate() -> bool:  # always open; tells when the uploader starts a cycle
+        if threading.current_thread().name.startswith("plexus-uploader"):
+            looked.set()
+        return True
+
+    sink = CountingSink()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, batch_size=10, interval=60.0, max_batch=5, gate=gate,
+                        min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(9)])
+    uploader.start()
+    try:
+        assert looked.wait(10)  # fewer than a batch: it goes to wait for more
+        buffer.put_many([point(i) for i in range(9, 15)])  # one wake-up; then 10 are left
+        assert wait(lambda: len(sink.requests) == 2)
+    finally:
+        uploader.stop(0.0)
+    assert [len(r) for r in sink.requests[:2]] == [5, 5]
+
+
+def test_a_hold_that_begins_while_waiting_for_the_budget_leaves_the_uploader_running():
+    holding = [False]
+    looks_while_held: list[int] = []
+
+    def gate() -> bool:
+        if holding[0] and threading.current_thread().name.startswith("plexus-uploader"):
+            looks_while_held.append(1)
+        return not holding[0]
+
+    # 1,000 bytes a request at 1 byte a second: the second request waits for the budget.
+    sink = CountingSink(cost=lambda i: 1000)
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, batch_size=1, interval=60.0, max_batch=1, gate=gate,
+                        min_request_interval=0.0, budget=ByteBudget(1, 1))
+    buffer.put_many([point(i) for i in range(3)])
+    uploader.start()
+    try:
+        assert wait(lambda: len(sink.requests) == 1)
+        holding[0] = True
+        assert wait(lambda: len(looks_while_held) >= 3)  # it keeps looking at the gate
+        assert uploader.running and len(sink.requests) == 1
+    finally:
+        uploader.stop(0.0)
+
+
+def test_a_rate_ceiling_answer_while_stopping_is_resent_and_is_no_failure():
+    class ThrottledOnce(CountingSink):
+        throttled = False
+
+        def send(self, points: list[Point], key: str) -> SendResult:
+            if not self.throttled:
+                self.throttled = True
+                raise RetryableSinkError("rate ceiling", retry_after=0.01)
+            return super().send(points, key)
+
+    sink = ThrottledOnce()
+    buffer = MemoryBuffer()
+    uploader = Uploader(buffer, sink, interval=60.0, sleep=Sleeps(), min_request_interval=0.0)
+    buffer.put(point(1))
+    uploader.start()
+    uploader.stop(5.0)
+    assert len(sink.requests) == 1 and len(buffer) == 0
+    assert (uploader.stats.failures, uploader.stats.retries) == (0, 0)

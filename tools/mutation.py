@@ -5,6 +5,7 @@
     .venv/bin/python tools/mutation.py all         # every module, in turn
     .venv/bin/python tools/mutation.py --list      # the modules and their tests
     .venv/bin/python tools/mutation.py --report    # the scores of the last runs
+    .venv/bin/python tools/mutation.py buffer --retest   # after adding tests: see below
 
 Each module gets its own work folder ``.mutation/<module>/`` (git-ignored),
 with ``plexus/``, ``tests/`` and the rest of the tree linked in and a
@@ -15,6 +16,13 @@ a string changed, a call removed...) and runs the tests that cover the
 mutated function. A mutant the tests notice is *killed*; one they do not
 notice *survived*. Results are cached per module, so a second run only
 tests what changed.
+
+mutmut keeps a verdict until the mutated function changes: a test added later
+does not re-test a survivor, and a function added to the module after the
+test map was made gets "no tests". ``--retest`` rebuilds the map of which tests
+reach which function and re-tests every mutant not yet killed (survived, no
+tests, or not run), and every one listed as equivalent, keeping the other
+killed ones.
 
 Runs are CPU-heavy: they run under ``nice -n 19`` with one test process at a
 time (``--max-children`` to change it). The focused test selections below
@@ -90,15 +98,36 @@ def workdir(module: str, tests_from: Path | None = None) -> Path:
     return work
 
 
-def run(module: str, max_children: int, tests_from: Path | None = None) -> dict[str, int]:
+def run(module: str, max_children: int, tests_from: Path | None = None,
+        retest: bool = False) -> dict[str, int]:
     work = workdir(module, tests_from)
     mutmut = Path(sys.executable).with_name("mutmut")
     if not mutmut.exists():
         sys.exit("mutmut is not installed: .venv/bin/pip install -e '.[mutation]'")
     env = {**os.environ, "PLEXUS_MUTATION": "1"}
-    subprocess.run(["nice", "-n", "19", str(mutmut), "run", "--max-children", str(max_children)],
-                   cwd=work, env=env, check=False)
+    names = _not_killed(work) if retest else []
+    if retest:
+        # A fresh test map: new tests and new functions are both seen.
+        (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
+        if not names:
+            return score(module if tests_from is None else f"{module}@baseline")
+    subprocess.run(["nice", "-n", "19", str(mutmut), "run", "--max-children", str(max_children),
+                    *names], cwd=work, env=env, check=False)
     return score(module if tests_from is None else f"{module}@baseline")
+
+
+def _not_killed(work: Path) -> list[str]:
+    """The mutants of a work folder that survived, had no tests or were not run yet,
+    and those listed as equivalent that a test killed all the same: the entry is
+    wrong, or a test failed for another reason (a timing-sensitive one, on a busy
+    machine), and a second look tells which."""
+    names = []
+    known = equivalents()
+    for meta in (work / "mutants").rglob("*.meta"):
+        for name, code in json.loads(meta.read_text()).get("exit_code_by_key", {}).items():
+            if _verdict(code) in ("survived", "no tests", "not run") or name in known:
+                names.append(name)
+    return sorted(names)
 
 
 def equivalents() -> dict[str, str]:
@@ -110,7 +139,8 @@ def equivalents() -> dict[str, str]:
 
 def score(module: str) -> dict[str, int]:
     """Count the verdicts of ``mutants/**/*.meta`` (mutmut's own result files); a
-    survivor listed as equivalent in docs/testing.md counts as "equivalent"."""
+    mutant listed as equivalent in docs/testing.md counts as "equivalent" when no
+    test killed it (survived, or no test reaches it)."""
     work = WORK / module
     counts: dict[str, int] = {}
     survivors: list[str] = []
@@ -119,7 +149,7 @@ def score(module: str) -> dict[str, int]:
         data = json.loads(meta.read_text())
         for name, code in data.get("exit_code_by_key", {}).items():
             verdict = _verdict(code)
-            if verdict == "survived" and name in known:
+            if verdict in ("survived", "no tests") and name in known:
                 verdict = "equivalent"
             counts[verdict] = counts.get(verdict, 0) + 1
             if verdict == "survived":
@@ -197,6 +227,9 @@ def main() -> int:
                              "equivalent for the named modules, to check them by eye")
     parser.add_argument("--clean", action="store_true",
                         help="forget the cached results of the named modules first")
+    parser.add_argument("--retest", action="store_true",
+                        help="rebuild the map of tests and re-test every mutant not killed "
+                             "(after adding tests, or when the module gained functions)")
     parser.add_argument("--max-children", type=int, default=1)
     parser.add_argument("--baseline", metavar="TESTS_DIR", type=Path,
                         help="score the module against another tests/ folder (e.g. the tests "
@@ -224,7 +257,7 @@ def main() -> int:
             show_survivors(module, listed=args.equivalents)
             continue
         result = run(module, args.max_children,
-                     args.baseline.resolve() if args.baseline else None)
+                     args.baseline.resolve() if args.baseline else None, retest=args.retest)
         print(f"{module}: " + ", ".join(f"{k} {v}" for k, v in result.items()
                                       if k != "survivors"), flush=True)
     if not (args.survivors or args.equivalents):
