@@ -461,6 +461,12 @@ class Uploader:
                 self._state.notify_all()
             if self._stop.is_set() or self._flush_requests > 0:
                 self._wake.wait(0.01)  # nothing left: let flush()/stop() notice
+            elif len(self.buffer) >= self.batch_size:
+                # Points counted but none to take (still in flight: their
+                # acknowledgement failed). _await_work would not wait for them:
+                # look again after an interval, not at once.
+                self._wake.wait(self.interval)
+                self._wake.clear()
         return batch
 
     def _wait_after_auth_failure(self) -> bool:

@@ -889,6 +889,33 @@ def test_a_buffer_that_fails_to_acknowledge_is_logged_and_the_uploader_goes_on(c
         "sent again (with the same Idempotency-Key)"]
 
 
+def test_points_stuck_in_flight_do_not_make_the_uploader_spin():
+    # An acknowledgement that keeps failing leaves a full batch in flight: the
+    # uploader must wait between looks instead of asking the buffer again at once.
+    class AckFails(MemoryBuffer):
+        takes = 0
+
+        def take(self, limit, newest=False):  # type: ignore[no-untyped-def]
+            AckFails.takes += 1
+            return super().take(limit, newest=newest)
+
+        def ack(self, batch) -> None:  # type: ignore[no-untyped-def]
+            raise OSError("disk full")
+
+    sink = CountingSink()
+    buffer = AckFails()
+    uploader = Uploader(buffer, sink, batch_size=5, interval=0.05, min_request_interval=0.0)
+    buffer.put_many([point(i) for i in range(5)])
+    uploader.start()
+    try:
+        assert wait(lambda: len(sink.requests) == 1)
+        looks = AckFails.takes
+        time.sleep(0.5)
+        assert AckFails.takes - looks <= 50  # a spinning uploader looks ~100,000 times
+    finally:
+        uploader.stop(0.1)
+
+
 def test_a_flush_tries_a_refused_key_again_at_once():
     class RefusedOnce(CountingSink):
         refused = False
