@@ -56,8 +56,19 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "buffer": (["plexus/buffer.py"], ["tests/test_memory_buffer.py", "tests/test_buffer.py",
                                       "--deselect",
                                       "tests/test_buffer.py::test_live_points_overtake_a_backlog"]),
+    # The in-process tests that drive a real SqliteBuffer (test_sqlite_buffer.py: its
+    # own; the reliability ones: the model, damaged and unwritable files, a full disk).
+    # Deselected: a steady stream that takes 3 s whatever the mutant (every survivor
+    # paid it) and the memory buffer's timing-sensitive backlog test.
     "sqlite_buffer": (["plexus/sqlite_buffer.py"],
-                      ["tests/test_buffer.py", "tests/reliability/test_buffers.py"]),
+                      ["tests/test_sqlite_buffer.py", "tests/test_buffer.py",
+                       "tests/reliability/test_buffers.py",
+                       "tests/reliability/test_buffer_damage.py",
+                       "tests/reliability/test_buffer_files.py",
+                       "--deselect",
+                       "tests/test_buffer.py::test_live_points_overtake_a_backlog",
+                       "--deselect", "tests/reliability/test_buffers.py::"
+                       "test_inbox_stays_small_under_a_steady_stream"]),
     "inbox": (["plexus/inbox.py"], ["tests/test_inbox.py", "tests/test_buffer.py",
                                     "tests/reliability/test_buffer_damage.py"]),
     "codec": (["plexus/codec.py"], ["tests/test_codec.py"]),

@@ -1,0 +1,458 @@
+"""The persistent buffer's bookkeeping, exactly: owners, loss counts, block sizes,
+stats of a file not taken over, waiting for room, damaged blocks, files of earlier
+schemas. Each test drives a real SqliteBuffer in tmp_path (in-process, so a
+mutation run reaches it)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from plexus.sqlite_buffer import SqliteBuffer, buffer_stats, recorded_owner
+
+T0 = 1700000000000
+
+
+def pts(start: int, stop: int) -> list[tuple[str, int, int, None]]:
+    return [("seq", i, T0 + i, None) for i in range(start, stop)]
+
+
+def blocks(path: Path) -> list[tuple[int, int]]:
+    """(id, count) of each stored block, in id order."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT id, count FROM blocks ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+def test_repr_names_the_file_and_the_points(tmp_path):
+    buf = SqliteBuffer(tmp_path / "b.db", sync_interval=3600)
+    try:
+        buf.put_many(pts(0, 3))
+        assert repr(buf) == f"SqliteBuffer({str(tmp_path / 'b.db')!r}, points=3)"
+    finally:
+        buf.close()
+
+
+def test_the_first_claim_owns_the_file(tmp_path):
+    path = tmp_path / "b.db"
+    assert recorded_owner(path) is None  # no file
+    buf = SqliteBuffer(path, sync_interval=3600)
+    buf.close()
+    assert recorded_owner(path) is None  # a file nobody claimed
+    buf = SqliteBuffer(path, sync_interval=3600)
+    buf.claim("sink-a")
+    buf.claim("sink-b")  # a second claim changes nothing
+    buf.close()
+    assert recorded_owner(path) == "sink-a"
+    (tmp_path / "other.db").write_bytes(b"not a database at all" * 100)
+    assert recorded_owner(tmp_path / "other.db") is None
+
+
+def test_loss_counts_are_stored_with_the_acknowledgement(tmp_path):
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    assert buf.loss_counts() == {"buffer_full": 0, "rejected": 0}
+    buf.put_many(pts(0, 10))
+    batch = buf.take(100)
+    assert batch is not None and batch.count == 10
+    buf.count_rejected(4)
+    assert buf.rejected == 4
+    assert buf.loss_counts() == {"buffer_full": 0, "rejected": 4}
+    buf.ack(batch)
+    buf.count_rejected(1)  # not acknowledged yet: stored at close
+    buf.close()
+    again = SqliteBuffer(path, sync_interval=3600)
+    try:
+        assert again.loss_counts() == {"buffer_full": 0, "rejected": 5}
+    finally:
+        again.close()
+
+
+def test_block_limit_sets_the_points_per_block(tmp_path):
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, max_points=40, sync_interval=3600)
+    try:
+        assert buf.block_points == 10  # a quarter of the cap
+        buf.set_block_limit(3)
+        assert buf.block_points == 3
+        buf.put_many(pts(0, 7))
+        buf.sync()
+        assert [c for _, c in blocks(path)] == [3, 3, 1]
+        buf.set_block_limit(100)
+        assert buf.block_points == 10  # never over a quarter of the cap
+        buf.set_block_limit(0)
+        assert buf.block_points == 1
+    finally:
+        buf.close()
+
+
+def test_take_returns_whole_blocks_up_to_the_limit(tmp_path):
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        buf.set_block_limit(3)
+        buf.put_many(pts(0, 10))
+        buf.sync()
+        batch = buf.take(7)
+        assert batch is not None
+        assert [p[1] for p in batch.points] == list(range(6))  # 2 blocks of 3; 3 would be 9
+        first = blocks(path)[0][0]
+        assert batch.key.endswith(f"-{first}-{first + 1}-6")
+        buf.ack(batch)
+        newest = buf.take(3, newest=True)
+        assert newest is not None
+        assert [p[1] for p in newest.points] == [9]  # the newest block alone; 3 more would be 4
+        buf.ack(newest)
+        rest = buf.take(100)
+        assert rest is not None and [p[1] for p in rest.points] == [6, 7, 8]
+        buf.ack(rest)
+        assert len(buf) == 0 and buf.take(100) is None
+    finally:
+        buf.close()
+
+
+def test_stats_of_a_buffer_describe_blocks_and_inbox(tmp_path):
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    buf.set_block_limit(3)
+    buf.put_many(pts(5, 25))
+    buf.count_rejected(2)
+    batch = buf.take(3)
+    assert batch is not None
+    buf.ack(batch)
+    buf.close()
+    stats = buffer_stats(path)
+    assert stats["path"] == str(path)
+    assert stats["points"] == 17
+    assert (stats["oldest_ms"], stats["newest_ms"]) == (T0 + 8, T0 + 24)
+    assert stats["losses"] == {"rejected": 2}
+    assert stats["bytes"] == path.stat().st_size
+    # Records still in the inbox (a buffer that did not close): counted, and their stamps.
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        buf.put_many(pts(40, 44))
+        stats = buffer_stats(path)
+        assert stats["points"] == 21
+        assert (stats["oldest_ms"], stats["newest_ms"]) == (T0 + 8, T0 + 43)
+        assert stats["bytes"] > path.stat().st_size
+    finally:
+        buf.close()
+
+
+def test_stats_of_an_empty_buffer(tmp_path):
+    path = tmp_path / "b.db"
+    SqliteBuffer(path, sync_interval=3600).close()
+    stats = buffer_stats(path)
+    assert (stats["points"], stats["oldest_ms"], stats["newest_ms"], stats["losses"]) == \
+        (0, None, None, {})
+
+
+def test_a_producer_waits_for_room_while_the_sink_delivers(tmp_path):
+    buf = SqliteBuffer(tmp_path / "b.db", max_points=4, sync_interval=3600)
+    woken: list[int] = []
+    buf.set_ready_callback(lambda: woken.append(1), at_points=1_000)
+    buf.set_consumer_running(True)
+    try:
+        buf.put_many(pts(0, 4))
+        assert woken == []
+        done = threading.Event()
+
+        def produce() -> None:
+            buf.put_many(pts(4, 6))
+            done.set()
+
+        producer = threading.Thread(target=produce)
+        producer.start()
+        assert not done.wait(0.5)  # no room: it waits (and wakes the uploader)
+        batch = buf.take(100)
+        assert batch is not None and batch.count == 2  # half the cap
+        buf.ack(batch)
+        producer.join(10)
+        assert done.is_set()
+        assert buf.waited == 1 and woken
+        assert len(buf) == 4 and buf.dropped == 0
+    finally:
+        buf.set_consumer_running(False)
+        buf.close()
+
+
+def test_a_damaged_block_is_set_aside_and_counted(tmp_path):
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    buf.set_block_limit(2)
+    buf.put_many(pts(0, 6))
+    buf.close()
+    ids = [i for i, _ in blocks(path)]
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE blocks SET crc = crc + 1 WHERE id = ?", (ids[0],))
+    conn.commit()
+    conn.close()
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        assert len(buf) == 6
+        batch = buf.take(100)
+        assert batch is not None and [p[1] for p in batch.points] == [2, 3, 4, 5]
+        assert buf.lost == {"unreadable": 2}
+        assert buf.loss_counts() == {"buffer_full": 0, "rejected": 0, "unreadable": 2}
+        assert len(buf) == 4
+        buf.ack(batch)
+    finally:
+        buf.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT id, reason FROM set_aside").fetchall() == \
+            [(ids[0], "unreadable block: CRC mismatch")]
+        assert conn.execute("SELECT name, value FROM counters").fetchall() == [("unreadable", 2)]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("drop", ["drop_oldest"])
+def test_dropped_blocks_are_counted_and_stored(tmp_path, drop):
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, max_points=8, sync_interval=3600, when_full=drop)
+    buf.put_many(pts(0, 8))
+    buf.sync()
+    assert [c for _, c in blocks(path)] == [2, 2, 2, 2]
+    buf.put_many(pts(8, 11))
+    buf.sync()
+    assert buf.dropped == 4  # two whole blocks
+    assert len(buf) == 7
+    buf.close()
+    again = SqliteBuffer(path, sync_interval=3600)
+    try:
+        assert again.loss_counts() == {"buffer_full": 4, "rejected": 0}
+        batch = again.take(100)
+        assert batch is not None and [p[1] for p in batch.points] == list(range(4, 11))
+    finally:
+        again.close()
+
+
+def test_a_block_of_an_unknown_layout_is_set_aside_with_the_reason_cut_to_200(tmp_path):
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    buf.put_many(pts(0, 3))
+    buf.close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE blocks SET codec = ?", ("x" * 300,))
+    conn.commit()
+    conn.close()
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        assert buf.take(100) is None
+        assert buf.lost == {"unreadable": 3} and len(buf) == 0
+    finally:
+        buf.close()
+    conn = sqlite3.connect(path)
+    try:
+        (reason,) = conn.execute("SELECT reason FROM set_aside").fetchone()
+    finally:
+        conn.close()
+    assert reason == ("unreadable block: unknown block layout '" + "x" * 300)[:200]
+
+
+def test_the_ready_callback_fires_once_per_take_and_on_request(tmp_path):
+    buf = SqliteBuffer(tmp_path / "b.db", sync_interval=3600)
+    calls: list[int] = []
+    buf.set_ready_callback(lambda: calls.append(len(buf)), at_points=3)
+    buf.set_consumer_running(True)
+    try:
+        buf.put(pts(0, 1)[0])
+        buf.put(pts(1, 2)[0])
+        assert calls == []
+        buf.put(pts(2, 3)[0])
+        assert calls == [3]
+        buf.put_many(pts(3, 5))
+        assert calls == [3]  # woken already: once until it takes
+        batch = buf.take(100)
+        assert batch is not None and batch.count == 5
+        buf.ack(batch)
+        buf.put(pts(5, 6)[0])
+        assert calls == [3]  # one point waits, fewer than 3
+        buf.wake_on_next_put()
+        buf.put(pts(6, 7)[0])
+        assert calls == [3, 2]
+        buf.put(pts(7, 8)[0])
+        assert calls == [3, 2]
+        assert buf.waited == 0
+    finally:
+        buf.set_consumer_running(False)
+        buf.close()
+
+
+def test_the_first_file_moved_aside_gets_a_free_name(tmp_path, monkeypatch, caplog):
+    import time
+
+    real = time.strftime
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "STAMP" if fmt == "%Y%m%dT%H%M%S"
+                        else real(fmt, *a))
+    path = tmp_path / "b.db"
+    # A database of something else, its WAL and shared memory kept by an open connection.
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("PRAGMA journal_mode=WAL")
+    other.execute("PRAGMA wal_autocheckpoint=0")
+    other.execute("CREATE TABLE other (x)")
+    other.execute("INSERT INTO other VALUES (42)")
+    (tmp_path / "b.db.corrupt-STAMP").write_bytes(b"older")
+    (tmp_path / "b.db.corrupt-STAMP-1").write_bytes(b"older still")
+    try:
+        SqliteBuffer(path, sync_interval=3600).close()
+        aside = tmp_path / "b.db.corrupt-STAMP-2"
+        assert Path(f"{aside}-wal").stat().st_size > 0
+        assert Path(f"{aside}-shm").exists()
+    finally:
+        other.close()
+    conn = sqlite3.connect(aside)
+    try:
+        assert conn.execute("SELECT x FROM other").fetchall() == [(42,)]
+    finally:
+        conn.close()
+    assert (tmp_path / "b.db.corrupt-STAMP").read_bytes() == b"older"
+    assert (tmp_path / "b.db.corrupt-STAMP-1").read_bytes() == b"older still"
+
+
+def _old_buffer(path: Path, rows: int, inboxes: dict[int, bytes], gen: int = 3) -> None:
+    """A buffer of schema 2: one row per point, inbox files of (length, CRC, payload)."""
+    import orjson
+
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    conn.execute("CREATE TABLE points (id INTEGER PRIMARY KEY AUTOINCREMENT, data BLOB NOT NULL)")
+    conn.executemany("INSERT INTO points (data) VALUES (?)",
+                     [(orjson.dumps(("seq", i, T0 + i, None)),) for i in range(rows)])
+    conn.execute("INSERT INTO meta VALUES ('schema', '2'), ('uuid', 'abc'), "
+                 "('inbox_gen', ?), ('inbox_offset', '0')", (str(gen),))
+    conn.commit()
+    conn.close()
+    for n, blob in inboxes.items():
+        Path(f"{path}.inbox.{n}").write_bytes(blob)
+
+
+def _old_records(values: range | list[int], crc_off: int = 0) -> bytes:
+    import struct
+    import zlib
+
+    import orjson
+
+    out = b""
+    for i in values:
+        data = orjson.dumps(("seq", i, T0 + i, None))
+        out += struct.pack("<II", len(data), zlib.crc32(data) + crc_off) + data
+    return out
+
+
+def _old_raw(payload: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack("<II", len(payload), zlib.crc32(payload)) + payload
+
+
+def test_point_rows_of_schema_2_become_blocks(tmp_path, caplog):
+    path = tmp_path / "b.db"
+    _old_buffer(path, rows=5, inboxes={})
+    caplog.set_level("INFO", logger="plexus.buffer")
+    buf = SqliteBuffer(path, max_points=8, sync_interval=3600)  # blocks of 2
+    try:
+        assert len(buf) == 5
+        assert [c for _, c in blocks(path)] == [2, 2, 1]
+        batch = buf.take(100)
+        assert batch is not None and [p[1] for p in batch.points] == [0, 1, 2, 3]
+    finally:
+        buf.close()
+    assert f"converted the buffer {path} to schema 4" in caplog.messages
+
+
+def test_old_inbox_records_are_read_to_the_last_whole_one(tmp_path):
+    path = tmp_path / "b.db"
+    # Ends exactly at a record's end; a record of one byte counts too.
+    _old_buffer(path, rows=0, inboxes={3: _old_raw(b"7") + _old_records(range(4))})
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        assert len(buf) == 5 and buf.torn_records == 0 and buf.lost == {}
+    finally:
+        buf.close()
+
+
+def test_old_inbox_stops_at_a_bad_crc_or_a_short_tail(tmp_path):
+    path = tmp_path / "b.db"
+    blob = _old_records(range(3)) + _old_records([3], crc_off=1) + _old_records(range(4, 6))
+    _old_buffer(path, rows=0, inboxes={3: blob})
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        assert len(buf) == 3 and buf.torn_records == 1
+    finally:
+        buf.close()
+    path = tmp_path / "c.db"
+    _old_buffer(path, rows=0, inboxes={3: _old_records(range(3)) + b"\x05\x00\x00"})
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        assert len(buf) == 3 and buf.torn_records == 1
+    finally:
+        buf.close()
+
+
+def test_old_inbox_records_of_the_largest_size_are_kept(tmp_path):
+    from plexus import inbox
+
+    path = tmp_path / "b.db"
+    _old_buffer(path, rows=0, inboxes={3: _old_raw(b"x" * inbox.MAX_RECORD)
+                                       + _old_raw(b"x" * (inbox.MAX_RECORD + 1))})
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        assert len(buf) == 1 and buf.torn_records == 1
+    finally:
+        buf.close()
+
+
+def test_every_old_inbox_file_counts_as_sealed(tmp_path):
+    path = tmp_path / "b.db"
+    _old_buffer(path, rows=0, inboxes={3: _old_records(range(2)), 4: _old_records(range(2, 5))})
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        assert len(buf) == 5 and buf.lost == {}
+        batch = buf.take(100)
+        assert batch is not None and [p[1] for p in batch.points] == [0, 1, 2, 3, 4]
+    finally:
+        buf.close()
+
+
+def test_a_full_disk_keeps_points_in_memory_up_to_the_limit(tmp_path, monkeypatch, caplog):
+    from plexus import inbox, sqlite_buffer
+
+    def no_room(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        monkeypatch.setattr(inbox, "Segment", no_room)
+        points = pts(0, 5)
+        buf.put_many(points)
+        assert buf.spilled == 5 and len(buf) == 5
+        assert buf.stored_bytes == sum(len(buf.codec.record(p)) + inbox.HEADER_SIZE
+                                       for p in points)
+        assert (f"cannot make a buffer file beside {path} ([Errno 28] No space left on "
+                "device): keeping points in memory (at most 100000) until the disk has "
+                "room again") in caplog.messages
+        many = sqlite_buffer._SPILL_MAX_POINTS
+        buf.put_many(pts(5, many + 3))
+        assert buf.spilled == many + 3 and len(buf) == many
+        assert buf.dropped == 3
+        assert buf.loss_counts() == {"buffer_full": 3, "rejected": 0}
+        monkeypatch.undo()
+        batch = buf.take(4)
+        assert batch is not None and [p[1] for p in batch.points][:2] == [3, 4]
+        buf.ack(batch)
+    finally:
+        buf.close()
+    again = SqliteBuffer(path, sync_interval=3600)
+    try:
+        assert again.loss_counts()["buffer_full"] == 3
+    finally:
+        again.close()
