@@ -1112,16 +1112,24 @@ def buffer_stats(path: str | os.PathLike[str]) -> dict[str, Any]:
             stamps = []
         losses = dict(conn.execute("SELECT name, value FROM counters").fetchall()) \
             if "counters" in tables else {}
+        # How far the inbox is in SQLite: records before it are counted in the blocks.
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall()) \
+            if "meta" in tables else {}
     finally:
         conn.close()
+    moved_gen = int(meta.get("inbox_gen", "0") or 0)
+    moved_offset = int(meta.get("inbox_offset", "0") or 0)
     size = sum(Path(f"{p}{s}").stat().st_size for s in ("", "-wal") if Path(f"{p}{s}").exists())
     pending = 0
     for gen in inbox.segment_gens(p):
+        start = 0 if gen > moved_gen else moved_offset if gen == moved_gen else None
         try:
-            seg = inbox.read_segment(inbox.segment_path(p, gen), gen)
+            seg = inbox.read_segment(inbox.segment_path(p, gen), gen, start or 0)
         except OSError:
             continue
         size += seg.end
+        if start is None:
+            continue  # all in SQLite already, deleted after the next checkpoint
         pending += len(seg.records)
         if seg.codec_tag:
             codec = codec_for_tag(seg.codec_tag)

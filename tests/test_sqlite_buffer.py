@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from plexus import inbox
 from plexus.sqlite_buffer import SqliteBuffer, buffer_stats, recorded_owner
 
 T0 = 1700000000000
@@ -85,8 +86,48 @@ def test_block_limit_sets_the_points_per_block(tmp_path):
         assert [c for _, c in blocks(path)] == [3, 3, 1]
         buf.set_block_limit(100)
         assert buf.block_points == 10  # never over a quarter of the cap
+        buf.put_many(pts(7, 19))
+        buf.sync()
+        assert [c for _, c in blocks(path)] == [3, 3, 1, 10, 2]
         buf.set_block_limit(0)
         assert buf.block_points == 1
+    finally:
+        buf.close()
+    big = SqliteBuffer(tmp_path / "c.db", sync_interval=3600)
+    try:
+        big.set_block_limit(50_000)
+        assert big.block_points == 10_000  # never over what a request may carry
+    finally:
+        big.close()
+
+
+def test_records_go_straight_from_memory_while_sqlite_takes_nothing(tmp_path, monkeypatch):
+    from plexus import inbox
+
+    buf = SqliteBuffer(tmp_path / "b.db", sync_interval=3600)
+    try:
+        points = pts(0, 5)
+        buf.put_many(points)
+        size = sum(len(buf.codec.record(p)) + inbox.HEADER_SIZE for p in points)
+        assert buf.stored_bytes == size
+
+        def refuse(*args, **kwargs):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(buf, "_insert_blocks", refuse)
+        batch = buf.take(3)
+        assert batch is not None and [p[1] for p in batch.points] == [0, 1, 2]
+        assert buf.stored_bytes == size - sum(len(buf.codec.record(p)) + inbox.HEADER_SIZE
+                                              for p in points[:3])
+        assert len(buf) == 5
+        buf.release(batch)
+        assert buf.stored_bytes == size and len(buf) == 5
+        batch = buf.take(100)
+        assert batch is not None and [p[1] for p in batch.points] == [0, 1, 2, 3, 4]
+        assert buf.stored_bytes == 0
+        buf.ack(batch)
+        assert len(buf) == 0
+        monkeypatch.undo()
     finally:
         buf.close()
 
@@ -132,16 +173,32 @@ def test_stats_of_a_buffer_describe_blocks_and_inbox(tmp_path):
     assert (stats["oldest_ms"], stats["newest_ms"]) == (T0 + 8, T0 + 24)
     assert stats["losses"] == {"rejected": 2}
     assert stats["bytes"] == path.stat().st_size
-    # Records still in the inbox (a buffer that did not close): counted, and their stamps.
+    # Records still in the inbox (a buffer that did not close): counted once, the
+    # part already moved into SQLite (before the recorded position) not again.
     buf = SqliteBuffer(path, sync_interval=3600)
     try:
         buf.put_many(pts(40, 44))
+        buf.sync()
+        buf.put_many(pts(44, 46))
         stats = buffer_stats(path)
-        assert stats["points"] == 21
-        assert (stats["oldest_ms"], stats["newest_ms"]) == (T0 + 8, T0 + 43)
-        assert stats["bytes"] > path.stat().st_size
+        assert stats["points"] == len(buf) == 23
+        assert (stats["oldest_ms"], stats["newest_ms"]) == (T0 + 8, T0 + 45)
+        wal = Path(f"{path}-wal").stat().st_size
+        assert wal > 0
+        segments = [inbox.read_segment(inbox.segment_path(path, g), g).end
+                    for g in inbox.segment_gens(path)]
+        assert len(segments) == 1
+        assert stats["bytes"] == path.stat().st_size + wal + segments[0]
     finally:
         buf.close()
+
+
+def test_stats_of_a_buffer_of_schema_2(tmp_path):
+    path = tmp_path / "b.db"
+    _old_buffer(path, rows=5, inboxes={})
+    stats = buffer_stats(path)
+    assert (stats["points"], stats["oldest_ms"], stats["newest_ms"], stats["losses"]) == \
+        (5, None, None, {})
 
 
 def test_stats_of_an_empty_buffer(tmp_path):
@@ -432,6 +489,8 @@ def test_a_full_disk_keeps_points_in_memory_up_to_the_limit(tmp_path, monkeypatc
     buf = SqliteBuffer(path, sync_interval=3600)
     try:
         monkeypatch.setattr(inbox, "Segment", no_room)
+        # No early wake-up of the sync thread: the records stay in memory until take.
+        monkeypatch.setattr(sqlite_buffer, "_MOVE_AT_RECORDS", 1 << 40)
         points = pts(0, 5)
         buf.put_many(points)
         assert buf.spilled == 5 and len(buf) == 5
@@ -445,6 +504,8 @@ def test_a_full_disk_keeps_points_in_memory_up_to_the_limit(tmp_path, monkeypatc
         assert buf.spilled == many + 3 and len(buf) == many
         assert buf.dropped == 3
         assert buf.loss_counts() == {"buffer_full": 3, "rejected": 0}
+        assert buf.stored_bytes == sum(len(buf.codec.record(p)) + inbox.HEADER_SIZE
+                                       for p in pts(3, many + 3))
         monkeypatch.undo()
         batch = buf.take(4)
         assert batch is not None and [p[1] for p in batch.points][:2] == [3, 4]
