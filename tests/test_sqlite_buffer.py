@@ -5,6 +5,7 @@ mutation run reaches it)."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from plexus import inbox
+from plexus.codec import decompress
 from plexus.sqlite_buffer import SqliteBuffer, buffer_stats, recorded_owner
 
 T0 = 1700000000000
@@ -117,6 +119,10 @@ def test_records_go_straight_from_memory_while_sqlite_takes_nothing(tmp_path, mo
         monkeypatch.setattr(buf, "_insert_blocks", refuse)
         batch = buf.take(3)
         assert batch is not None and [p[1] for p in batch.points] == [0, 1, 2]
+        assert batch.codec_tag == "points"
+        assert decompress(batch.body) == buf.codec.block([buf.codec.record(p)
+                                                          for p in points[:3]])
+        assert re.fullmatch(r"[0-9a-f]{12}-mem-[0-9a-f]{8}", batch.key)
         assert buf.stored_bytes == size - sum(len(buf.codec.record(p)) + inbox.HEADER_SIZE
                                               for p in points[:3])
         assert len(buf) == 5
@@ -238,7 +244,15 @@ def test_a_producer_waits_for_room_while_the_sink_delivers(tmp_path):
         buf.close()
 
 
-def test_a_damaged_block_is_set_aside_and_counted(tmp_path):
+def stored_block_bytes(path: Path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM blocks").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_a_damaged_block_is_set_aside_and_counted(tmp_path, caplog):
     path = tmp_path / "b.db"
     buf = SqliteBuffer(path, sync_interval=3600)
     buf.set_block_limit(2)
@@ -257,7 +271,12 @@ def test_a_damaged_block_is_set_aside_and_counted(tmp_path):
         assert buf.lost == {"unreadable": 2}
         assert buf.loss_counts() == {"buffer_full": 0, "rejected": 0, "unreadable": 2}
         assert len(buf) == 4
+        assert buf.stored_bytes == stored_block_bytes(path)
+        assert (f"2 points in {path} could not be read back; their blocks were set aside "
+                f"(table set_aside, ids [{ids[0]}]) and counted as lost; delivery goes on"
+                ) in caplog.messages
         buf.ack(batch)
+        assert blocks(path) == []  # deleted by the acknowledgement itself
     finally:
         buf.close()
     conn = sqlite3.connect(path)
@@ -517,3 +536,96 @@ def test_a_full_disk_keeps_points_in_memory_up_to_the_limit(tmp_path, monkeypatc
         assert again.loss_counts()["buffer_full"] == 3
     finally:
         again.close()
+
+
+class _Refusing:
+    """A connection whose statements starting with ``prefix`` fail (a full disk)."""
+
+    def __init__(self, conn: sqlite3.Connection, prefix: str) -> None:
+        self._conn, self._prefix = conn, prefix
+
+    def __getattr__(self, name: str):
+        return getattr(self._conn, name)
+
+    def executemany(self, sql: str, rows):
+        if sql.startswith(self._prefix):
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._conn.executemany(sql, rows)
+
+
+def test_a_damaged_block_that_cannot_be_set_aside_is_skipped(tmp_path, caplog):
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    buf.set_block_limit(2)
+    buf.put_many(pts(0, 6))
+    buf.close()
+    ids = [i for i, _ in blocks(path)]
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE blocks SET crc = crc + 1 WHERE id = ?", (ids[0],))
+    conn.commit()
+    conn.close()
+    buf = SqliteBuffer(path, sync_interval=3600)
+    real = buf._conn
+    try:
+        buf._conn = _Refusing(real, "INSERT OR REPLACE INTO set_aside")  # type: ignore[assignment]
+        first = buf.take(2)
+        assert first is not None and [p[1] for p in first.points] == [2, 3]
+        assert (f"could not set aside unreadable blocks of {path}: database or disk is full"
+                in caplog.messages)
+        assert buf.lost == {"unreadable": 2} and len(buf) == 4
+        buf.ack(first)
+        second = buf.take(100)  # the damaged block stays skipped
+        assert second is not None and [p[1] for p in second.points] == [4, 5]
+        buf.ack(second)
+        assert len(buf) == 0
+    finally:
+        buf._conn = real
+        buf.close()
+
+
+def test_a_failed_trim_when_a_batch_is_given_back_is_logged(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        buf.put_many(pts(0, 3))
+        batch = buf.take(100)
+        assert batch is not None
+
+        def boom() -> None:
+            raise sqlite3.OperationalError("boom")
+
+        monkeypatch.setattr(buf, "_trim", boom)
+        buf.release(batch)
+        assert f"trimming {path} failed: boom" in caplog.messages
+        assert [r.levelname for r in caplog.records if "trimming" in r.message] == ["WARNING"]
+        monkeypatch.undo()
+        again = buf.take(100)
+        assert again is not None and again.key == batch.key
+        buf.ack(again)
+    finally:
+        buf.close()
+
+
+def test_single_puts_count_their_framed_bytes(tmp_path):
+    buf = SqliteBuffer(tmp_path / "b.db", sync_interval=3600)
+    try:
+        for p in pts(0, 3):
+            buf.put(p)
+        assert buf.stored_bytes == sum(len(buf.codec.record(p)) + inbox.HEADER_SIZE
+                                       for p in pts(0, 3))
+        assert len(buf) == 3
+    finally:
+        buf.close()
+
+
+def test_a_second_file_moved_aside_in_the_same_second_gets_suffix_1(tmp_path, monkeypatch):
+    import time
+
+    real = time.strftime
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "STAMP" if fmt == "%Y%m%dT%H%M%S"
+                        else real(fmt, *a))
+    path = tmp_path / "b.db"
+    path.write_bytes(b"garbage " * 1000)
+    (tmp_path / "b.db.corrupt-STAMP").write_bytes(b"older")
+    SqliteBuffer(path, sync_interval=3600).close()
+    assert (tmp_path / "b.db.corrupt-STAMP-1").read_bytes() == b"garbage " * 1000
