@@ -277,6 +277,11 @@ def test_a_damaged_block_is_set_aside_and_counted(tmp_path, caplog):
                 ) in caplog.messages
         buf.ack(batch)
         assert blocks(path) == []  # deleted by the acknowledgement itself
+        conn = sqlite3.connect(path)
+        try:  # and the record of the batch in flight with them
+            assert conn.execute("SELECT value FROM meta WHERE key = 'in_flight'").fetchall() == []
+        finally:
+            conn.close()
     finally:
         buf.close()
     conn = sqlite3.connect(path)
@@ -629,3 +634,26 @@ def test_a_second_file_moved_aside_in_the_same_second_gets_suffix_1(tmp_path, mo
     (tmp_path / "b.db.corrupt-STAMP").write_bytes(b"older")
     SqliteBuffer(path, sync_interval=3600).close()
     assert (tmp_path / "b.db.corrupt-STAMP-1").read_bytes() == b"garbage " * 1000
+
+
+def test_losses_of_one_reason_add_up(tmp_path):
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    buf.set_block_limit(2)
+    buf.put_many(pts(0, 6))
+    buf.close()
+    ids = [i for i, _ in blocks(path)]
+    conn = sqlite3.connect(path)
+    conn.executemany("UPDATE blocks SET crc = crc + 1 WHERE id = ?", [(ids[0],), (ids[2],)])
+    conn.commit()
+    conn.close()
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        first = buf.take(2)
+        assert first is not None and [p[1] for p in first.points] == [2, 3]
+        buf.ack(first)
+        assert buf.take(2) is None  # the last block was damaged too
+        assert buf.lost == {"unreadable": 4}
+        assert buf.loss_counts()["unreadable"] == 4
+    finally:
+        buf.close()
