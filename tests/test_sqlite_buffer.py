@@ -657,3 +657,58 @@ def test_losses_of_one_reason_add_up(tmp_path):
         assert buf.loss_counts()["unreadable"] == 4
     finally:
         buf.close()
+
+
+def test_batches_of_blocks_carry_their_body_and_layout(tmp_path):
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        buf.set_block_limit(2)
+        points = pts(0, 5)
+        buf.put_many(points)
+        records = [buf.codec.record(p) for p in points]
+        one = buf.take(2)  # a single block: as stored
+        assert one is not None and one.codec_tag == "points"
+        assert decompress(one.body) == buf.codec.block(records[:2])
+        with pytest.raises(RuntimeError, match="^SqliteBuffer holds one batch in flight at a "
+                                               "time$"):
+            buf.take(2)
+        buf.ack(one)
+        two = buf.take(100)  # two blocks joined into one body
+        assert two is not None and two.codec_tag == "points"
+        assert decompress(two.body) == buf.codec.block(records[2:])
+        buf.ack(two)
+    finally:
+        buf.close()
+
+
+def test_blocks_that_cannot_be_joined_are_set_aside_together(tmp_path):
+    import zlib
+
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    buf.set_block_limit(2)
+    buf.put_many(pts(0, 6))
+    buf.close()
+    ids = [i for i, _ in blocks(path)]
+    conn = sqlite3.connect(path)  # not gzip, with a matching CRC: fails only when read
+    conn.execute("UPDATE blocks SET data = ?, crc = ? WHERE id = ?",
+                 (b"not gzip", zlib.crc32(b"not gzip"), ids[1]))
+    conn.commit()
+    conn.close()
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        batch = buf.take(4)  # blocks 1 and 2 together: neither is sent
+        assert batch is not None and [p[1] for p in batch.points] == [4, 5]
+        assert buf.lost == {"unreadable": 4} and len(buf) == 2
+        buf.ack(batch)
+    finally:
+        buf.close()
+    conn = sqlite3.connect(path)
+    try:
+        aside = conn.execute("SELECT id, reason, data FROM set_aside ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    assert [r[0] for r in aside] == ids[:2]
+    assert aside[1][2] == b"not gzip"
+    assert all(r[1].startswith("unreadable block: damaged block") for r in aside)
