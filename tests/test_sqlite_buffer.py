@@ -712,3 +712,12 @@ def test_blocks_that_cannot_be_joined_are_set_aside_together(tmp_path):
     assert [r[0] for r in aside] == ids[:2]
     assert aside[1][2] == b"not gzip"
     assert all(r[1].startswith("unreadable block: damaged block") for r in aside)
+
+
+def test_stats_take_the_stamps_of_the_first_and_last_point_of_a_block(tmp_path):
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    buf.put_many([("seq", i, T0 + ts, None) for i, ts in enumerate([5, 1, 9, 3])])
+    buf.close()
+    stats = buffer_stats(path)  # not a scan: the edges of the edge blocks
+    assert (stats["points"], stats["oldest_ms"], stats["newest_ms"]) == (4, T0 + 3, T0 + 5)
