@@ -721,3 +721,121 @@ def test_stats_take_the_stamps_of_the_first_and_last_point_of_a_block(tmp_path):
     buf.close()
     stats = buffer_stats(path)  # not a scan: the edges of the edge blocks
     assert (stats["points"], stats["oldest_ms"], stats["newest_ms"]) == (4, T0 + 3, T0 + 5)
+
+
+def test_joined_blocks_stay_under_the_raw_byte_cap(tmp_path, monkeypatch):
+    from plexus import sqlite_buffer
+
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        buf.set_block_limit(3)
+        buf.put_many(pts(0, 9))
+        buf.sync()
+        conn = sqlite3.connect(path)
+        try:
+            raw = [r[0] for r in conn.execute("SELECT raw_bytes FROM blocks ORDER BY id")]
+        finally:
+            conn.close()
+        assert len(raw) == 3 and raw[0] == raw[1] == raw[2] > 0
+        # Exactly two blocks' raw bytes: two are joined (the sum may equal the cap),
+        # the third would pass it.
+        monkeypatch.setattr(sqlite_buffer, "_BATCH_RAW_BYTES", raw[0] + raw[1])
+        batch = buf.take(100)
+        assert batch is not None and [p[1] for p in batch.points] == list(range(6))
+        buf.ack(batch)
+        rest = buf.take(100)
+        assert rest is not None and [p[1] for p in rest.points] == [6, 7, 8]
+        buf.ack(rest)
+    finally:
+        buf.close()
+
+
+def test_put_many_appends_in_place_and_counts_its_framed_bytes(tmp_path):
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        for start in (0, 3, 6):  # the first opens the segment, the others append to it
+            buf.put_many(pts(start, start + 3))
+        assert buf.stored_bytes == sum(len(buf.codec.record(p)) + inbox.HEADER_SIZE
+                                       for p in pts(0, 9))
+        gens = inbox.segment_gens(path)
+        assert len(gens) == 1
+        seg = inbox.read_segment(inbox.segment_path(path, gens[0]), gens[0])
+        assert seg.records == [buf.codec.record(p) for p in pts(0, 9)]
+        assert len(buf) == 9
+    finally:
+        buf.close()
+
+
+def test_acknowledged_blocks_leave_the_stored_bytes(tmp_path):
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        buf.set_block_limit(3)
+        buf.put_many(pts(0, 9))
+        buf.sync()
+        assert buf.stored_bytes == stored_block_bytes(path) > 0
+        batch = buf.take(3)
+        assert batch is not None and batch.count == 3
+        buf.ack(batch)
+        assert buf.stored_bytes == stored_block_bytes(path) > 0
+        assert len(buf) == 6
+    finally:
+        buf.close()
+
+
+def test_an_overflow_episode_ends_once_half_the_cap_is_left(tmp_path, caplog):
+    import logging
+
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, max_points=6, sync_interval=3600, when_full="drop_oldest")
+    try:
+        buf.set_block_limit(1)
+        buf.put_many(pts(0, 6))
+        buf.sync()
+        buf.put_many(pts(6, 7))
+        buf.sync()
+        assert buf.dropped == 1 and len(buf) == 6
+        with caplog.at_level(logging.WARNING):
+            for left in (5, 4, 3):
+                caplog.clear()
+                batch = buf.take(1)
+                assert batch is not None
+                buf.ack(batch)
+                assert len(buf) == left
+                ended = [r.getMessage() for r in caplog.records if "overflow ended" in r.getMessage()]
+                # 3 of 6 is half the cap: the episode ends there, not before
+                assert ended == ([] if left > 3 else [
+                    "SqliteBuffer overflow ended: 1 oldest points were dropped (1 in total since start)"])
+    finally:
+        buf.close()
+
+
+def _set_meta(path: Path, sql: str, *args: object) -> None:
+    conn = sqlite3.connect(path, timeout=5)
+    try:
+        conn.execute(sql, args)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def test_stats_read_the_inbox_from_the_recorded_position(tmp_path):
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        buf.put_many(pts(0, 4))
+        buf.sync()  # 4 in a block, the position past them recorded
+        buf.put_many(pts(4, 6))  # 2 in the inbox only
+        assert buffer_stats(path)["points"] == 6
+        (gen,) = inbox.segment_gens(path)
+        # An inbox generation past this segment: all of it is in SQLite already.
+        _set_meta(path, "UPDATE meta SET value = ? WHERE key = 'inbox_gen'", str(gen + 1))
+        assert buffer_stats(path)["points"] == 4
+        # No recorded offset in this segment: read from its start (the 4 moved count again).
+        _set_meta(path, "UPDATE meta SET value = ? WHERE key = 'inbox_gen'", str(gen))
+        _set_meta(path, "DELETE FROM meta WHERE key = 'inbox_offset'")
+        assert buffer_stats(path)["points"] == 4 + 6
+    finally:
+        buf.close()
