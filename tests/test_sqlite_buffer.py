@@ -839,3 +839,69 @@ def test_stats_read_the_inbox_from_the_recorded_position(tmp_path):
         assert buffer_stats(path)["points"] == 4 + 6
     finally:
         buf.close()
+
+
+def test_records_after_an_unreadable_segment_are_counted_as_lost_after_a_gap(tmp_path,
+                                                                              monkeypatch):
+    import shutil
+
+    live, crashed = tmp_path / "live", tmp_path / "crashed"
+    live.mkdir()
+    crashed.mkdir()
+    buf = SqliteBuffer(live / "b.db", sync_interval=3600)
+    try:
+        buf.put_many(pts(0, 3))  # in the inbox only
+        for f in live.iterdir():  # the files as a crash leaves them
+            shutil.copy(f, crashed / f.name)
+    finally:
+        buf.close()
+    path = crashed / "b.db"
+    (gen,) = inbox.segment_gens(path)
+    shutil.copy(inbox.segment_path(path, gen), inbox.segment_path(path, gen + 1))
+    real = inbox.read_segment
+
+    def unreadable(p: Path, g: int, start: int = 0) -> inbox.ReadSegment:
+        if g == gen:
+            raise OSError("I/O error")
+        return real(p, g, start)
+
+    monkeypatch.setattr(inbox, "read_segment", unreadable)
+    again = SqliteBuffer(path, sync_interval=3600)
+    try:
+        assert again.lost == {"after a gap": 3}
+        assert again.loss_counts() == {"buffer_full": 0, "rejected": 0, "after_gap": 3}
+        assert len(again) == 0
+    finally:
+        again.close()
+
+
+def test_a_failed_move_takes_blocks_first_then_records_from_memory(tmp_path, monkeypatch,
+                                                                    caplog):
+    import logging
+
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        buf.set_block_limit(1)
+        buf.put_many(pts(0, 2))
+        buf.sync()  # two blocks of one
+        buf.put_many(pts(2, 5))  # three records in memory
+
+        def refuse(*args, **kwargs):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(buf, "_insert_blocks", refuse)
+        got = []
+        with caplog.at_level(logging.WARNING):
+            for _ in range(3):
+                batch = buf.take(1)  # a limit of 1 is one point, blocks before memory
+                assert batch is not None
+                got.append([p[1] for p in batch.points])
+                buf.ack(batch)
+        assert got == [[0], [1], [2]]
+        assert f"moving the inbox of {path} failed: database or disk is full" in [
+            r.getMessage() for r in caplog.records]
+        monkeypatch.undo()
+        assert len(buf) == 2
+    finally:
+        buf.close()
