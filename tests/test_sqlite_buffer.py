@@ -905,3 +905,62 @@ def test_a_failed_move_takes_blocks_first_then_records_from_memory(tmp_path, mon
         assert len(buf) == 2
     finally:
         buf.close()
+
+
+class _NoDeletes:
+    """A connection that refuses to delete blocks (a full disk), as a stand-in."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql.startswith("DELETE FROM blocks"):
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._conn.execute(sql, *args)
+
+    def executemany(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql.startswith("DELETE FROM blocks"):
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._conn.executemany(sql, *args)
+
+
+def test_delivered_blocks_that_cannot_be_deleted_are_skipped_then_deleted(tmp_path,
+                                                                         monkeypatch, caplog):
+    import logging
+
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        buf.set_block_limit(1)
+        buf.put_many(pts(0, 4))
+        buf.sync()
+        ids = [i for i, _ in blocks(path)]
+        monkeypatch.setattr(buf, "_conn", _NoDeletes(buf._conn))
+        got = []
+        with caplog.at_level(logging.WARNING):
+            for _ in range(3):
+                batch = buf.take(1)
+                assert batch is not None
+                got.append([p[1] for p in batch.points])
+                buf.ack(batch)  # delivered, but not deleted
+        assert got == [[0], [1], [2]]  # each delivered block skipped from then on
+        warned = [r.getMessage() for r in caplog.records if "could not delete" in r.getMessage()]
+        assert warned == [f"could not delete delivered points from {path} (disk I/O error); "
+                          "will retry"] * 3
+        assert len(buf) == 1 and [i for i, _ in blocks(path)] == ids
+        with pytest.raises(sqlite3.OperationalError, match="^disk I/O error$"):
+            buf.sync()  # the retried deletes fail too, rolled back
+        monkeypatch.undo()
+        buf.put_many(pts(4, 5))
+        buf.sync()  # the deletes are retried
+        assert [c for _, c in blocks(path)] == [1, 1]
+        assert [i for i, _ in blocks(path)][0] == ids[3]
+        batch = buf.take(100)
+        assert batch is not None and [p[1] for p in batch.points] == [3, 4]
+        buf.ack(batch)
+        assert len(buf) == 0 and blocks(path) == []
+    finally:
+        buf.close()
