@@ -964,3 +964,31 @@ def test_delivered_blocks_that_cannot_be_deleted_are_skipped_then_deleted(tmp_pa
         assert len(buf) == 0 and blocks(path) == []
     finally:
         buf.close()
+
+
+def test_sync_fsyncs_the_inbox_only_after_new_records(tmp_path, monkeypatch):
+    fsyncs: list[int] = []
+    real = inbox.Segment.fsync
+
+    def counted(seg: inbox.Segment) -> None:
+        fsyncs.append(seg.gen)
+        real(seg)
+
+    monkeypatch.setattr(inbox.Segment, "fsync", counted)
+    buf = SqliteBuffer(tmp_path / "b.db", sync_interval=3600)
+    try:
+        buf.put(pts(0, 1)[0])  # the first record opens the segment
+        buf.sync()
+        assert len(fsyncs) == 1
+        buf.sync()  # nothing new: nothing to make durable
+        assert len(fsyncs) == 1
+        buf.put(pts(1, 2)[0])  # appended in place
+        buf.sync()
+        assert len(fsyncs) == 2
+        buf.put_many(pts(2, 4))  # appended in place too
+        buf.sync()
+        assert len(fsyncs) == 3
+        assert len(set(fsyncs)) == 1  # all in one segment
+        assert len(buf) == 4
+    finally:
+        buf.close()
