@@ -992,3 +992,28 @@ def test_sync_fsyncs_the_inbox_only_after_new_records(tmp_path, monkeypatch):
         assert len(buf) == 4
     finally:
         buf.close()
+
+
+def test_a_new_codec_starts_a_new_segment_and_the_same_one_does_not(tmp_path):
+    from plexus.codec import POINTS, IngestCodec
+
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        buf.put_many(pts(0, 2))
+        gens = inbox.segment_gens(path)
+        assert len(gens) == 1
+        buf.set_codec(POINTS)  # the same tag: the segment goes on
+        buf.put_many(pts(2, 3))
+        assert inbox.segment_gens(path) == gens
+        ingest = IngestCodec("s1")
+        buf.set_codec(ingest)  # a segment's records all share one codec
+        buf.put_many(pts(3, 5))
+        newest = inbox.segment_gens(path)[-1]
+        assert newest > gens[-1]
+        seg = inbox.read_segment(inbox.segment_path(path, newest), newest)
+        assert seg.codec_tag == "ingest:s1"
+        assert seg.records == [ingest.record(p) for p in pts(3, 5)]
+        assert len(buf) == 5
+    finally:
+        buf.close()
