@@ -1014,6 +1014,37 @@ def test_a_new_codec_starts_a_new_segment_and_the_same_one_does_not(tmp_path):
         seg = inbox.read_segment(inbox.segment_path(path, newest), newest)
         assert seg.codec_tag == "ingest:s1"
         assert seg.records == [ingest.record(p) for p in pts(3, 5)]
+        old = inbox.read_segment(inbox.segment_path(path, gens[0]), gens[0])
+        assert old.sealed and old.codec_tag == "points"  # the old one is sealed
         assert len(buf) == 5
+    finally:
+        buf.close()
+
+
+def test_a_spare_segment_of_another_codec_is_replaced(tmp_path, monkeypatch):
+    from plexus.codec import IngestCodec
+
+    monkeypatch.setattr(inbox, "SEGMENT_BYTES", inbox.MIN_SEGMENT_BYTES)
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        many = pts(0, 3000)
+        assert sum(len(buf.codec.record(p)) + inbox.HEADER_SIZE for p in many) > \
+            inbox.MIN_SEGMENT_BYTES // 2
+        buf.put_many(many[:1])
+        buf.put_many(many[1:])  # past half the segment
+        buf.sync()  # makes the spare, for points
+        (first,) = [g for g in inbox.segment_gens(path) if g < buf._gen - 1]
+        spare = buf._gen - 1
+        assert inbox.segment_gens(path) == [first, spare]
+        ingest = IngestCodec("s1")
+        buf.set_codec(ingest)  # the spare is for another codec: a new one is made
+        buf.put_many(pts(3000, 3002))
+        assert not inbox.segment_path(path, spare).exists()
+        newest = inbox.segment_gens(path)[-1]
+        seg = inbox.read_segment(inbox.segment_path(path, newest), newest)
+        assert seg.codec_tag == "ingest:s1"
+        assert seg.records == [ingest.record(p) for p in pts(3000, 3002)]
+        assert len(buf) == 3002
     finally:
         buf.close()
