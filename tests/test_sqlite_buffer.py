@@ -908,21 +908,23 @@ def test_a_failed_move_takes_blocks_first_then_records_from_memory(tmp_path, mon
 
 
 class _NoDeletes:
-    """A connection that refuses to delete blocks (a full disk), as a stand-in."""
+    """A connection that refuses statements starting with ``refused`` (a failing
+    disk; by default the deletes of blocks), as a stand-in."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, refused: str = "DELETE FROM blocks") -> None:
         self._conn = conn
+        self._refused = refused
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._conn, name)
 
     def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
-        if sql.startswith("DELETE FROM blocks"):
+        if sql.startswith(self._refused):
             raise sqlite3.OperationalError("disk I/O error")
         return self._conn.execute(sql, *args)
 
     def executemany(self, sql: str, *args: object) -> sqlite3.Cursor:
-        if sql.startswith("DELETE FROM blocks"):
+        if sql.startswith(self._refused):
             raise sqlite3.OperationalError("disk I/O error")
         return self._conn.executemany(sql, *args)
 
@@ -1046,5 +1048,27 @@ def test_a_spare_segment_of_another_codec_is_replaced(tmp_path, monkeypatch):
         assert seg.codec_tag == "ingest:s1"
         assert seg.records == [ingest.record(p) for p in pts(3000, 3002)]
         assert len(buf) == 3002
+    finally:
+        buf.close()
+
+
+def test_a_batch_whose_record_in_flight_fails_is_still_sent(tmp_path, monkeypatch, caplog):
+    import logging
+
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        buf.put_many(pts(0, 3))
+        buf.sync()
+        monkeypatch.setattr(buf, "_conn", _NoDeletes(
+            buf._conn, "INSERT OR REPLACE INTO meta VALUES ('in_flight'"))
+        with caplog.at_level(logging.DEBUG, logger="plexus.buffer"):
+            batch = buf.take(100)
+        assert batch is not None and [p[1] for p in batch.points] == [0, 1, 2]
+        assert "recording the batch in flight failed: disk I/O error" in [
+            r.getMessage() for r in caplog.records]
+        monkeypatch.undo()
+        buf.ack(batch)
+        assert len(buf) == 0 and blocks(path) == []
     finally:
         buf.close()
