@@ -1072,3 +1072,31 @@ def test_a_batch_whose_record_in_flight_fails_is_still_sent(tmp_path, monkeypatc
         assert len(buf) == 0 and blocks(path) == []
     finally:
         buf.close()
+
+
+def test_points_kept_in_memory_are_dropped_only_past_the_limit(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from plexus import sqlite_buffer
+
+    def no_room(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    buf = SqliteBuffer(tmp_path / "b.db", sync_interval=3600)
+    try:
+        monkeypatch.setattr(inbox, "Segment", no_room)
+        monkeypatch.setattr(sqlite_buffer, "_MOVE_AT_RECORDS", 1 << 40)
+        monkeypatch.setattr(sqlite_buffer, "_SPILL_MAX_POINTS", 5)
+        with caplog.at_level(logging.WARNING):
+            buf.put_many(pts(0, 5))  # exactly the limit: all kept
+            assert (buf.spilled, buf.dropped, len(buf)) == (5, 0, 5)
+            assert not [m for m in caplog.messages if "dropping the oldest" in m]
+            buf.put_many(pts(5, 6))  # one past it: the oldest goes
+            assert (buf.spilled, buf.dropped, len(buf)) == (6, 1, 5)
+            assert len([m for m in caplog.messages if "dropping the oldest" in m]) == 1
+        monkeypatch.undo()
+        batch = buf.take(100)
+        assert batch is not None and [p[1] for p in batch.points] == [1, 2, 3, 4, 5]
+        buf.ack(batch)
+    finally:
+        buf.close()
