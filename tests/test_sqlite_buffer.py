@@ -1100,3 +1100,14 @@ def test_points_kept_in_memory_are_dropped_only_past_the_limit(tmp_path, monkeyp
         buf.ack(batch)
     finally:
         buf.close()
+
+
+def test_stats_take_the_stamps_of_the_first_and_last_record_of_the_inbox(tmp_path):
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        buf.put_many([("seq", i, T0 + ts, None) for i, ts in enumerate([5, 1, 9, 3])])
+        stats = buffer_stats(path)  # all in the inbox: its first and last records
+        assert (stats["points"], stats["oldest_ms"], stats["newest_ms"]) == (4, T0 + 3, T0 + 5)
+    finally:
+        buf.close()
