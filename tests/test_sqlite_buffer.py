@@ -837,6 +837,11 @@ def test_stats_read_the_inbox_from_the_recorded_position(tmp_path):
         _set_meta(path, "UPDATE meta SET value = ? WHERE key = 'inbox_gen'", str(gen))
         _set_meta(path, "DELETE FROM meta WHERE key = 'inbox_offset'")
         assert buffer_stats(path)["points"] == 4 + 6
+        # A segment past the recorded generation: all of it from its start.
+        _set_meta(path, "UPDATE meta SET value = ? WHERE key = 'inbox_gen'", str(gen - 1))
+        assert buffer_stats(path)["points"] == 4 + 6
+        _set_meta(path, "DELETE FROM meta WHERE key = 'inbox_gen'")  # no position at all
+        assert buffer_stats(path)["points"] == 4 + 6
     finally:
         buf.close()
 
