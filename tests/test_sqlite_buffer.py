@@ -1099,9 +1099,13 @@ def test_points_kept_in_memory_are_dropped_only_past_the_limit(tmp_path, monkeyp
             buf.put_many(pts(5, 6))  # one past it: the oldest goes
             assert (buf.spilled, buf.dropped, len(buf)) == (6, 1, 5)
             assert len([m for m in caplog.messages if "dropping the oldest" in m]) == 1
-        monkeypatch.undo()
+            monkeypatch.undo()
+            buf.sync()  # the disk has room again: the sync thread makes a segment
+            buf.put_many(pts(6, 7))
+            assert (f"the buffer {buf.path} is writable again: points go to disk"
+                    in caplog.messages)
         batch = buf.take(100)
-        assert batch is not None and [p[1] for p in batch.points] == [1, 2, 3, 4, 5]
+        assert batch is not None and [p[1] for p in batch.points] == [1, 2, 3, 4, 5, 6]
         buf.ack(batch)
     finally:
         buf.close()
