@@ -1120,3 +1120,24 @@ def test_stats_take_the_stamps_of_the_first_and_last_record_of_the_inbox(tmp_pat
         assert (stats["points"], stats["oldest_ms"], stats["newest_ms"]) == (4, T0 + 3, T0 + 5)
     finally:
         buf.close()
+
+
+@pytest.mark.parametrize(("cap_records", "counts"), [(4, [2, 3, 2, 2]), (1, [1] * 9)])
+def test_blocks_of_big_records_are_halved_below_the_raw_block_size(tmp_path, monkeypatch,
+                                                                   cap_records, counts):
+    from plexus import sqlite_buffer
+
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        buf.set_block_limit(9)
+        (size,) = {len(buf.codec.record(p)) for p in pts(0, 9)}
+        monkeypatch.setattr(sqlite_buffer, "BLOCK_RAW_BYTES", cap_records * size)
+        buf.put_many(pts(0, 9))
+        buf.sync()
+        assert [c for _, c in blocks(path)] == counts
+        batch = buf.take(100)
+        assert batch is not None and [p[1] for p in batch.points] == list(range(9))
+        buf.ack(batch)
+    finally:
+        buf.close()
