@@ -601,6 +601,22 @@ class CountingSink(Sink):
         return SendResult(len(points))
 
 
+class FailingSink(CountingSink):
+    """Fails the tries numbered in ``failing`` (from 1; None: every try) with a
+    retryable ``message``, and delivers the others like CountingSink."""
+
+    def __init__(self, failing: set[int] | None = None, message: str = "503") -> None:
+        super().__init__()
+        self.failing, self.message = failing, message
+        self.tries = 0
+
+    def send(self, points: list[Point], key: str) -> SendResult:
+        self.tries += 1
+        if self.failing is None or self.tries in self.failing:
+            raise RetryableSinkError(self.message)
+        return super().send(points, key)
+
+
 class SteppingClock:
     """A clock for the byte budget that moves ``step`` seconds at each reading."""
 
@@ -943,13 +959,9 @@ def test_a_flush_tries_a_refused_key_again_at_once():
 
 
 def test_stop_ends_within_its_grace_period_even_during_a_long_retry_pause():
-    class Down(CountingSink):
-        def send(self, points: list[Point], key: str) -> SendResult:
-            raise RetryableSinkError("503")
-
     buffer = MemoryBuffer()
-    uploader = Uploader(buffer, Down(), batch_size=1, interval=60.0, min_request_interval=0.0,
-                        retry=RetryPolicy(retries=5, base=30.0, max_delay=30.0),
+    uploader = Uploader(buffer, FailingSink(), batch_size=1, interval=60.0,
+                        min_request_interval=0.0, retry=RetryPolicy(retries=5, base=30.0, max_delay=30.0),
                         rng=random.Random(1))
     buffer.put(point(1))
     uploader.start()
@@ -1066,13 +1078,10 @@ def test_after_stop_a_full_buffer_drops_instead_of_waiting_for_room():
 
 
 def test_stop_with_no_grace_makes_no_retry():
-    class Down(CountingSink):
-        def send(self, points: list[Point], key: str) -> SendResult:
-            raise RetryableSinkError("503")
-
     sleeps = Sleeps()
     buffer = MemoryBuffer()
-    uploader = Uploader(buffer, Down(), interval=60.0, sleep=sleeps, min_request_interval=0.0)
+    uploader = Uploader(buffer, FailingSink(), interval=60.0, sleep=sleeps,
+                        min_request_interval=0.0)
     buffer.put_many([point(i) for i in range(3)])
     uploader.start()
     uploader.stop(0.0)
@@ -1081,16 +1090,7 @@ def test_stop_with_no_grace_makes_no_retry():
 
 
 def test_producers_wait_for_room_while_the_sink_delivers_and_again_once_it_recovers():
-    class FailsOnce(CountingSink):
-        failed = False
-
-        def send(self, points: list[Point], key: str) -> SendResult:
-            if not self.failed:
-                self.failed = True
-                raise RetryableSinkError("503")
-            return super().send(points, key)
-
-    sink = FailsOnce()
+    sink = FailingSink({1})
     buffer = MemoryBuffer(5)
     uploader = Uploader(buffer, sink, interval=60.0, sleep=Sleeps(), min_request_interval=0.0)
     uploader.start()
@@ -1107,18 +1107,10 @@ def test_producers_wait_for_room_while_the_sink_delivers_and_again_once_it_recov
 
 
 def test_a_success_ends_the_retry_count_even_with_more_batches_waiting():
-    class FailsFirstTries(CountingSink):
-        tries = 0
-
-        def send(self, points: list[Point], key: str) -> SendResult:
-            self.tries += 1
-            if self.tries in (1, 3):  # the first try of each of the two batches
-                raise RetryableSinkError("503")
-            return super().send(points, key)
-
     sleeps = Sleeps()
     buffer = MemoryBuffer()
-    uploader = Uploader(buffer, FailsFirstTries(), interval=60.0, max_batch=1, sleep=sleeps,
+    sink = FailingSink({1, 3})  # the first try of each of the two batches
+    uploader = Uploader(buffer, sink, interval=60.0, max_batch=1, sleep=sleeps,
                         rng=random.Random(3), min_request_interval=0.0)
     buffer.put_many([point(0), point(1)])
     run_until_flushed(uploader)
@@ -1200,17 +1192,9 @@ def test_the_uploader_defaults():
 
 
 def test_a_retry_is_logged_with_the_lane_the_error_and_the_pause(caplog):
-    class FailsOnce(CountingSink):
-        failed = False
-
-        def send(self, points: list[Point], key: str) -> SendResult:
-            if not self.failed:
-                self.failed = True
-                raise RetryableSinkError("503 from the platform")
-            return super().send(points, key)
-
     buffer = MemoryBuffer()
-    uploader = Uploader(buffer, FailsOnce(), interval=60.0, sleep=Sleeps(), rng=random.Random(3),
+    sink = FailingSink({1}, message="503 from the platform")
+    uploader = Uploader(buffer, sink, interval=60.0, sleep=Sleeps(), rng=random.Random(3),
                         min_request_interval=0.0, label="lane-c")
     buffer.put(point(1))
     with caplog.at_level(logging.INFO, logger="plexus.uploader"):
@@ -1221,16 +1205,7 @@ def test_a_retry_is_logged_with_the_lane_the_error_and_the_pause(caplog):
 
 
 def test_a_retry_goes_at_once_without_waiting_for_a_batch_or_the_interval():
-    class FailsOnce(CountingSink):
-        failed = False
-
-        def send(self, points: list[Point], key: str) -> SendResult:
-            if not self.failed:
-                self.failed = True
-                raise RetryableSinkError("503")
-            return super().send(points, key)
-
-    sink = FailsOnce()
+    sink = FailingSink({1})
     buffer = MemoryBuffer()
     uploader = Uploader(buffer, sink, interval=60.0, sleep=Sleeps(), min_request_interval=0.0)
     buffer.put(point(1))
@@ -1262,14 +1237,7 @@ def test_a_permanently_throttled_first_batch_gets_exactly_100_quick_resends():
 
 
 def test_stopping_with_the_retries_spent_gives_up_once_and_says_why(caplog):
-    class Down(CountingSink):
-        tries = 0
-
-        def send(self, points: list[Point], key: str) -> SendResult:
-            self.tries += 1
-            raise RetryableSinkError("503 from the platform")
-
-    sink = Down()
+    sink = FailingSink(message="503 from the platform")
     buffer = MemoryBuffer()
     uploader = Uploader(buffer, sink, interval=60.0, retry=RetryPolicy(retries=0),
                         min_request_interval=0.0)
@@ -1283,10 +1251,6 @@ def test_stopping_with_the_retries_spent_gives_up_once_and_says_why(caplog):
 
 
 def test_stopping_past_the_deadline_gives_up_and_says_why(caplog):
-    class Down(CountingSink):
-        def send(self, points: list[Point], key: str) -> SendResult:
-            raise RetryableSinkError("503 from the platform")
-
     looked = threading.Event()
 
     def gate() -> bool:  # open; tells when the uploader starts a cycle
@@ -1295,7 +1259,8 @@ def test_stopping_past_the_deadline_gives_up_and_says_why(caplog):
         return True
 
     buffer = MemoryBuffer()
-    uploader = Uploader(buffer, Down(), interval=60.0, gate=gate, sleep=Sleeps(),
+    sink = FailingSink(message="503 from the platform")
+    uploader = Uploader(buffer, sink, interval=60.0, gate=gate, sleep=Sleeps(),
                         min_request_interval=0.0)
     buffer.put(point(1))
     uploader.start()
@@ -1331,14 +1296,7 @@ def test_the_uploader_goes_on_after_finding_nothing_to_take_or_a_hold_beginning(
 
 
 def test_after_giving_up_the_next_flush_tries_again_without_an_unexpected_error(caplog):
-    class Down(CountingSink):
-        tries = 0
-
-        def send(self, points: list[Point], key: str) -> SendResult:
-            self.tries += 1
-            raise RetryableSinkError("503")
-
-    sink = Down()
+    sink = FailingSink()
     buffer = MemoryBuffer()
     uploader = Uploader(buffer, sink, interval=60.0, retry=RetryPolicy(retries=0),
                         min_request_interval=0.0)
