@@ -252,17 +252,25 @@ def stored_block_bytes(path: Path) -> int:
         conn.close()
 
 
-def test_a_damaged_block_is_set_aside_and_counted(tmp_path, caplog):
-    path = tmp_path / "b.db"
+def _damaged_file(path: Path, damaged: list[int]) -> list[int]:
+    """A closed buffer of points 0..5 in three blocks of two, the blocks at the
+    positions ``damaged`` failing their CRC; returns the blocks' ids."""
     buf = SqliteBuffer(path, sync_interval=3600)
     buf.set_block_limit(2)
     buf.put_many(pts(0, 6))
     buf.close()
     ids = [i for i, _ in blocks(path)]
     conn = sqlite3.connect(path)
-    conn.execute("UPDATE blocks SET crc = crc + 1 WHERE id = ?", (ids[0],))
+    conn.executemany("UPDATE blocks SET crc = crc + 1 WHERE id = ?",
+                     [(ids[n],) for n in damaged])
     conn.commit()
     conn.close()
+    return ids
+
+
+def test_a_damaged_block_is_set_aside_and_counted(tmp_path, caplog):
+    path = tmp_path / "b.db"
+    ids = _damaged_file(path, [0])
     buf = SqliteBuffer(path, sync_interval=3600)
     try:
         assert len(buf) == 6
@@ -543,36 +551,14 @@ def test_a_full_disk_keeps_points_in_memory_up_to_the_limit(tmp_path, monkeypatc
         again.close()
 
 
-class _Refusing:
-    """A connection whose statements starting with ``prefix`` fail (a full disk)."""
-
-    def __init__(self, conn: sqlite3.Connection, prefix: str) -> None:
-        self._conn, self._prefix = conn, prefix
-
-    def __getattr__(self, name: str):
-        return getattr(self._conn, name)
-
-    def executemany(self, sql: str, rows):
-        if sql.startswith(self._prefix):
-            raise sqlite3.OperationalError("database or disk is full")
-        return self._conn.executemany(sql, rows)
-
-
 def test_a_damaged_block_that_cannot_be_set_aside_is_skipped(tmp_path, caplog):
     path = tmp_path / "b.db"
-    buf = SqliteBuffer(path, sync_interval=3600)
-    buf.set_block_limit(2)
-    buf.put_many(pts(0, 6))
-    buf.close()
-    ids = [i for i, _ in blocks(path)]
-    conn = sqlite3.connect(path)
-    conn.execute("UPDATE blocks SET crc = crc + 1 WHERE id = ?", (ids[0],))
-    conn.commit()
-    conn.close()
+    _damaged_file(path, [0])
     buf = SqliteBuffer(path, sync_interval=3600)
     real = buf._conn
     try:
-        buf._conn = _Refusing(real, "INSERT OR REPLACE INTO set_aside")  # type: ignore[assignment]
+        buf._conn = _Refusing(real, "INSERT OR REPLACE INTO set_aside",  # type: ignore[assignment]
+                              "database or disk is full")
         first = buf.take(2)
         assert first is not None and [p[1] for p in first.points] == [2, 3]
         assert (f"could not set aside unreadable blocks of {path}: database or disk is full"
@@ -638,15 +624,7 @@ def test_a_second_file_moved_aside_in_the_same_second_gets_suffix_1(tmp_path, mo
 
 def test_losses_of_one_reason_add_up(tmp_path):
     path = tmp_path / "b.db"
-    buf = SqliteBuffer(path, sync_interval=3600)
-    buf.set_block_limit(2)
-    buf.put_many(pts(0, 6))
-    buf.close()
-    ids = [i for i, _ in blocks(path)]
-    conn = sqlite3.connect(path)
-    conn.executemany("UPDATE blocks SET crc = crc + 1 WHERE id = ?", [(ids[0],), (ids[2],)])
-    conn.commit()
-    conn.close()
+    _damaged_file(path, [0, 2])
     buf = SqliteBuffer(path, sync_interval=3600)
     try:
         first = buf.take(2)
@@ -912,25 +890,27 @@ def test_a_failed_move_takes_blocks_first_then_records_from_memory(tmp_path, mon
         buf.close()
 
 
-class _NoDeletes:
+class _Refusing:
     """A connection that refuses statements starting with ``refused`` (a failing
-    disk; by default the deletes of blocks), as a stand-in."""
+    disk; by default the deletes of blocks) with ``error``, as a stand-in."""
 
-    def __init__(self, conn: sqlite3.Connection, refused: str = "DELETE FROM blocks") -> None:
+    def __init__(self, conn: sqlite3.Connection, refused: str = "DELETE FROM blocks",
+                 error: str = "disk I/O error") -> None:
         self._conn = conn
         self._refused = refused
+        self._error = error
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._conn, name)
 
     def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
         if sql.startswith(self._refused):
-            raise sqlite3.OperationalError("disk I/O error")
+            raise sqlite3.OperationalError(self._error)
         return self._conn.execute(sql, *args)
 
     def executemany(self, sql: str, *args: object) -> sqlite3.Cursor:
         if sql.startswith(self._refused):
-            raise sqlite3.OperationalError("disk I/O error")
+            raise sqlite3.OperationalError(self._error)
         return self._conn.executemany(sql, *args)
 
 
@@ -945,7 +925,7 @@ def test_delivered_blocks_that_cannot_be_deleted_are_skipped_then_deleted(tmp_pa
         buf.put_many(pts(0, 4))
         buf.sync()
         ids = [i for i, _ in blocks(path)]
-        monkeypatch.setattr(buf, "_conn", _NoDeletes(buf._conn))
+        monkeypatch.setattr(buf, "_conn", _Refusing(buf._conn))
         got = []
         with caplog.at_level(logging.WARNING):
             for _ in range(3):
@@ -1065,7 +1045,7 @@ def test_a_batch_whose_record_in_flight_fails_is_still_sent(tmp_path, monkeypatc
     try:
         buf.put_many(pts(0, 3))
         buf.sync()
-        monkeypatch.setattr(buf, "_conn", _NoDeletes(
+        monkeypatch.setattr(buf, "_conn", _Refusing(
             buf._conn, "INSERT OR REPLACE INTO meta VALUES ('in_flight'"))
         with caplog.at_level(logging.DEBUG, logger="plexus.buffer"):
             batch = buf.take(100)
