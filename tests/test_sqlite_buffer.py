@@ -511,18 +511,25 @@ def test_every_old_inbox_file_counts_as_sealed(tmp_path):
         buf.close()
 
 
-def test_a_full_disk_keeps_points_in_memory_up_to_the_limit(tmp_path, monkeypatch, caplog):
+def _disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No inbox segment can be made (ENOSPC), and no early wake-up of the sync
+    thread: records stay in memory until a take."""
     from plexus import inbox, sqlite_buffer
 
-    def no_room(*args, **kwargs):
+    def no_room(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(inbox, "Segment", no_room)
+    monkeypatch.setattr(sqlite_buffer, "_MOVE_AT_RECORDS", 1 << 40)
+
+
+def test_a_full_disk_keeps_points_in_memory_up_to_the_limit(tmp_path, monkeypatch, caplog):
+    from plexus import inbox, sqlite_buffer
 
     path = tmp_path / "b.db"
     buf = SqliteBuffer(path, sync_interval=3600)
     try:
-        monkeypatch.setattr(inbox, "Segment", no_room)
-        # No early wake-up of the sync thread: the records stay in memory until take.
-        monkeypatch.setattr(sqlite_buffer, "_MOVE_AT_RECORDS", 1 << 40)
+        _disk_full(monkeypatch)
         points = pts(0, 5)
         buf.put_many(points)
         assert buf.spilled == 5 and len(buf) == 5
@@ -1064,13 +1071,9 @@ def test_points_kept_in_memory_are_dropped_only_past_the_limit(tmp_path, monkeyp
 
     from plexus import sqlite_buffer
 
-    def no_room(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
     buf = SqliteBuffer(tmp_path / "b.db", sync_interval=3600)
     try:
-        monkeypatch.setattr(inbox, "Segment", no_room)
-        monkeypatch.setattr(sqlite_buffer, "_MOVE_AT_RECORDS", 1 << 40)
+        _disk_full(monkeypatch)
         monkeypatch.setattr(sqlite_buffer, "_SPILL_MAX_POINTS", 5)
         with caplog.at_level(logging.WARNING):
             buf.put_many(pts(0, 5))  # exactly the limit: all kept
