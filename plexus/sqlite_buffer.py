@@ -266,8 +266,7 @@ class SqliteBuffer(Buffer):
             self._totals = {k: int(v) for k, v in totals.items()}
             for key, n in self._unsaved.items():  # counted while opening (a damaged inbox)
                 self._totals[key] = self._totals.get(key, 0) + n
-        self._replay_gen = int(meta.get("inbox_gen", "0") or 0)
-        self._replay_from = int(meta.get("inbox_offset", "0") or 0)
+        self._replay_gen, self._replay_from = _moved_position(meta)
         if meta.get("in_flight"):
             parts = meta["in_flight"].split("-")
             if len(parts) == 3:
@@ -303,10 +302,10 @@ class SqliteBuffer(Buffer):
         chain_broken = False
         recovered = 0
         for gen in gens:
-            if gen < self._replay_gen:
+            start = _unmoved_from(gen, (self._replay_gen, self._replay_from))
+            if start is None:
                 continue  # already in SQLite; deleted below
             path = inbox.segment_path(self.path, gen)
-            start = self._replay_from if gen == self._replay_gen else 0
             try:
                 if self._schema == "2":
                     tag, records, sealed, damaged = self._read_old_inbox(path, start)
@@ -1078,6 +1077,21 @@ class SqliteBuffer(Buffer):
             os.close(self._lock_fd)  # releases the lock
 
 
+def _moved_position(meta: dict[str, str]) -> tuple[int, int]:
+    """The inbox position recorded in a buffer's meta table: (segment, offset)
+    up to which the inbox's records are in SQLite."""
+    return int(meta.get("inbox_gen", "0") or 0), int(meta.get("inbox_offset", "0") or 0)
+
+
+def _unmoved_from(gen: int, moved: tuple[int, int]) -> int | None:
+    """Where the records of segment ``gen`` not yet in SQLite begin, given the
+    position ``moved`` (:func:`_moved_position`); None when all of them are."""
+    moved_gen, moved_offset = moved
+    if gen < moved_gen:
+        return None
+    return moved_offset if gen == moved_gen else 0
+
+
 def recorded_owner(path: str | os.PathLike[str]) -> str | None:
     """The sink a buffer file was claimed by (:meth:`SqliteBuffer.claim`); None when
     there is no such file, it predates owners, or it cannot be read."""
@@ -1117,12 +1131,11 @@ def buffer_stats(path: str | os.PathLike[str]) -> dict[str, Any]:
             if "meta" in tables else {}
     finally:
         conn.close()
-    moved_gen = int(meta.get("inbox_gen", "0") or 0)
-    moved_offset = int(meta.get("inbox_offset", "0") or 0)
+    moved = _moved_position(meta)
     size = sum(Path(f"{p}{s}").stat().st_size for s in ("", "-wal") if Path(f"{p}{s}").exists())
     pending = 0
     for gen in inbox.segment_gens(p):
-        start = 0 if gen > moved_gen else moved_offset if gen == moved_gen else None
+        start = _unmoved_from(gen, moved)
         try:
             seg = inbox.read_segment(inbox.segment_path(p, gen), gen, start or 0)
         except OSError:
