@@ -74,9 +74,13 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "codec": (["plexus/codec.py"], ["tests/test_codec.py"]),
     "uploader": (["plexus/uploader.py"], ["tests/test_uploader.py"]),
     "http": (["plexus/sinks/http.py"], ["tests/test_http_sink.py"]),
+    # The command tests that run the client in the pytest process (test_gateway_commands
+    # drives a gateway subprocess, which a mutant never reaches).
     "commands": (["plexus/commands.py"], ["tests/commands/test_declarations.py",
-                                          "tests/commands/test_checklist.py"]),
-    "link": (["plexus/link.py"], ["tests/commands/test_checklist.py"]),
+                                          "tests/commands/test_checklist.py",
+                                          "tests/commands/test_faults.py"]),
+    "link": (["plexus/link.py"], ["tests/commands/test_checklist.py",
+                                  "tests/commands/test_faults.py"]),
 }
 
 # What each work folder links to (read-only use; mutmut copies what it mutates).
