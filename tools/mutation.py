@@ -145,6 +145,57 @@ def _not_killed(work: Path) -> list[str]:
     return sorted(names)
 
 
+# SQL whose letter case a mutant changed: SQLite's keywords and its table, column and
+# pragma names are case-insensitive, so the statement is the same one, as long as the
+# quoted literals in it ('schema', 'table') kept their case. Our SQL writes its keywords
+# in capitals (a log message never does), and holds no %-format.
+_SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|PRAGMA|FROM|WHERE|VALUES|TABLE"
+                  r"|INTEGER|TEXT|BLOB|PRIMARY KEY|NOT NULL)\b")
+_QUOTED = re.compile(r"'[^']*'")
+_STRING = re.compile(r'"[^"]*"')
+
+
+def _function_texts(source: str) -> dict[str, str]:
+    """The functions of a mutmut-generated file, by name (original and mutants)."""
+    texts = {}
+    for part in re.split(r"(?m)^(?=def |    def )", source):
+        found = re.match(r"\s*def (\w+)", part)
+        if found:
+            texts[found.group(1)] = part
+    return texts
+
+
+def _changed_lines(work: Path, name: str, cache: dict[Path, dict[str, str]]) -> list[tuple[str, str]]:
+    """(original line, mutated line) for each line a mutant changed; [] if they do not pair up."""
+    module, _, function = name.rpartition(".")
+    path = work / "mutants" / (module.replace(".", "/") + ".py")
+    if path not in cache:
+        cache[path] = _function_texts(path.read_text()) if path.exists() else {}
+    texts = cache[path]
+    original = texts.get(re.sub(r"__mutmut_\d+$", "__mutmut_orig", function), "").splitlines()
+    mutated = texts.get(function, "").splitlines()
+    if len(original) != len(mutated):
+        return []
+    return [(a, b) for a, b in zip(original[1:], mutated[1:], strict=True) if a != b]  # [0]: the def line
+
+
+def sql_case_only(work: Path, name: str, cache: dict[Path, dict[str, str]]) -> bool:
+    """Whether the mutant only changed the letter case of SQL strings, outside their
+    quoted literals (a changed Python string that is not SQL does not count)."""
+    pairs = _changed_lines(work, name, cache)
+    return bool(pairs) and all(_same_sql(a, b) for a, b in pairs)
+
+
+def _same_sql(before: str, after: str) -> bool:
+    strings_before, strings_after = _STRING.findall(before), _STRING.findall(after)
+    if (_STRING.sub('""', before) != _STRING.sub('""', after)
+            or len(strings_before) != len(strings_after)):
+        return False
+    return all(a == b or (a.lower() == b.lower() and _SQL.search(a) and "%" not in a
+                          and _QUOTED.findall(a) == _QUOTED.findall(b))
+               for a, b in zip(strings_before, strings_after, strict=True))
+
+
 def equivalents() -> dict[str, str]:
     """The equivalent mutants listed in docs/testing.md: ``| `name` | why |`` rows."""
     rows = re.findall(r"^\| `(plexus\.[\w.]+__mutmut_\d+)` \| (.+?) \|$",
@@ -154,17 +205,20 @@ def equivalents() -> dict[str, str]:
 
 def score(module: str) -> dict[str, int]:
     """Count the verdicts of ``mutants/**/*.meta`` (mutmut's own result files); a
-    mutant listed as equivalent in docs/testing.md counts as "equivalent" when no
-    test killed it (survived, or no test reaches it)."""
+    mutant listed as equivalent in docs/testing.md, or one that only changed the
+    letter case of SQL (:func:`sql_case_only`), counts as "equivalent" when no test
+    killed it (survived, or no test reaches it)."""
     work = WORK / module
     counts: dict[str, int] = {}
     survivors: list[str] = []
     known = equivalents()
+    cache: dict[Path, dict[str, str]] = {}
     for meta in (work / "mutants").rglob("*.meta"):
         data = json.loads(meta.read_text())
         for name, code in data.get("exit_code_by_key", {}).items():
             verdict = _verdict(code)
-            if verdict in ("survived", "no tests") and name in known:
+            if verdict in ("survived", "no tests") and (
+                    name in known or sql_case_only(work, name, cache)):
                 verdict = "equivalent"
             counts[verdict] = counts.get(verdict, 0) + 1
             if verdict == "survived":
