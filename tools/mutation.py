@@ -61,7 +61,8 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     # Deselected: a steady stream that takes 3 s whatever the mutant (every survivor
     # paid it) and the memory buffer's timing-sensitive backlog test.
     "sqlite_buffer": (["plexus/sqlite_buffer.py"],
-                      ["tests/test_sqlite_buffer.py", "tests/test_buffer.py",
+                      ["tests/test_sqlite_buffer.py", "tests/test_sqlite_buffer_opening.py",
+                       "tests/test_buffer.py",
                        "tests/reliability/test_buffers.py",
                        "tests/reliability/test_buffer_damage.py",
                        "tests/reliability/test_buffer_files.py",
@@ -149,7 +150,7 @@ def _not_killed(work: Path) -> list[str]:
 # pragma names are case-insensitive, so the statement is the same one, as long as the
 # quoted literals in it ('schema', 'table') kept their case. Our SQL writes its keywords
 # in capitals (a log message never does), and holds no %-format.
-_SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|PRAGMA|FROM|WHERE|VALUES|TABLE"
+_SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|PRAGMA|BEGIN|COMMIT|ROLLBACK|FROM|WHERE|VALUES|TABLE"
                   r"|INTEGER|TEXT|BLOB|PRIMARY KEY|NOT NULL)\b")
 _QUOTED = re.compile(r"'[^']*'")
 _STRING = re.compile(r'"[^"]*"')
