@@ -264,8 +264,6 @@ class SqliteBuffer(Buffer):
         self._schema = schema
         with self._counts_lock:
             self._totals = {k: int(v) for k, v in totals.items()}
-            for key, n in self._unsaved.items():  # counted while opening (a damaged inbox)
-                self._totals[key] = self._totals.get(key, 0) + n
         self._replay_gen, self._replay_from = _moved_position(meta)
         if meta.get("in_flight"):
             parts = meta["in_flight"].split("-")
@@ -817,7 +815,7 @@ class SqliteBuffer(Buffer):
 
     def _count_lost(self, reason: str, n: int) -> None:
         self.lost[reason] = self.lost.get(reason, 0) + n
-        self._note(_LOSS_KEYS.get(reason, reason.replace(" ", "_")), n)
+        self._note(_LOSS_KEYS[reason], n)
 
     # Uploader side -------------------------------------------------------------
     def take(self, max_points: int, newest: bool = False) -> Batch | None:
@@ -935,7 +933,7 @@ class SqliteBuffer(Buffer):
     def _set_aside(self, bad: list[tuple[int, bytes, str]], counts: dict[int, int]) -> None:
         conn = self._conn
         ids = [b[0] for b in bad]
-        points = sum(counts.get(i, 0) for i in ids)
+        points = sum(counts[i] for i in ids)  # every id is one of the chosen rows
         self._count_lost("unreadable", points)  # stored with the move
         try:
             conn.execute("BEGIN IMMEDIATE")

@@ -1124,3 +1124,76 @@ def test_blocks_of_big_records_are_halved_below_the_raw_block_size(tmp_path, mon
         buf.ack(batch)
     finally:
         buf.close()
+
+
+def test_stats_count_the_records_of_every_segment_a_crash_left(tmp_path):
+    from plexus.codec import POINTS
+
+    path = tmp_path / "b.db"
+    SqliteBuffer(path, sync_interval=3600).close()
+    conn = sqlite3.connect(path)
+    try:
+        (gen,) = conn.execute("SELECT value FROM meta WHERE key = 'inbox_gen'").fetchone()
+    finally:
+        conn.close()
+    # Two segments past the recorded position, as a crash leaves them: the first
+    # sealed, the second still being written.
+    for n, (start, stop) in enumerate([(0, 3), (3, 5)]):
+        seg = inbox.Segment(path, int(gen) + n, POINTS.tag)
+        for p in pts(start, stop):
+            framed = inbox.frame(POINTS.record(p))
+            seg.map[seg.pos:seg.pos + len(framed)] = framed
+            seg.pos += len(framed)
+        if n == 0:
+            seg.seal()
+        seg.close()
+    stats = buffer_stats(path)
+    assert (stats["points"], stats["oldest_ms"], stats["newest_ms"]) == (5, T0, T0 + 4)
+
+
+def test_stats_of_blocks_without_a_meta_table(tmp_path):
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    buf.put_many(pts(0, 4))
+    buf.close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE meta")  # a file cut down by hand: no recorded position
+    conn.commit()
+    conn.close()
+    stats = buffer_stats(path)
+    assert (stats["points"], stats["oldest_ms"], stats["newest_ms"], stats["losses"]) == \
+        (4, T0, T0 + 3, {})
+
+
+def test_every_wait_for_room_is_counted(tmp_path):
+    buf = SqliteBuffer(tmp_path / "b.db", max_points=4, sync_interval=3600)
+    buf.set_consumer_running(True)
+    try:
+        buf.put_many(pts(0, 4))
+        for start in (4, 6):
+            producer = threading.Thread(target=buf.put_many, args=(pts(start, start + 2),))
+            producer.start()
+            producer.join(0.3)
+            assert producer.is_alive()  # no room: it waits
+            batch = buf.take(2)
+            assert batch is not None
+            buf.ack(batch)
+            producer.join(10)
+            assert not producer.is_alive()
+        assert buf.waited == 2
+    finally:
+        buf.set_consumer_running(False)
+        buf.close()
+
+
+def test_stored_bytes_add_up_over_several_moves(tmp_path):
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        for start in (0, 10, 20):
+            buf.put_many(pts(start, start + 10))
+            buf.sync()
+        assert len(blocks(path)) == 3
+        assert buf.stored_bytes == stored_block_bytes(path)
+    finally:
+        buf.close()
