@@ -1097,7 +1097,8 @@ def recorded_owner(path: str | os.PathLike[str]) -> str | None:
     if not p.exists():
         return None
     try:
-        conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=5.0)
+        # sqlite3's default busy timeout (5 s) outlasts a writer's transaction.
+        conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
         try:
             row = conn.execute("SELECT value FROM meta WHERE key = 'owner'").fetchone()
         finally:
@@ -1111,6 +1112,7 @@ def buffer_stats(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Describe a persistent buffer without taking it over (for ``plexus-gateway buffer``)."""
     p = Path(path).expanduser()
     conn = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+    stamps: list[int] = []  # the first and last of each part: the oldest and newest
     try:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if "blocks" in tables:
@@ -1118,10 +1120,9 @@ def buffer_stats(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "SELECT COALESCE(SUM(count), 0), MIN(id), MAX(id) FROM blocks").fetchone()
             edges = [conn.execute("SELECT codec, data FROM blocks WHERE id = ?", (i,)).fetchone()
                      for i in (first, last) if i is not None]
-            stamps = [s for tag, data in edges for s in _block_stamps(tag, data)]
+            stamps += [s for tag, data in edges for s in _block_stamps(tag, data)]
         else:  # an older schema, converted when a client opens it
             count = conn.execute("SELECT COUNT(*) FROM points").fetchone()[0]
-            stamps = []
         losses = dict(conn.execute("SELECT name, value FROM counters").fetchall()) \
             if "counters" in tables else {}
         # How far the inbox is in SQLite: records before it are counted in the blocks.

@@ -1134,21 +1134,29 @@ def test_stats_count_the_records_of_every_segment_a_crash_left(tmp_path):
     conn = sqlite3.connect(path)
     try:
         (gen,) = conn.execute("SELECT value FROM meta WHERE key = 'inbox_gen'").fetchone()
+        gen = int(gen)
+        # Segment gen is in SQLite already (the position is past it), not yet deleted.
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'inbox_gen'", (str(gen + 1),))
+        conn.commit()
     finally:
         conn.close()
-    # Two segments past the recorded position, as a crash leaves them: the first
-    # sealed, the second still being written.
-    for n, (start, stop) in enumerate([(0, 3), (3, 5)]):
-        seg = inbox.Segment(path, int(gen) + n, POINTS.tag)
+    ends = []
+    # As a crash leaves them: the moved one, one that cannot be read (a folder in
+    # its place), then two not moved yet, sealed and still being written.
+    for g, (start, stop) in [(gen, (0, 4)), (gen + 2, (10, 13)), (gen + 3, (13, 15))]:
+        seg = inbox.Segment(path, g, POINTS.tag)
         for p in pts(start, stop):
             framed = inbox.frame(POINTS.record(p))
             seg.map[seg.pos:seg.pos + len(framed)] = framed
             seg.pos += len(framed)
-        if n == 0:
+        if g != gen + 3:
             seg.seal()
+        ends.append(seg.pos)
         seg.close()
+    inbox.segment_path(path, gen + 1).mkdir()
     stats = buffer_stats(path)
-    assert (stats["points"], stats["oldest_ms"], stats["newest_ms"]) == (5, T0, T0 + 4)
+    assert (stats["points"], stats["oldest_ms"], stats["newest_ms"]) == (5, T0 + 10, T0 + 14)
+    assert stats["bytes"] == path.stat().st_size + sum(ends)
 
 
 def test_stats_of_blocks_without_a_meta_table(tmp_path):

@@ -62,7 +62,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     # paid it) and the memory buffer's timing-sensitive backlog test.
     "sqlite_buffer": (["plexus/sqlite_buffer.py"],
                       ["tests/test_sqlite_buffer.py", "tests/test_sqlite_buffer_opening.py",
-                       "tests/test_sqlite_buffer_failures.py",
+                       "tests/test_sqlite_buffer_failures.py", "tests/test_sqlite_buffer_wakeups.py",
                        "tests/test_buffer.py",
                        "tests/reliability/test_buffers.py",
                        "tests/reliability/test_buffer_damage.py",
