@@ -296,11 +296,12 @@ class DeviceLink:
                     finally:
                         self._detach()
                         self._drop(polite=False)
-            except _AuthRefused as exc:
-                self._problem(f"the platform refused the device link: {exc}")
             except Exception as exc:
+                # stop() closing the socket ends whatever was going on: no problem to report.
                 if not self._stopping.is_set():
-                    self._problem(f"device link to {self.url} failed: {_describe(exc)}")
+                    self._problem(f"the platform refused the device link: {exc}"
+                                  if isinstance(exc, _AuthRefused)
+                                  else f"device link to {self.url} failed: {_describe(exc)}")
             if self._stopping.is_set():
                 break
             self.reconnects += 1

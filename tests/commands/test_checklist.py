@@ -173,6 +173,21 @@ def test_04_a_wrong_key_keeps_retrying_with_backoff_and_never_logs_the_key(
     assert caplog.text.count("WARNING") == 1
 
 
+def test_04_stopping_during_authentication_is_not_a_refusal(rx, caplog):
+    rx.device.ignore_auth_next(1)
+    link = make_link(rx, auth_timeout=30)
+    caplog.set_level(logging.DEBUG, logger="plexus.link")
+    link.start()
+    try:
+        assert wait_until(lambda: link.connections == 1)
+        time.sleep(0.2)  # device_auth sent and unanswered: the link waits for the reply
+    finally:
+        link.stop()
+    # Our own close ended the wait: nothing was refused, nothing failed.
+    assert "refused" not in caplog.text and "failed" not in caplog.text
+    assert link.last_error is None and link.state == "stopped"
+
+
 def test_05_backoff_is_min_2_to_the_n_and_60_with_25_percent_jitter():
     rng = random.Random(7)
     for n in range(12):
