@@ -226,7 +226,7 @@ class SqliteBuffer(Buffer):
             conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             tables = {r[0] for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")} - {"sqlite_sequence"}
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
             if not meta and tables != {"meta"}:
                 raise _WrongSchema(f"a database of something else (tables {sorted(tables)})")
             if not meta:

@@ -231,3 +231,114 @@ def test_a_segment_file_removed_before_a_codec_switch_does_not_stop_the_producer
         assert len(buf) == 3002
     finally:
         buf.close()
+
+
+def _something_else(path: Path) -> str:
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE readings (x)")
+    conn.commit()
+    conn.close()
+    return "a database of something else (tables ['meta', 'readings'])"
+
+
+def _unknown_schema(path: Path) -> str:
+    SqliteBuffer(path, sync_interval=3600).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value = '9' WHERE key = 'schema'")
+    conn.commit()
+    conn.close()
+    return "unexpected schema '9'"
+
+
+def _other_columns(path: Path) -> str:
+    SqliteBuffer(path, sync_interval=3600).close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE blocks")
+    conn.execute("CREATE TABLE blocks (id INTEGER PRIMARY KEY, data BLOB)")
+    conn.commit()
+    conn.close()
+    return "unexpected columns ['id', 'data']"
+
+
+def _damaged_pages(path: Path) -> str:
+    """A file whose structure fails SQLite's quick_check: a page of the blocks
+    table claims cells it does not have (the first such page, whatever SQLite's
+    layout)."""
+    buf = SqliteBuffer(path, sync_interval=3600)
+    buf.set_block_limit(1)
+    buf.put_many(pts(0, 300))
+    buf.close()
+    original = path.read_bytes()
+    for page in range(2, len(original) // 4096):
+        data = bytearray(original)
+        data[page * 4096 + 3:page * 4096 + 5] = b"\x00\x7f"  # the page's count of cells
+        path.write_bytes(bytes(data))
+        conn = sqlite3.connect(path)
+        try:
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.DatabaseError:
+            continue
+        finally:
+            conn.close()
+        if check != "ok":
+            return f"integrity check failed: {check}"
+    raise AssertionError("no page of the blocks table could be damaged")
+
+
+@pytest.mark.parametrize("make", [_something_else, _unknown_schema, _other_columns,
+                                  _damaged_pages])
+def test_each_kind_of_unusable_file_is_named_in_the_warning(tmp_path, monkeypatch, caplog,
+                                                            make):
+    import time
+
+    real = time.strftime
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "STAMP" if fmt == "%Y%m%dT%H%M%S"
+                        else real(fmt, *a))
+    path = tmp_path / "b.db"
+    why = make(path)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        SqliteBuffer(path, sync_interval=3600).close()
+    assert messages(caplog) == [
+        f"buffer file {path} could not be used ({why}); moved it aside to "
+        f"{tmp_path / 'b.db.corrupt-STAMP'} and started a fresh buffer"]
+
+
+def test_a_file_without_read_and_write_permission_is_moved_aside(tmp_path, monkeypatch,
+                                                                 caplog):
+    path = tmp_path / "b.db"
+    SqliteBuffer(path, sync_interval=3600).close()
+    # Root passes every permission check, so os.access answers as for a file we may
+    # read but not write.
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: not (mode & os.W_OK) and real(p, mode)
+                        if Path(p) == path else real(p, mode))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        SqliteBuffer(path, sync_interval=3600).close()
+    (message,) = messages(caplog)
+    assert message.startswith(f"buffer file {path} could not be used (no read/write "
+                              f"permission on {path}); moved it aside to ")
+
+
+def test_a_failing_disk_is_logged_once_every_30_seconds(tmp_path, monkeypatch, caplog):
+    import types
+
+    from plexus import ratelimit
+
+    now = [1000.0]
+    monkeypatch.setattr(ratelimit, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        monkeypatch.setattr(buf, "_conn", Refusing(buf._conn, "INSERT INTO blocks"))
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            for at in (0.0, 29.9, 30.0):
+                now[0] = 1000.0 + at
+                buf.put_many(pts(0, 2))
+                batch = buf.take(100)  # the move fails: sent from memory
+                assert batch is not None and batch.count == 2
+                buf.ack(batch)
+        failed = f"moving the inbox of {path} failed: disk I/O error"
+        assert messages(caplog) == [failed, failed + " (1 similar messages suppressed)"]
+    finally:
+        monkeypatch.undo()
+        buf.close()

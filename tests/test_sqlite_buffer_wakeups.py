@@ -128,3 +128,24 @@ def test_records_fill_a_segment_to_its_seal_and_go_on_in_the_next(tmp_path, monk
         assert len(buf) == n
     finally:
         buf.close()
+
+
+def test_a_waiting_producer_goes_on_as_soon_as_the_buffer_is_back_at_its_cap(tmp_path):
+    import threading
+
+    buf = SqliteBuffer(tmp_path / "b.db", max_points=4, sync_interval=3600)
+    buf.set_consumer_running(True)
+    try:
+        buf.put_many(pts(0, 4))  # at the cap: not over it
+        producer = threading.Thread(target=buf.put, args=(pts(4, 5)[0],))
+        producer.start()
+        producer.join(0.3)
+        assert producer.is_alive()  # one over the cap: it waits
+        batch = buf.take(1)
+        assert batch is not None and batch.count == 1
+        buf.ack(batch)  # back at the cap
+        producer.join(10)
+        assert not producer.is_alive() and len(buf) == 4
+    finally:
+        buf.set_consumer_running(False)
+        buf.close()
