@@ -1078,7 +1078,7 @@ class SqliteBuffer(Buffer):
 def _moved_position(meta: dict[str, str]) -> tuple[int, int]:
     """The inbox position recorded in a buffer's meta table: (segment, offset)
     up to which the inbox's records are in SQLite."""
-    return int(meta.get("inbox_gen", "0") or 0), int(meta.get("inbox_offset", "0") or 0)
+    return int(meta.get("inbox_gen") or 0), int(meta.get("inbox_offset") or 0)
 
 
 def _unmoved_from(gen: int, moved: tuple[int, int]) -> int | None:
