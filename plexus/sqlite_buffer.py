@@ -727,9 +727,8 @@ class SqliteBuffer(Buffer):
             if self._closed:
                 return
             self._fsync_inbox()
-            self._move()
+            self._move_then_trim()
             self._retry_deletes()
-            self._trim()
             self._store_counts_now()  # losses no other transaction carried yet
             busy = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0]
             if not busy:  # the WAL is fsynced: what retired segments held is safe
@@ -756,6 +755,15 @@ class SqliteBuffer(Buffer):
                 self._warn(logging.WARNING, "buffer sync of %s failed: %s", self.path, exc)
 
     # Dropping --------------------------------------------------------------------
+    def _move_then_trim(self) -> None:
+        """Move the inbox into SQLite, then drop what is beyond the caps. The caps
+        hold even when SQLite refuses the move (a full disk): the trim still runs,
+        and drops the oldest records waiting in memory if it must."""
+        try:
+            self._move()
+        finally:
+            self._trim()
+
     def _trim(self) -> None:
         """Drop the oldest whole blocks beyond the caps. Caller holds ``_db_lock``."""
         if not self._full() or self._should_wait():
@@ -786,8 +794,13 @@ class SqliteBuffer(Buffer):
             # Still over while SQLite takes nothing (a full disk): the oldest records
             # waiting in memory go. Their inbox copy is replayed only after a crash.
             with self._lock:
-                excess = len(self) - self.max_points
-                self._drop_pending(max(0, min(excess, len(self._pending))))
+                over_points = len(self) - self.max_points
+                over_bytes = self._bytes() - self.max_bytes
+                n = 0
+                while n < len(self._pending) and (n < over_points or over_bytes > 0):
+                    over_bytes -= len(self._pending[n]) + inbox.HEADER_SIZE
+                    n += 1
+                self._drop_pending(n)
 
     def _taken_ids(self) -> set[int]:
         ids = set(self._undeleted)
@@ -824,8 +837,7 @@ class SqliteBuffer(Buffer):
                 raise RuntimeError("SqliteBuffer holds one batch in flight at a time")
             moved = True
             try:
-                self._move()
-                self._trim()  # never put points beyond the cap into flight
+                self._move_then_trim()  # never put points beyond the cap into flight
             except (sqlite3.Error, OSError) as exc:
                 moved = False
                 self._warn(logging.WARNING, "moving the inbox of %s failed: %s", self.path, exc)

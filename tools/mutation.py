@@ -63,6 +63,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "sqlite_buffer": (["plexus/sqlite_buffer.py"],
                       ["tests/test_sqlite_buffer.py", "tests/test_sqlite_buffer_opening.py",
                        "tests/test_sqlite_buffer_failures.py", "tests/test_sqlite_buffer_wakeups.py",
+                       "tests/test_sqlite_buffer_closing.py", "tests/test_sqlite_buffer_trim.py",
                        "tests/test_buffer.py",
                        "tests/reliability/test_buffers.py",
                        "tests/reliability/test_buffer_damage.py",
