@@ -1,0 +1,375 @@
+"""The device link's own rules, each pinned exactly: backoff and pacing arithmetic,
+the eviction hint, the frames it ignores or counts, what it refuses to send, and
+how it reports itself. Most drive one DeviceLink method without a connection
+(no thread, no socket); the rest run against the local receiver's /ws/device.
+
+The checklist tests (test_checklist.py) show the protocol works; these pin the
+numbers and messages, so that a changed constant or comparison does not pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import types
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Close
+
+from plexus import ConfigError
+from plexus import link as link_module
+from plexus.commands import CommandCenter
+from plexus.link import (
+    MAX_FRAME_BYTES,
+    DeviceLink,
+    _close_text,
+    _describe,
+    _json_object,
+    _Pace,
+    check_link_source_id,
+    device_url,
+    goodbye_delay,
+    reconnect_delay,
+)
+from plexus.secret import Secret
+from tests.commands.conftest import wait_until
+
+
+class FixedDraw:
+    """A random source whose uniform() returns ``a + share * (b - a)`` and records its bounds."""
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+        self.bounds: list[tuple[float, float]] = []
+
+    def uniform(self, a: float, b: float) -> float:
+        self.bounds.append((a, b))
+        return a + self.share * (b - a)
+
+
+def offline_link(center: CommandCenter | None = None, **kwargs) -> DeviceLink:
+    """A link that is never started: its methods are driven one at a time."""
+    return DeviceLink("ws://127.0.0.1:9", Secret("plx_offline_secret"), "pod-07",
+                      center or CommandCenter(), **kwargs)
+
+
+# Backoff ------------------------------------------------------------------------------
+@pytest.mark.parametrize("attempt,nominal", [(0, 1), (1, 2), (2, 4), (5, 32), (6, 60), (10, 60)])
+def test_backoff_is_2_to_the_n_capped_at_60_with_jitter_of_a_quarter(attempt, nominal):
+    low, mid, high = FixedDraw(0.0), FixedDraw(0.5), FixedDraw(1.0)
+    assert reconnect_delay(attempt, low) == pytest.approx(nominal * 0.75)
+    assert reconnect_delay(attempt, mid) == pytest.approx(nominal * 1.0)
+    assert reconnect_delay(attempt, high) == pytest.approx(nominal * 1.25)
+    assert low.bounds == [(0.75, 1.25)]
+
+
+def test_backoff_never_goes_under_a_tenth_of_a_second():
+    never = FixedDraw(0.0)
+    never.uniform = lambda a, b: 0.0  # a jitter of nothing at all
+    assert reconnect_delay(0, never) == 0.1
+
+
+def test_backoff_and_goodbye_without_a_random_source_use_the_module_one():
+    random.seed(11)
+    expected = 4 * random.uniform(0.75, 1.25)
+    random.seed(11)
+    assert reconnect_delay(2) == expected
+    random.seed(12)
+    expected = random.uniform(0.1, 0.5)
+    random.seed(12)
+    assert goodbye_delay() == expected
+
+
+def test_goodbye_waits_between_a_tenth_and_half_a_second():
+    draw = FixedDraw(1.0)
+    assert goodbye_delay(draw) == 0.5
+    assert draw.bounds == [(0.1, 0.5)]
+
+
+def test_the_link_backs_off_with_its_seeded_random_source_and_caps_the_exponent(
+        plexus_receiver_factory):
+    """Attempts count up to MAX_ATTEMPT (10) and stay there: 2**10 is capped at 60 s."""
+    rx = plexus_receiver_factory(api_keys=["plx_good"])
+    asked: list[float] = []
+    link = DeviceLink(rx.ws_url, Secret("plx_wrong"), "pod-07", CommandCenter(),
+                      wait=lambda seconds: asked.append(seconds) or False,
+                      rng=random.Random(5))
+    link.start()
+    try:
+        assert wait_until(lambda: len(asked) >= 13, 20)
+    finally:
+        link.stop()
+    rng = random.Random(5)
+    expected = [max(0.1, min(2.0 ** min(n, 10), 60.0) * rng.uniform(0.75, 1.25))
+                for n in range(13)]
+    assert asked[:13] == expected
+    assert list(link.delays)[:13] == expected
+    assert link.reconnects >= 13
+
+
+# Pacing -------------------------------------------------------------------------------
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_the_pace_lets_a_burst_through_then_one_frame_per_token(monkeypatch):
+    clock = FakeTime()
+    monkeypatch.setattr(link_module, "time", types.SimpleNamespace(monotonic=clock.monotonic))
+    pace = _Pace(2, 4.0)
+    assert [pace.delay(), pace.delay()] == [0.0, 0.0]  # the burst
+    assert pace.delay() == pytest.approx(0.25)          # no token: 1 / rate
+    clock.now += 0.125                                  # half a token back
+    assert pace.delay() == pytest.approx(0.125)
+    clock.now += 0.125                                  # exactly one token: it goes
+    assert pace.delay() == 0.0
+    clock.now += 60                                     # idle: refilled to the burst, no more
+    assert [pace.delay(), pace.delay()] == [0.0, 0.0]
+    assert pace.delay() == pytest.approx(0.25)
+
+
+def test_the_pace_follows_the_generation_announced(plexus_receiver_factory):
+    for generation, burst, rate in (("hosted", 500, 500.0), ("oss", 50, 18.0)):
+        rx = plexus_receiver_factory(ws_generation=generation)
+        link = DeviceLink(rx.ws_url, Secret(rx.api_key), "pod-07", CommandCenter())
+        link.start()
+        try:
+            assert link.wait_up(10)
+            assert (link.hosted, link._pace.burst, link._pace.rate) == \
+                (generation == "hosted", burst, rate)
+        finally:
+            link.stop()
+
+
+# The eviction hint ----------------------------------------------------------------------
+def test_three_short_lived_connections_warn_once_with_the_source_id(caplog):
+    link = offline_link()
+    caplog.set_level(logging.WARNING, logger="plexus.link")
+    link._check_eviction(9.99)
+    link._check_eviction(0.0)
+    assert caplog.text == ""
+    link._check_eviction(5.0)
+    assert caplog.messages == [
+        "the platform closed the device link 3 times within 10 s of opening it: another "
+        "process is probably connected with source_id 'pod-07' (the platform keeps one link "
+        "per source id, so each evicts the other); give each process its own source_id"]
+    link._check_eviction(1.0)
+    assert len(caplog.messages) == 1  # once per streak
+
+
+def test_ten_seconds_is_not_short_and_a_minute_ends_the_streak(caplog):
+    link = offline_link()
+    caplog.set_level(logging.WARNING, logger="plexus.link")
+    for lifetime in (10.0, 59.99, 10.0):  # neither short nor long: the streak stands
+        link._check_eviction(1.0)
+        link._check_eviction(lifetime)
+    assert link._short_lived == 3 and len(caplog.messages) == 1
+    link._check_eviction(60.0)  # a connection that lasted: start over, and warn again
+    assert link._short_lived == 0
+    for _ in range(2):
+        link._check_eviction(1.0)
+    assert len(caplog.messages) == 1
+    link._check_eviction(1.0)
+    assert len(caplog.messages) == 2
+
+
+# Reporting ------------------------------------------------------------------------------
+def test_a_problem_is_warned_once_until_it_changes(caplog):
+    link = offline_link()
+    caplog.set_level(logging.DEBUG, logger="plexus.link")
+    for message in ("down: A", "down: A", "down: B", "down: A"):
+        link._problem(message)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert warnings == ["down: A; retrying with backoff", "down: B; retrying with backoff",
+                        "down: A; retrying with backoff"]
+    assert debug == ["down: A"]
+    assert link.last_error == "down: A"
+
+
+def test_status_and_repr_name_the_link_never_the_key():
+    link = offline_link()
+    assert link.status() == {"state": "off", "url": "ws://127.0.0.1:9/ws/device",
+                             "since": None, "reconnects": 0, "clock_offset": None,
+                             "last_error": None}
+    text = repr(link)
+    assert text.startswith("DeviceLink(url='ws://127.0.0.1:9/ws/device', source_id='pod-07', "
+                           "state='off', api_key=")
+    assert "plx_offline_secret" not in text
+
+
+def test_close_text_and_describe():
+    assert _close_text(ConnectionClosed(Close(1001, "going away"), None)) == \
+        "close 1001: going away"
+    assert _close_text(ConnectionClosed(Close(1000, ""), None)) == "close 1000"
+    assert _close_text(ConnectionClosed(None, None)) == "no close frame"
+    assert _describe(OSError("refused")) == "OSError: refused"
+    assert _describe(TimeoutError()) == "TimeoutError: TimeoutError"
+    long = _describe(ValueError("x" * 400))
+    assert len(long) == 300 and long.startswith("ValueError: xxx")
+
+
+def test_only_json_objects_are_frames():
+    assert _json_object('{"type": "a"}') == {"type": "a"}
+    assert _json_object(b'{"type": "a"}') == {"type": "a"}
+    for raw in ("[1]", "3", "not json", b"\xff", None, 7):
+        assert _json_object(raw) is None
+
+
+def test_urls_and_source_ids_are_checked_exactly():
+    assert device_url("  WSS://h/  ") == "WSS://h/ws/device"
+    with pytest.raises(ConfigError) as refused:
+        device_url("http://h")
+    assert str(refused.value) == \
+        "the device link URL must start with ws:// or wss://, got 'http://h'"
+    assert check_link_source_id("pod-07") == "pod-07"
+    assert check_link_source_id("a" * 256) == "a" * 256
+    with pytest.raises(ConfigError) as refused:
+        check_link_source_id("123e4567-e89b-12d3-a456-426614174000")
+    assert str(refused.value).startswith(
+        "source_id '123e4567-e89b-12d3-a456-426614174000' looks like a UUID, which the "
+        "device link refuses")
+    assert check_link_source_id("123e4567-e89b-12d3-a456-42661417400") is not None  # one short
+
+
+# Frames in ----------------------------------------------------------------------------
+class RecordingCenter(CommandCenter):
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.seen: list[dict] = []
+        self.fail = fail
+
+    def handle(self, frame):
+        self.seen.append(frame)
+        if self.fail:
+            raise RuntimeError("a bug in a command")
+        return super().handle(frame)
+
+
+def test_incoming_frames_are_counted_ignored_or_passed_on(caplog):
+    center = RecordingCenter()
+    link = offline_link(center)
+    caplog.set_level(logging.DEBUG, logger="plexus.link")
+    for raw in (b'{"type": "command_run"}', "not json", "[1]"):
+        link._on_frame(raw)
+    assert (link.frames_in, link.ignored, center.seen) == (3, 3, [])
+    for kind in ("authenticated", "telemetry_ack", "pong"):
+        link._on_frame(f'{{"type": "{kind}"}}')
+    assert (link.frames_in, link.ignored, center.seen) == (6, 3, [])
+    link._on_frame('{"type": "future_frame"}')
+    assert center.seen == [{"type": "future_frame"}] and link.ignored == 4
+    assert "ignored a frame of unknown type 'future_frame'" in caplog.messages
+
+
+def test_error_frames_are_counted_and_logged_with_code_and_detail(caplog):
+    center = RecordingCenter()
+    link = offline_link(center)
+    caplog.set_level(logging.WARNING, logger="plexus.link")
+    link._on_frame('{"type": "error", "code": "RATE_LIMITED", "detail": "slow down"}')
+    link._on_frame('{"type": "error", "message": "bad frame"}')
+    link._on_frame('{"type": "error"}')
+    assert caplog.messages == [
+        "the platform answered a frame with an error: RATE_LIMITED slow down",
+        "the platform answered a frame with an error:  bad frame",
+        "the platform answered a frame with an error:  "]
+    assert (link.server_errors, link.ignored, center.seen) == (3, 0, [])
+
+
+def test_a_command_that_raises_is_logged_and_the_link_goes_on(caplog):
+    link = offline_link(RecordingCenter(fail=True))
+    caplog.set_level(logging.DEBUG, logger="plexus.link")
+    link._on_frame('{"type": "command_run", "run_id": "r1"}')
+    link._on_frame('{"type": "command_run", "run_id": "r2"}')
+    failures = [r for r in caplog.records if r.getMessage() == "handling a command_run frame failed"]
+    assert len(failures) == 2 and all(r.exc_info for r in failures)
+    assert link.ignored == 0 and link.frames_in == 2
+
+
+# Frames out ---------------------------------------------------------------------------
+def test_nothing_is_queued_while_the_link_is_down():
+    link = offline_link()
+    assert link.send({"type": "x"}) is False
+    assert list(link._out) == []
+
+
+def test_frames_up_to_one_mib_are_queued_and_bigger_ones_refused(caplog):
+    link = offline_link()
+    link._up = True  # as after authentication
+    caplog.set_level(logging.ERROR, logger="plexus.link")
+    envelope = len(b'{"type":"big","pad":""}')
+    assert link.send({"type": "big", "pad": "x" * (MAX_FRAME_BYTES - envelope)}) is True
+    assert len(link._out[0]) == MAX_FRAME_BYTES
+    assert link.send({"type": "big", "pad": "x" * (MAX_FRAME_BYTES - envelope + 1)}) is False
+    assert caplog.messages == [
+        f"a big frame of {MAX_FRAME_BYTES + 1} bytes was not sent: the link carries at most "
+        f"{MAX_FRAME_BYTES}"]
+    assert link.send({"type": "keys", 7: "seven"}) is True  # non-string keys as text
+    assert link._out[-1] == b'{"type":"keys","7":"seven"}'
+    assert link.send({"type": "odd", "value": object()}) is False
+    assert caplog.messages[-1].startswith("a odd frame could not be encoded and was dropped: ")
+    assert len(link._out) == 2
+
+
+# Up and down --------------------------------------------------------------------------
+def test_the_link_says_which_protocol_came_up_and_when_it_recovered(plexus_receiver_factory,
+                                                                   caplog):
+    rx = plexus_receiver_factory(ws_generation="oss")
+    rx.device.refuse_auth_next(1)
+    link = DeviceLink(rx.ws_url, Secret(rx.api_key), "pod-07", CommandCenter(),
+                      wait=lambda seconds: False)
+    caplog.set_level(logging.INFO, logger="plexus.link")
+    link.start()
+    try:
+        assert link.wait_up(10)
+        assert link.status()["state"] == "up" and link.last_error is None
+        assert link.connected_since is not None
+    finally:
+        link.stop()
+    assert f"device link to {link.url} is up again" in caplog.messages
+    rx2 = plexus_receiver_factory()
+    link = DeviceLink(rx2.ws_url, Secret(rx2.api_key), "pod-07", CommandCenter())
+    caplog.clear()
+    link.start()
+    try:
+        assert link.wait_up(10)
+    finally:
+        link.stop()
+    assert f"device link to {link.url} is up (hosted protocol)" in caplog.messages
+    assert link.state == "stopped" and link.connected_since is None
+
+
+@pytest.mark.parametrize("skew_ms,words", [(7_500, "7.5 s behind"), (-7_500, "7.5 s ahead of")])
+def test_a_clock_off_the_platforms_is_named_with_its_direction(rx, caplog, skew_ms, words):
+    rx.device.clock_skew_ms = skew_ms
+    link = DeviceLink(rx.ws_url, Secret(rx.api_key), "pod-07", CommandCenter())
+    caplog.set_level(logging.WARNING, logger="plexus.link")
+    link.start()
+    try:
+        assert link.wait_up(10)
+    finally:
+        link.stop()
+    assert any(m.startswith(f"this computer's clock is {words} the platform's")
+               for m in caplog.messages), caplog.messages
+    assert link.clock_offset == pytest.approx(skew_ms / 1000, abs=0.3)
+
+
+def test_heartbeats_carry_the_source_version_and_uptime(rx):
+    from plexus import __version__
+
+    link = DeviceLink(rx.ws_url, Secret(rx.api_key), "pod-07", CommandCenter(),
+                      heartbeat_interval=0.2)
+    link.start()
+    try:
+        assert link.wait_up(10)
+        beats = rx.device.wait_frame(lambda f: f.type == "heartbeat", count=2, timeout=5)
+    finally:
+        link.stop()
+    first, second = beats[0].frame, beats[1].frame
+    assert set(first) == {"type", "source_id", "agent_version", "uptime_s"}
+    assert first["agent_version"] == __version__
+    assert 0 < first["uptime_s"] < second["uptime_s"] < 30
+    assert link.frames_out >= 2
