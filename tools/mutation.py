@@ -64,6 +64,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                       ["tests/test_sqlite_buffer.py", "tests/test_sqlite_buffer_opening.py",
                        "tests/test_sqlite_buffer_failures.py", "tests/test_sqlite_buffer_wakeups.py",
                        "tests/test_sqlite_buffer_closing.py", "tests/test_sqlite_buffer_trim.py",
+                       "tests/test_sqlite_buffer_spare.py",
                        "tests/test_buffer.py",
                        "tests/reliability/test_buffers.py",
                        "tests/reliability/test_buffer_damage.py",
@@ -158,7 +159,7 @@ def _not_killed(work: Path) -> list[str]:
 # quoted literals in it ('schema', 'table') kept their case. Our SQL writes its keywords
 # in capitals (a log message never does), and holds no %-format.
 _SQL = re.compile(r"\b(SELECT|INSERT|UPDATE|DELETE|CREATE|DROP|PRAGMA|BEGIN|COMMIT|ROLLBACK|FROM|WHERE|VALUES|TABLE"
-                  r"|INTEGER|TEXT|BLOB|PRIMARY KEY|NOT NULL)\b")
+                  r"|INTEGER|TEXT|BLOB|PRIMARY KEY|NOT NULL|ORDER BY|ASC|DESC|LIMIT)\b")
 _QUOTED = re.compile(r"'[^']*'")
 _STRING = re.compile(r'"[^"]*"')
 
