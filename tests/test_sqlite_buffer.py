@@ -5,8 +5,10 @@ mutation run reaches it)."""
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
+import stat
 import threading
 from pathlib import Path
 
@@ -1203,5 +1205,55 @@ def test_stored_bytes_add_up_over_several_moves(tmp_path):
             buf.sync()
         assert len(blocks(path)) == 3
         assert buf.stored_bytes == stored_block_bytes(path)
+    finally:
+        buf.close()
+
+
+def test_an_old_inbox_is_read_from_the_recorded_offset(tmp_path):
+    path = tmp_path / "b.db"
+    moved = _old_records(range(2))  # already in SQLite before the upgrade
+    _old_buffer(path, rows=2, inboxes={3: moved + _old_records(range(2, 5))})
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'inbox_offset'", (str(len(moved)),))
+    conn.commit()
+    conn.close()
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        batch = buf.take(100)
+        assert batch is not None and [p[1] for p in batch.points] == [0, 1, 2, 3, 4]
+    finally:
+        buf.close()
+
+
+def test_the_new_schema_is_recorded_and_the_count_of_every_segment_logged(tmp_path, caplog):
+    path = tmp_path / "b.db"
+    _old_buffer(path, rows=0, inboxes={3: _old_records(range(2)), 4: _old_records(range(2, 5))})
+    caplog.set_level("INFO", logger="plexus.buffer")
+    SqliteBuffer(path, sync_interval=3600).close()
+    assert f"recovered 5 points from the inbox of {path}" in caplog.messages
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("4",)
+    finally:
+        conn.close()
+    caplog.clear()
+    buf = SqliteBuffer(path, sync_interval=3600)  # nothing to convert a second time
+    try:
+        assert len(buf) == 5
+    finally:
+        buf.close()
+    assert not [m for m in caplog.messages if "converted" in m or "recovered" in m]
+
+
+def test_the_write_ahead_log_is_private_even_beside_a_readable_database(tmp_path):
+    path = tmp_path / "b.db"
+    SqliteBuffer(path, sync_interval=3600).close()
+    os.chmod(path, 0o644)  # copied by hand, or left by an older version
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        buf.put(("seq", 1, T0, None))
+        buf.sync()
+        for suffix in ("-wal", "-shm"):
+            assert stat.S_IMODE(os.stat(f"{path}{suffix}").st_mode) == 0o600, suffix
     finally:
         buf.close()
