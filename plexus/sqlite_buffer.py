@@ -508,6 +508,8 @@ class SqliteBuffer(Buffer):
                 self._attend(1)
 
     def put_many(self, points: list[Point]) -> None:
+        if not points:
+            return  # nothing added: no wake-up owed to anyone
         encode = self._record
         records = [encode(p) for p in points]
         framed = b"".join([inbox.frame(r) for r in records])
@@ -842,12 +844,14 @@ class SqliteBuffer(Buffer):
                 moved = False
                 self._warn(logging.WARNING, "moving the inbox of %s failed: %s", self.path, exc)
             limit = max(1, min(max_points, in_flight_limit(self.max_points)))
-            with self._lock:
-                self._signalled = False
-                self._update_attention()
             batch = self._take_blocks(limit, newest)
             if batch is None and not moved:
                 batch = self._take_pending(limit)
+            with self._lock:
+                self._signalled = False
+                # After the take: records sent from memory left the pending list but
+                # still count towards the uploader's next wake-up.
+                self._update_attention()
             return batch
 
     def _take_blocks(self, limit: int, newest: bool) -> Batch | None:

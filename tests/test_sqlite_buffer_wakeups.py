@@ -149,3 +149,38 @@ def test_a_waiting_producer_goes_on_as_soon_as_the_buffer_is_back_at_its_cap(tmp
     finally:
         buf.set_consumer_running(False)
         buf.close()
+
+
+def test_points_in_flight_from_memory_count_towards_the_uploaders_wake_up(tmp_path):
+    """SQLite refuses the move (a full disk): a take sends the records from memory, and
+    they still count when the buffer decides it holds enough to wake the uploader."""
+    from tests.test_sqlite_buffer_trim import Refusing
+
+    buf = SqliteBuffer(tmp_path / "b.db", sync_interval=3600)
+    calls: list[int] = []
+    buf.set_ready_callback(lambda: calls.append(len(buf)), at_points=10)
+    try:
+        buf._conn = Refusing(buf._conn, "BEGIN IMMEDIATE",  # type: ignore[assignment]
+                             "database or disk is full")
+        buf.put_many(pts(0, 6))
+        batch = buf.take(100)
+        assert batch is not None and batch.count == 6 and calls == []
+        for p in pts(6, 10):
+            buf.put(p)
+        assert calls == [10]  # 6 in flight + 4 waiting: the mark, not 16
+    finally:
+        buf.close()
+
+
+def test_an_empty_put_many_wakes_nobody(tmp_path):
+    buf = SqliteBuffer(tmp_path / "b.db", sync_interval=3600)
+    calls: list[int] = []
+    buf.set_ready_callback(lambda: calls.append(len(buf)), at_points=1)
+    try:
+        buf.wake_on_next_put()
+        buf.put_many([])
+        assert calls == [] and len(buf) == 0
+        buf.put(pts(0, 1)[0])
+        assert calls == [1]
+    finally:
+        buf.close()
