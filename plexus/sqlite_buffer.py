@@ -732,10 +732,18 @@ class SqliteBuffer(Buffer):
             self._move_then_trim()
             self._retry_deletes()
             self._store_counts_now()  # losses no other transaction carried yet
-            busy = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0]
-            if not busy:  # the WAL is fsynced: what retired segments held is safe
+            if self._checkpoint("PASSIVE"):  # what retired segments held is on disk
                 self._delete_retired()
         self._prepare_spare()
+
+    def _checkpoint(self, mode: str) -> bool:
+        """Checkpoint the WAL; True when every frame reached the database file, which
+        the checkpoint fsyncs. Only then may inbox segments that SQLite holds go: with
+        ``synchronous=NORMAL`` a commit is durable at the checkpoint, not before. A
+        reader on an older snapshot (``plexus-gateway buffer``, say) stops a checkpoint
+        short; FULL and TRUNCATE then say busy, PASSIVE only copies fewer frames."""
+        busy, frames, copied = self._conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        return not busy and copied == frames
 
     def _delete_retired(self) -> None:
         retired, self._retired = self._retired, []
@@ -1070,9 +1078,11 @@ class SqliteBuffer(Buffer):
         with self._db_lock:
             self._closed = True
             self._store_counts_now()
+            checkpointed = False
             try:
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                self._delete_retired()
+                checkpointed = self._checkpoint("TRUNCATE")
+                if checkpointed:
+                    self._delete_retired()
             except sqlite3.Error as exc:
                 log.warning("final checkpoint of %s failed: %s", self.path, exc)
             self._conn.close()
@@ -1084,8 +1094,10 @@ class SqliteBuffer(Buffer):
                     if self._spilled_now:
                         log.warning("%d points could not be written to %s (disk full) and "
                                     "are lost", self._spilled_now, self.path)
-                else:
-                    # Everything the segments held is in SQLite, checkpointed.
+                elif checkpointed:
+                    # Everything the segments held is in SQLite, checkpointed. Otherwise
+                    # they stay: the next open skips what the recorded position says
+                    # SQLite holds, and replays the rest if a power cut took the WAL.
                     for seg in segments:
                         seg.path.unlink(missing_ok=True)
             os.close(self._lock_fd)  # releases the lock

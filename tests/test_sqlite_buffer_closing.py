@@ -163,3 +163,65 @@ def test_closing_twice_does_nothing_the_second_time(tmp_path, caplog):
         buf.sync()  # a no-op once closed
     assert [r for r in caplog.records if r.name == LOGGER] == []
     assert drain(path) == [0, 1]
+
+
+class OlderSnapshot:
+    """Another connection in a read transaction (as ``plexus-gateway buffer`` briefly is):
+    a checkpoint cannot copy the frames committed after its snapshot."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.execute("BEGIN")
+        self.conn.execute("SELECT COUNT(*) FROM blocks").fetchone()
+
+    def end(self) -> None:
+        self.conn.execute("COMMIT")
+        self.conn.close()
+
+
+def fill_the_segment(buf: SqliteBuffer, start: int) -> tuple[int, int]:
+    """Put points until the segment written now is full and the next one starts:
+    (the full segment's number, the next start)."""
+    buf.put_many(pts(start, start + 1))
+    gen = buf._segment.gen
+    start += 1
+    while buf._segment.gen == gen:
+        buf.put_many(pts(start, start + 100))
+        start += 100
+    return gen, start
+
+
+def test_moved_segments_stay_until_a_checkpoint_copies_every_frame(tmp_path, monkeypatch):
+    monkeypatch.setattr(inbox, "SEGMENT_BYTES", inbox.MIN_SEGMENT_BYTES)
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        first, n = fill_the_segment(buf, 0)
+        reader = OlderSnapshot(path)
+        buf.sync()  # moved, but the checkpoint stops at the reader's snapshot
+        assert inbox.segment_path(path, first).exists()
+        second, n = fill_the_segment(buf, n)
+        buf.sync()
+        assert inbox.segment_path(path, first).exists()
+        assert inbox.segment_path(path, second).exists()
+        reader.end()
+        buf.sync()  # every frame copied: both moved segments go
+        assert not inbox.segment_path(path, first).exists()
+        assert not inbox.segment_path(path, second).exists()
+        assert len(buf) == n
+    finally:
+        buf.close()
+
+
+def test_closing_beside_an_older_snapshot_keeps_the_inbox_and_loses_nothing(tmp_path):
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    buf.put_many(pts(0, 5))
+    reader = OlderSnapshot(path)
+    try:
+        buf.close()  # the final checkpoint is busy: the segment stays on disk
+        assert segment_files(path)
+    finally:
+        reader.end()
+    assert drain(path) == [0, 1, 2, 3, 4]  # once each: the recorded position skips them
+    assert not segment_files(path)
