@@ -225,3 +225,20 @@ def test_closing_beside_an_older_snapshot_keeps_the_inbox_and_loses_nothing(tmp_
         reader.end()
     assert drain(path) == [0, 1, 2, 3, 4]  # once each: the recorded position skips them
     assert not segment_files(path)
+
+
+def test_a_moved_segment_removed_by_hand_meanwhile_does_not_fail_the_sync(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr(inbox, "SEGMENT_BYTES", inbox.MIN_SEGMENT_BYTES)
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        first, n = fill_the_segment(buf, 0)
+        reader = OlderSnapshot(path)
+        buf.sync()
+        reader.end()
+        inbox.segment_path(path, first).unlink()  # an operator tidying up
+        buf.sync()  # deleting it finds nothing to delete, and that is fine
+        assert len(buf) == n
+    finally:
+        buf.close()

@@ -179,3 +179,101 @@ def test_the_byte_cap_holds_in_memory_while_sqlite_refuses_the_move(tmp_path):
         assert (buf.dropped, buf.loss_counts()["buffer_full"]) == (3, 3)
     finally:
         buf.close()
+
+
+def test_exactly_at_the_byte_cap_in_memory_nothing_more_goes(tmp_path):
+    from plexus import inbox
+
+    buf = SqliteBuffer(tmp_path / "b.db", sync_interval=3600)
+    try:
+        buf._conn = Refusing(buf._conn, "BEGIN IMMEDIATE",  # type: ignore[assignment]
+                             "database or disk is full")
+        points = pts(0, 5)
+        record = len(buf.codec.record(points[0])) + inbox.HEADER_SIZE
+        buf.max_bytes = 2 * record  # room for exactly two
+        buf.put_many(points)
+        batch = buf.take(100)
+        assert batch is not None and [p[1] for p in batch.points] == [3, 4]
+        assert buf.dropped == 3
+    finally:
+        buf.close()
+
+
+def test_when_the_batch_in_flight_alone_passes_the_byte_cap_memory_is_emptied(tmp_path):
+    """The stored batch in flight cannot be dropped; every record waiting in memory
+    goes, and no more (there is nothing more to drop)."""
+    import pytest
+
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        buf.put_many(pts(0, 5))
+        buf.sync()
+        batch = buf.take(100)
+        assert batch is not None and batch.count == 5
+        buf._conn = Refusing(buf._conn, "BEGIN IMMEDIATE",  # type: ignore[assignment]
+                             "database or disk is full")
+        buf.put_many(pts(5, 8))
+        buf.max_bytes = 1
+        with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
+            buf.sync()
+        assert (buf.dropped, len(buf)) == (3, 5)
+    finally:
+        buf.close()
+
+
+def refuse_the_move_once_a_producer_put(buf: SqliteBuffer, point: tuple) -> None:
+    """The next move fails with a full disk after a producer put ``point`` meanwhile
+    (the move holds no producer lock while it writes)."""
+    def insert_blocks(*args: object) -> None:
+        del buf._insert_blocks  # once: the next move is the real one
+        buf.put(point)
+        raise sqlite3.OperationalError("database or disk is full")
+
+    buf._insert_blocks = insert_blocks  # type: ignore[method-assign]
+
+
+def test_a_refused_move_keeps_the_bytes_of_points_put_meanwhile(tmp_path):
+    from plexus import inbox
+
+    buf = SqliteBuffer(tmp_path / "b.db", sync_interval=3600)
+    try:
+        buf.put_many(pts(0, 5))
+        refuse_the_move_once_a_producer_put(buf, pts(5, 6)[0])
+        try:
+            buf.sync()
+        except sqlite3.OperationalError:
+            pass
+        record = len(buf.codec.record(pts(0, 1)[0])) + inbox.HEADER_SIZE
+        buf._conn = Refusing(buf._conn, "BEGIN IMMEDIATE",  # type: ignore[assignment]
+                             "database or disk is full")
+        buf.max_bytes = 5 * record  # six are held: one too many
+        batch = buf.take(100)
+        assert buf.dropped == 1
+        assert batch is not None and [p[1] for p in batch.points] == [1, 2, 3, 4, 5]
+    finally:
+        buf.close()
+
+
+def test_a_refused_move_keeps_the_count_of_points_spilled_meanwhile(tmp_path, monkeypatch,
+                                                                    caplog):
+    from tests.test_sqlite_buffer import _disk_full
+
+    _disk_full(monkeypatch)  # every point is kept in memory only
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=3600)
+    try:
+        buf.put_many(pts(0, 5))
+        refuse_the_move_once_a_producer_put(buf, pts(5, 6)[0])
+        try:
+            buf.sync()
+        except sqlite3.OperationalError:
+            pass
+        buf._conn = Refusing(buf._conn, "BEGIN IMMEDIATE",  # type: ignore[assignment]
+                             "database or disk is full")
+        with caplog.at_level(logging.WARNING, logger="plexus.buffer"):
+            buf.close()
+        assert f"6 points could not be written to {path} (disk full) and are lost" in \
+            caplog.messages
+    finally:
+        buf.close()

@@ -184,3 +184,37 @@ def test_an_empty_put_many_wakes_nobody(tmp_path):
         assert calls == [1]
     finally:
         buf.close()
+
+
+def test_points_already_in_sqlite_count_towards_the_uploaders_wake_up(tmp_path):
+    buf = SqliteBuffer(tmp_path / "b.db", sync_interval=3600)
+    calls: list[int] = []
+    buf.set_ready_callback(lambda: calls.append(len(buf)), at_points=10)
+    try:
+        buf.put_many(pts(0, 6))
+        buf.sync()  # 6 in SQLite
+        for p in pts(6, 10):
+            buf.put(p)
+        assert calls == [10]
+    finally:
+        buf.close()
+
+
+def test_a_failing_round_of_the_sync_thread_is_logged_with_the_file_and_the_error(
+        tmp_path, caplog):
+    import logging
+
+    from tests.test_sqlite_buffer_trim import Refusing
+
+    path = tmp_path / "b.db"
+    buf = SqliteBuffer(path, sync_interval=0.05)
+    try:
+        buf._conn = Refusing(buf._conn, "BEGIN IMMEDIATE",  # type: ignore[assignment]
+                             "database or disk is full")
+        with caplog.at_level(logging.WARNING, logger="plexus.buffer"):
+            buf.put(pts(0, 1)[0])
+            expected = f"buffer sync of {path} failed: database or disk is full"
+            assert wait_until(lambda: expected in caplog.messages)
+        assert buf._thread.is_alive()  # it goes on: the next round may succeed
+    finally:
+        buf.close()

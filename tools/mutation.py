@@ -64,7 +64,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
                       ["tests/test_sqlite_buffer.py", "tests/test_sqlite_buffer_opening.py",
                        "tests/test_sqlite_buffer_failures.py", "tests/test_sqlite_buffer_wakeups.py",
                        "tests/test_sqlite_buffer_closing.py", "tests/test_sqlite_buffer_trim.py",
-                       "tests/test_sqlite_buffer_spare.py",
+                       "tests/test_sqlite_buffer_spare.py", "tests/test_sqlite_buffer_room.py",
                        "tests/test_buffer.py",
                        "tests/reliability/test_buffers.py",
                        "tests/reliability/test_buffer_damage.py",
