@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import types
 
 import pytest
@@ -373,3 +374,39 @@ def test_heartbeats_carry_the_source_version_and_uptime(rx):
     assert first["agent_version"] == __version__
     assert 0 < first["uptime_s"] < second["uptime_s"] < 30
     assert link.frames_out >= 2
+
+
+# Announcing commands declared later ---------------------------------------------------------
+def test_a_command_declared_while_up_is_announced_by_reconnecting_at_once(rx):
+    from plexus.commands import declare
+
+    center = CommandCenter()
+    center.add(declare("first", lambda run: None))
+    asked: list[float] = []
+    link = DeviceLink(rx.ws_url, Secret(rx.api_key), "pod-07", center,
+                      wait=lambda seconds: asked.append(seconds) or False)
+    link.start()
+    try:
+        assert link.wait_up(10)
+        link.reannounce()  # nothing new: the link stays as it is
+        time.sleep(0.3)
+        assert rx.device.connections == 1 and link.up
+        center.add(declare("second", lambda run: None))
+        link.reannounce()
+        assert rx.device.wait_connected(connections=2, timeout=10)
+        assert link.wait_up(10)
+    finally:
+        link.stop()
+    assert [c["name"] for c in rx.device.auths[-1]["commands"]] == ["first", "second"]
+    assert asked == [] and list(link.delays) == [0.0]  # no wait, and not a failure
+    assert link.last_error is None
+
+
+def test_nothing_is_reannounced_while_the_link_is_down():
+    from plexus.commands import declare
+
+    center = CommandCenter()
+    link = offline_link(center)
+    center.add(declare("first", lambda run: None))
+    link.reannounce()
+    assert link._reannounce is False
