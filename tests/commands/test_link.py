@@ -411,3 +411,19 @@ def test_nothing_is_reannounced_while_the_link_is_down():
     center.add(declare("first", lambda run: None))
     link.reannounce()
     assert link._reannounce is False
+
+
+def test_a_frame_sent_as_the_link_goes_down_is_refused_not_queued():
+    """The link may go down between send()'s first look and its taking the queue's lock."""
+    import threading
+
+    link = offline_link()
+    link._up = True
+    result: list[bool] = []
+    with link._out_cond:  # the queue is busy: send() passes its first check and waits
+        sender = threading.Thread(target=lambda: result.append(link.send({"type": "late"})))
+        sender.start()
+        time.sleep(0.2)
+        link._up = False  # the connection ended meanwhile
+    sender.join(5)
+    assert result == [False] and list(link._out) == []
