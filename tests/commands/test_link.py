@@ -427,3 +427,31 @@ def test_a_frame_sent_as_the_link_goes_down_is_refused_not_queued():
         link._up = False  # the connection ended meanwhile
     sender.join(5)
     assert result == [False] and list(link._out) == []
+
+
+# The authenticated reply ---------------------------------------------------------------------
+@pytest.mark.parametrize("server_ms", [True, "1700000000000", 0, -5, None, [1]])
+def test_only_a_positive_number_of_milliseconds_is_taken_as_the_platforms_time(server_ms):
+    link = offline_link()
+    link._on_authenticated({"type": "authenticated", "server_time_ms": server_ms})
+    assert link.clock_offset is None and link.up and link.state == "up"
+
+
+def test_the_smallest_platform_time_is_still_a_time():
+    link = offline_link()
+    link._on_authenticated({"type": "authenticated", "server_time_ms": 1})
+    assert link.clock_offset is not None and link.clock_offset < -1e9  # 1970 is far behind
+
+
+class ClosingFails:
+    def close(self) -> None:
+        raise OSError("already gone")
+
+
+def test_a_socket_that_fails_to_close_is_noted_and_forgotten(caplog):
+    link = offline_link()
+    link._ws = ClosingFails()
+    caplog.set_level(logging.DEBUG, logger="plexus.link")
+    link._drop(polite=False)
+    assert caplog.messages == ["device link: close failed: already gone"]
+    assert link._ws is None
