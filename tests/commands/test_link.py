@@ -455,3 +455,46 @@ def test_a_socket_that_fails_to_close_is_noted_and_forgotten(caplog):
     link._drop(polite=False)
     assert caplog.messages == ["device link: close failed: already gone"]
     assert link._ws is None
+
+
+def test_the_clock_offset_is_in_seconds():
+    link = offline_link()
+    link._on_authenticated({"type": "authenticated",
+                            "server_time_ms": time.time() * 1000.0 + 1_000_000})
+    assert link.clock_offset == pytest.approx(1000.0, abs=0.5)
+
+
+class RecordingClock:
+    """A clock that records what the link tells it (``platform_time`` as given)."""
+
+    def __init__(self, **attributes: object) -> None:
+        self.__dict__.update(attributes)
+        self.observed: list[tuple] = []
+
+    def mono_ns(self) -> int:
+        return 42
+
+    def observe(self, *args: object, **kwargs: object) -> None:
+        self.observed.append((*args, kwargs))
+
+
+@pytest.mark.parametrize("attributes", [{}, {"platform_time": False}])
+def test_a_clock_that_does_not_follow_the_platform_is_told_nothing(attributes, caplog):
+    clock = RecordingClock(**attributes)
+    link = offline_link(clock=clock)
+    caplog.set_level(logging.WARNING, logger="plexus.link")
+    link._on_authenticated({"type": "authenticated",
+                            "server_time_ms": time.time() * 1000.0 + 60_000})
+    assert clock.observed == []
+    assert caplog.messages[0].startswith("this computer's clock is 60.0 s behind the platform's")
+
+
+def test_a_clock_that_follows_the_platform_is_given_the_servers_stamp(caplog):
+    clock = RecordingClock(platform_time=True)
+    link = offline_link(clock=clock)
+    caplog.set_level(logging.WARNING, logger="plexus.link")
+    link._auth_sent = 7
+    link._on_authenticated({"type": "authenticated", "server_time_ms": 1_700_000_000_123})
+    assert clock.observed == [("device-link", 1_700_000_000_123_000_000, 7, 42,
+                               {"resolution_ns": 1_000_000})]
+    assert caplog.messages == []  # the clock says what it does about the difference
