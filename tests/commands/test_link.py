@@ -72,14 +72,18 @@ def test_backoff_never_goes_under_a_tenth_of_a_second():
 
 
 def test_backoff_and_goodbye_without_a_random_source_use_the_module_one():
-    random.seed(11)
-    expected = 4 * random.uniform(0.75, 1.25)
-    random.seed(11)
-    assert reconnect_delay(2) == expected
-    random.seed(12)
-    expected = random.uniform(0.1, 0.5)
-    random.seed(12)
-    assert goodbye_delay() == expected
+    state = random.getstate()  # other tests' draws stay as they were
+    try:
+        random.seed(11)
+        expected = 4 * random.uniform(0.75, 1.25)
+        random.seed(11)
+        assert reconnect_delay(2) == expected
+        random.seed(12)
+        expected = random.uniform(0.1, 0.5)
+        random.seed(12)
+        assert goodbye_delay() == expected
+    finally:
+        random.setstate(state)
 
 
 def test_goodbye_waits_between_a_tenth_and_half_a_second():
