@@ -80,7 +80,8 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     "http": (["plexus/sinks/http.py"], ["tests/test_http_sink.py"]),
     # The command tests that run the client in the pytest process (test_gateway_commands
     # drives a gateway subprocess, which a mutant never reaches).
-    "commands": (["plexus/commands.py"], ["tests/commands/test_declarations.py",
+    "commands": (["plexus/commands.py"], ["tests/commands/test_params.py",
+                                          "tests/commands/test_declarations.py",
                                           "tests/commands/test_checklist.py",
                                           "tests/commands/test_faults.py"]),
     # The eviction hint takes 8 s of real evictions in test_faults; test_link pins

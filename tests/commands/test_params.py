@@ -1,0 +1,73 @@
+"""The exact message of every parameter a run is refused for (``bad_params``): the
+operator reads it on the dashboard, so each names the parameter, what it must be
+and what came. Pure functions, no link."""
+
+from __future__ import annotations
+
+import pytest
+
+from plexus.commands import ParamError, coerce_params, declare
+
+
+def handler(run, **params):
+    return None
+
+
+SPECS = declare("c", handler, params={
+    "i": {"type": "integer", "required": False, "minimum": -5, "maximum": 5},
+    "n": {"type": "number", "required": False, "minimum": 0.5},
+    "b": {"type": "boolean", "required": False},
+    "s": {"type": "string", "required": False, "maxLength": 3},
+    "e": {"type": "string", "required": False, "enum": ["low", "high"]},
+}).params
+
+
+@pytest.mark.parametrize("params,message", [
+    ([1], "params must be an object, got an array"),
+    ("x", "params must be an object, got a string"),
+    (7, "params must be an object, got a number"),
+    (True, "params must be an object, got a boolean"),
+    ({"zz": 1, "aa": 2}, "unknown parameter(s): aa, zz"),
+    ({"i": True}, "i must be an integer, got a boolean"),
+    ({"i": "seven"}, "i must be an integer, got 'seven'"),
+    ({"i": 1.5}, "i must be an integer, got 1.5"),
+    ({"i": "1.5"}, "i must be an integer, got 1.5"),
+    ({"i": [1]}, "i must be an integer, got an array"),
+    ({"i": {"a": 1}}, "i must be an integer, got an object"),
+    ({"i": 6}, "i must be at most 5, got 6"),
+    ({"i": -6}, "i must be at least -5, got -6"),
+    ({"n": True}, "n must be a number, got a boolean"),
+    ({"n": "x" * 100}, "n must be a number, got " + repr("x" * 100)[:60]),
+    ({"n": "inf"}, "n must be a number, got 'inf'"),
+    ({"n": 0.25}, "n must be at least 0.5, got 0.25"),
+    ({"b": 2}, "b must be true or false, got 2"),
+    ({"b": "yes"}, "b must be true or false, got 'yes'"),
+    ({"b": [True]}, "b must be true or false, got an array"),
+    ({"s": 5}, "s must be a string, got a number"),
+    ({"s": False}, "s must be a string, got a boolean"),
+    ({"s": {"k": 1}}, "s must be a string, got an object"),
+    ({"s": "abcd"}, "s must be at most 3 characters, got 4"),
+    ({"e": "mid"}, "e must be one of low, high, got 'mid'"),
+])
+def test_every_refusal_names_the_parameter_and_what_came(params, message):
+    with pytest.raises(ParamError) as refused:
+        coerce_params(SPECS, params)
+    assert str(refused.value) == message
+
+
+def test_a_value_of_no_json_kind_is_named_by_its_type():
+    with pytest.raises(ParamError) as refused:
+        coerce_params(SPECS, {"s": b"raw"})
+    assert str(refused.value) == "s must be a string, got bytes"
+
+
+@pytest.mark.parametrize("kind,default,message", [
+    ("integer", "x", "expected an integer, got a string"),
+    ("number", True, "expected a number, got a boolean"),
+    ("boolean", 1, "expected a boolean, got a number"),
+    ("string", 3, "expected a string, got a number"),
+])
+def test_a_default_of_the_wrong_kind_is_refused_at_declaration(kind, default, message):
+    with pytest.raises(ValueError) as refused:
+        declare("c", handler, params={"p": {"type": kind, "default": default}})
+    assert str(refused.value).endswith(f"the default is invalid: {message}")
