@@ -66,6 +66,7 @@ def test_a_value_of_no_json_kind_is_named_by_its_type():
     ("number", True, "expected a number, got a boolean"),
     ("boolean", 1, "expected a boolean, got a number"),
     ("string", 3, "expected a string, got a number"),
+    ("string", None, "expected a string, got null"),
 ])
 def test_a_default_of_the_wrong_kind_is_refused_at_declaration(kind, default, message):
     with pytest.raises(ValueError) as refused:
