@@ -81,6 +81,7 @@ MODULES: dict[str, tuple[list[str], list[str]]] = {
     # The command tests that run the client in the pytest process (test_gateway_commands
     # drives a gateway subprocess, which a mutant never reaches).
     "commands": (["plexus/commands.py"], ["tests/commands/test_params.py",
+                                          "tests/commands/test_center.py",
                                           "tests/commands/test_declarations.py",
                                           "tests/commands/test_checklist.py",
                                           "tests/commands/test_faults.py"]),
