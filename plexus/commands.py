@@ -857,7 +857,7 @@ class CommandCenter:
             value = cmd.handler(run, **run.params)
         except Cancelled as exc:
             self._release(run)
-            self._legacy_error(run, base, f"cancelled: {exc or 'cancelled by the handler'}",
+            self._legacy_error(run, base, f"cancelled: {str(exc) or 'cancelled by the handler'}",
                                "cancelled")
         except CommandFailed as exc:
             self._release(run)

@@ -75,3 +75,90 @@ def test_a_run_delivered_again_after_it_was_forgotten_fails_as_a_duplicate(monke
         "failed", "duplicate", "this run was already received and is no longer remembered")
     assert ghost["seq"] == 1 and center.counts["duplicates"] == 1
 
+
+
+def legacy_answer(link: Attached, cid: str, timeout: float = 5.0) -> dict:
+    """The ``result`` or ``error`` event of a legacy command, after its ``ack``."""
+    def events() -> list[dict]:
+        return [f for f in link.sent if f.get("id") == cid]
+
+    with link._cond:
+        link._cond.wait_for(lambda: len(events()) >= 2, timeout)
+        first, answer = events()[:2]
+    assert first == {"type": "command_result", "id": cid, "command": first["command"],
+                     "event": "ack"}
+    return answer
+
+
+def test_command_failed_names_its_code_and_message_for_both_generations():
+    from plexus.commands import CommandFailed
+
+    def missing(run, path: str):
+        raise CommandFailed("not_found", f"no file {path}")
+
+    center = CommandCenter()
+    center.add(declare("fetch", missing, params={"path": {"type": "string"}}))
+    link = Attached(center)
+    center.handle({**run_frame("r1", "fetch"), "params": {"path": "/x"}})
+    final = link.final("r1")[0]
+    assert (final["state"], final["error_code"], final["error_message"]) == (
+        "failed", "not_found", "no file /x")
+    center.handle({"type": "typed_command", "id": "c1", "command": "fetch",
+                   "params": {"path": "/y", "source_id": "pod-07"}})
+    assert legacy_answer(link, "c1") == {"type": "command_result", "id": "c1",
+                                         "command": "fetch", "event": "error",
+                                         "error": "not_found: no file /y"}
+
+
+def test_a_declared_command_answers_legacy_frames_with_each_outcome():
+    from plexus.commands import Cancelled
+
+    def outcome(run, how: str):
+        if how == "ok":
+            return {"done": True}
+        if how == "stop":
+            raise Cancelled("operator said stop")
+        if how == "quiet":
+            raise Cancelled()
+        raise ValueError("boom")
+
+    center = CommandCenter()
+    center.add(declare("act", outcome, params={"how": {"type": "string"}}))
+    link = Attached(center)
+    answers = {}
+    for how in ("ok", "stop", "quiet", "boom"):
+        center.handle({"type": "typed_command", "id": how, "command": "act",
+                       "params": {"how": how}})
+        answer = legacy_answer(link, how)
+        answers[how] = answer.get("result", answer.get("error"))
+    assert answers == {"ok": {"done": True}, "stop": "cancelled: operator said stop",
+                       "quiet": "cancelled: cancelled by the handler",
+                       "boom": "ValueError: boom"}
+    assert center.counts["succeeded"] == 1 and center.counts["failed"] == 3
+
+
+def test_a_refused_command_is_not_announced_and_its_runs_fail_as_not_allowed():
+    center = CommandCenter()
+    center.add(declare("drive", lambda run: None))
+    before = center.version
+    center.refuse("drive", "moves the vehicle: not in commands.allow")
+    assert center.version == before + 1 and center.manifest() == []
+    link = Attached(center)
+    center.handle(run_frame("r1", "drive"))
+    final = link.final("r1")[0]
+    assert (final["error_code"], final["error_message"]) == (
+        "not_allowed", "moves the vehicle: not in commands.allow")
+    center.handle({"type": "typed_command", "id": "c1", "command": "drive", "params": {}})
+    assert legacy_answer(link, "c1")["error"] == "moves the vehicle: not in commands.allow"
+
+
+def test_the_command_decorator_returns_a_callable_declaration():
+    from plexus.commands import Command, command
+
+    @command("reboot", danger="critical")
+    def reboot(run, delay: int = 0):
+        return ("rebooting", delay)
+
+    assert isinstance(reboot, Command)
+    assert (reboot.name, reboot.danger) == ("reboot", "critical")
+    assert reboot(None, delay=3) == ("rebooting", 3)
