@@ -72,3 +72,58 @@ def test_a_default_of_the_wrong_kind_is_refused_at_declaration(kind, default, me
     with pytest.raises(ValueError) as refused:
         declare("c", handler, params={"p": {"type": kind, "default": default}})
     assert str(refused.value).endswith(f"the default is invalid: {message}")
+
+
+def declare_param(spec: dict):
+    return declare("c", handler, params={"p": spec}).params["p"]
+
+
+AT = "command 'c': parameter 'p': "
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"type": "string", "title": 1}, "title must be a string"),
+    ({"type": "integer", "enum": ["a"], "pattern": "x"},
+     "unknown keyword(s) enum, pattern for type integer (allowed: default, description, "
+     "maximum, minimum, required, title, type, unit)"),
+    ({"type": "string", "description": None}, "description must be a string"),
+    ({"type": "number", "unit": 3}, "unit must be a string"),
+    ({"type": "string", "maxLength": True}, "maxLength must be an integer >= 1"),
+    ({"type": "string", "maxLength": 2.0}, "maxLength must be an integer >= 1"),
+    ({"type": "string", "enum": [f"c{i}" for i in range(65)]},
+     "enum must be a list of 1 to 64 strings"),
+    ({"type": "string", "enum": "ab"}, "enum must be a list of 1 to 64 strings"),
+    ({"type": "string", "enum": ["a", 1]}, "enum must be a list of 1 to 64 strings"),
+    ({"type": "integer", "minimum": "0"}, "minimum must be a number"),
+    ({"type": "number", "maximum": True}, "maximum must be a number"),
+    ({"type": "number", "minimum": 2.5, "maximum": 2.0}, "minimum is greater than maximum"),
+    ({"type": "boolean", "required": "no"}, "required must be true or false"),
+    ({"type": "boolean", "required": True, "default": True},
+     "give either a default or required, not both (a default makes it optional)"),
+])
+def test_every_declaration_refusal_is_named_exactly(spec, message):
+    with pytest.raises(ValueError) as refused:
+        declare_param(spec)
+    assert str(refused.value) == AT + message
+
+
+def test_the_edges_of_each_declaration_rule_are_accepted():
+    assert declare_param({"type": "string", "maxLength": 1})["maxLength"] == 1
+    assert declare_param({"type": "string", "enum": ("only",)})["enum"] == ["only"]
+    assert len(declare_param({"type": "string",
+                              "enum": [f"c{i}" for i in range(64)]})["enum"]) == 64
+    assert declare_param({"type": "integer", "minimum": 3, "maximum": 3})["maximum"] == 3
+    assert declare_param({"type": "number", "unit": "m/s", "title": "Speed",
+                          "description": "target"})["unit"] == "m/s"
+    assert declare_param({"type": "string", "default": "abc", "maxLength": 3})["required"] \
+        is False
+
+
+def test_a_string_of_exactly_max_length_is_taken():
+    assert coerce_params(SPECS, {"s": "abc"}) == {"s": "abc"}
+
+
+def test_a_spec_that_is_not_a_mapping_is_named():
+    with pytest.raises(ValueError) as refused:
+        declare("c", handler, params={"p": ["string"]})
+    assert str(refused.value) == AT + "the spec must be a mapping, got ['string']"
