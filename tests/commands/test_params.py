@@ -37,6 +37,7 @@ SPECS = declare("c", handler, params={
     ({"i": 6}, "i must be at most 5, got 6"),
     ({"i": -6}, "i must be at least -5, got -6"),
     ({"n": True}, "n must be a number, got a boolean"),
+    ({"n": [1]}, "n must be a number, got an array"),
     ({"n": "x" * 100}, "n must be a number, got " + repr("x" * 100)[:60]),
     ({"n": "inf"}, "n must be a number, got 'inf'"),
     ({"n": 0.25}, "n must be at least 0.5, got 0.25"),
@@ -127,3 +128,11 @@ def test_a_spec_that_is_not_a_mapping_is_named():
     with pytest.raises(ValueError) as refused:
         declare("c", handler, params={"p": ["string"]})
     assert str(refused.value) == AT + "the spec must be a mapping, got ['string']"
+
+
+def test_accepted_values_are_converted():
+    assert coerce_params(SPECS, {"b": 1, "i": "3", "n": "2"}) == {"b": True, "i": 3, "n": 2.0}
+    assert coerce_params(SPECS, {"b": 0, "i": 4.0}) == {"b": False, "i": 4}
+    free = declare("c", handler, params={"config": {"type": "string"}}).params
+    assert coerce_params(free, {"config": {"a": [1, None]}}, objects_as_json=True) == \
+        {"config": '{"a":[1,null]}'}
