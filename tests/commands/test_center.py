@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from plexus import commands
 from plexus.commands import CommandCenter, declare
@@ -124,6 +125,8 @@ def test_a_declared_command_answers_legacy_frames_with_each_outcome():
 
     center = CommandCenter()
     center.add(declare("act", outcome, params={"how": {"type": "string"}}))
+    records: list[dict] = []
+    center.on_outcome = records.append  # the audit trail
     link = Attached(center)
     answers = {}
     for how in ("ok", "stop", "quiet", "boom"):
@@ -135,6 +138,12 @@ def test_a_declared_command_answers_legacy_frames_with_each_outcome():
                        "quiet": "cancelled: cancelled by the handler",
                        "boom": "ValueError: boom"}
     assert center.counts["succeeded"] == 1 and center.counts["failed"] == 3
+    assert [(r["outcome"], r["error_code"], r["message"], r["via"]) for r in records] == [
+        ("succeeded", None, None, "typed_command"),
+        ("failed", "cancelled", "cancelled: operator said stop", "typed_command"),
+        ("failed", "cancelled", "cancelled: cancelled by the handler", "typed_command"),
+        ("failed", "handler_error", "ValueError: boom", "typed_command")]
+    assert center.last["outcome"] == "failed (handler_error)"
 
 
 def test_a_refused_command_is_not_announced_and_its_runs_fail_as_not_allowed():
@@ -162,3 +171,48 @@ def test_the_command_decorator_returns_a_callable_declaration():
     assert isinstance(reboot, Command)
     assert (reboot.name, reboot.danger) == ("reboot", "critical")
     assert reboot(None, delay=3) == ("rebooting", 3)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_legacy_run_past_its_expiry_is_answered_once_and_its_late_outcome_discarded(caplog):
+    clock = FakeClock()
+    center = CommandCenter(clock=clock)
+    release = threading.Event()
+
+    def slow(run, fail: bool = False):
+        release.wait(5)
+        if fail:
+            raise ValueError("too late to matter")
+        return "done"
+
+    center.add(declare("act", slow, expires_in=5,
+                       params={"fail": {"type": "boolean", "default": False}}))
+    link = Attached(center)
+    caplog.set_level(logging.WARNING, logger="plexus.commands")
+    for cid, fail in (("c1", False), ("c2", True)):
+        center.handle({"type": "typed_command", "id": cid, "command": "act",
+                       "params": {"fail": fail}})
+    clock.now += 5.0  # exactly at the expiry
+    center.check_deadlines()
+    for cid in ("c1", "c2"):
+        assert legacy_answer(link, cid)["error"] == (
+            "timeout: no result before the run expired; the handler was asked to stop and a "
+            "late result will be discarded")
+    release.set()
+    late = ["command act (run c1) finished (succeeded) after it had already been answered "
+            "(expired); the late outcome is discarded",
+            "command act (run c2) finished (failed) after it had already been answered "
+            "(expired); the late outcome is discarded"]
+    deadline = time.monotonic() + 5
+    while not all(m in caplog.messages for m in late) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert all(m in caplog.messages for m in late)
+    assert [f.get("event") for f in link.sent] == ["ack", "ack", "error", "error"]
+    assert center.counts["failed"] == 2 and center.counts["succeeded"] == 0
