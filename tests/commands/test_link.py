@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 import types
 
@@ -378,6 +379,7 @@ def test_heartbeats_carry_the_source_version_and_uptime(rx):
     assert set(first) == {"type", "source_id", "agent_version", "uptime_s"}
     assert first["agent_version"] == __version__
     assert 0 < first["uptime_s"] < second["uptime_s"] < 30
+    assert round(second["uptime_s"], 1) == second["uptime_s"]  # tenths of a second
     assert link.frames_out >= 2
 
 
@@ -502,3 +504,58 @@ def test_a_clock_that_follows_the_platform_is_given_the_servers_stamp(caplog):
     assert clock.observed == [("device-link", 1_700_000_000_123_000_000, 7, 42,
                                {"resolution_ns": 1_000_000})]
     assert caplog.messages == []  # the clock says what it does about the difference
+
+
+# Messages and edges of the connection ---------------------------------------------------
+def test_the_clock_warning_starts_past_three_seconds_and_says_what_to_do(monkeypatch, caplog):
+    now = 1_700_000_000.0
+    monkeypatch.setattr(link_module, "time", types.SimpleNamespace(
+        time=lambda: now, monotonic=lambda: 5.0))
+    caplog.set_level(logging.WARNING, logger="plexus.link")
+    link = offline_link()
+    link._on_authenticated({"type": "authenticated", "server_time_ms": now * 1000 + 3000})
+    assert link.clock_offset == 3.0 and caplog.messages == []  # exactly 3 s: in step
+    link._on_authenticated({"type": "authenticated", "server_time_ms": now * 1000 - 3500})
+    assert caplog.messages == [
+        "this computer's clock is 3.5 s ahead of the platform's; timestamps it makes are off "
+        "by as much (set up NTP, e.g. systemd-timesyncd or chrony)"]
+
+
+def test_a_legacy_platform_is_named_when_the_link_comes_up(oss_rx, caplog):
+    link = DeviceLink(oss_rx.ws_url, Secret(oss_rx.api_key), "pod-07", CommandCenter())
+    caplog.set_level(logging.INFO, logger="plexus.link")
+    link.start()
+    try:
+        assert link.wait_up(10)
+        writers = [t for t in threading.enumerate() if t.name == "plexus-link-writer"]
+        assert len(writers) == 1 and writers[0].daemon  # never holds the process open
+    finally:
+        link.stop()
+    assert f"device link to {link.url} is up (legacy protocol)" in caplog.messages
+
+
+def test_a_goodbye_and_a_drop_are_told_apart_in_the_log(rx, caplog):
+    link = DeviceLink(rx.ws_url, Secret(rx.api_key), "pod-07", CommandCenter(),
+                      wait=lambda seconds: False)
+    caplog.set_level(logging.INFO, logger="plexus.link")
+    link.start()
+    try:
+        assert link.wait_up(10)
+        rx.device.close(1001, "going away")
+        assert rx.device.wait_connected(connections=2, timeout=10) and link.wait_up(10)
+        assert "device link: server closed the link (close 1001: going away); reconnecting" \
+            in caplog.messages
+        rx.device.drop()
+        assert rx.device.wait_connected(connections=3, timeout=10)
+        assert wait_until(lambda: link.up, 10)
+        rx.device.close(1001, "going away")  # a goodbye after the recovery: a plain up
+        assert rx.device.wait_connected(connections=4, timeout=10)
+        assert wait_until(lambda: link.up, 10)
+    finally:
+        link.stop()
+    assert (f"device link to {link.url} dropped (no close frame); retrying with backoff"
+            in caplog.messages)
+    ups = [m for m in caplog.messages if m.startswith(f"device link to {link.url} is up")]
+    assert ups == [f"device link to {link.url} is up (hosted protocol)"] * 2 + [
+        f"device link to {link.url} is up again",
+        f"device link to {link.url} is up (hosted protocol)"]
