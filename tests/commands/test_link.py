@@ -379,7 +379,7 @@ def test_heartbeats_carry_the_source_version_and_uptime(rx):
     assert set(first) == {"type", "source_id", "agent_version", "uptime_s"}
     assert first["agent_version"] == __version__
     assert 0 < first["uptime_s"] < second["uptime_s"] < 30
-    assert round(second["uptime_s"], 1) == second["uptime_s"]  # tenths of a second
+    assert all(round(b["uptime_s"], 1) == b["uptime_s"] for b in (first, second))  # tenths
     assert link.frames_out >= 2
 
 
@@ -559,3 +559,18 @@ def test_a_goodbye_and_a_drop_are_told_apart_in_the_log(rx, caplog):
     assert ups == [f"device link to {link.url} is up (hosted protocol)"] * 2 + [
         f"device link to {link.url} is up again",
         f"device link to {link.url} is up (hosted protocol)"]
+
+
+class SendFails:
+    def send(self, text: str) -> None:
+        raise OSError("connection reset")
+
+
+def test_a_send_that_fails_ends_the_writer_and_is_noted(caplog):
+    link = offline_link()
+    link._up = True
+    link._out.append(b'{"type":"x"}')
+    caplog.set_level(logging.DEBUG, logger="plexus.link")
+    link._write(SendFails())  # returns: the reader notices the closed connection
+    assert caplog.messages == ["device link: send failed: connection reset"]
+    assert link.frames_out == 0
