@@ -527,8 +527,9 @@ def test_a_legacy_platform_is_named_when_the_link_comes_up(oss_rx, caplog):
     link.start()
     try:
         assert link.wait_up(10)
-        writers = [t for t in threading.enumerate() if t.name == "plexus-link-writer"]
-        assert len(writers) == 1 and writers[0].daemon  # never holds the process open
+        for name in ("plexus-link", "plexus-link-writer"):  # never hold the process open
+            threads = [t for t in threading.enumerate() if t.name == name]
+            assert len(threads) == 1 and threads[0].daemon, name
     finally:
         link.stop()
     assert f"device link to {link.url} is up (legacy protocol)" in caplog.messages
@@ -574,3 +575,37 @@ def test_a_send_that_fails_ends_the_writer_and_is_noted(caplog):
     link._write(SendFails())  # returns: the reader notices the closed connection
     assert caplog.messages == ["device link: send failed: connection reset"]
     assert link.frames_out == 0
+
+
+def test_each_new_attempt_shows_as_connecting(rx):
+    rx.device.ignore_auth_next(2)
+    link = make_link_to(rx, auth_timeout=0.5)
+    link.start()
+    try:
+        assert wait_until(lambda: link.connections == 2, 10)
+        assert link.state == "connecting"  # the second attempt, waiting for its reply
+        assert link.wait_up(10)
+    finally:
+        link.stop()
+
+
+def test_three_connections_closed_soon_after_auth_bring_the_eviction_hint(rx, caplog):
+    link = make_link_to(rx)
+    caplog.set_level(logging.WARNING, logger="plexus.link")
+    link.start()
+    try:
+        for n in range(1, 4):
+            assert rx.device.wait_connected(connections=n, timeout=10) and link.wait_up(10)
+            rx.device.close(1000, "evicted")
+        assert rx.device.wait_connected(connections=4, timeout=10)
+    finally:
+        link.stop()
+    assert [m for m in caplog.messages if "another process is probably connected" in m] == [
+        "the platform closed the device link 3 times within 10 s of opening it: another "
+        "process is probably connected with source_id 'pod-07' (the platform keeps one link "
+        "per source id, so each evicts the other); give each process its own source_id"]
+
+
+def make_link_to(rx, **kwargs) -> DeviceLink:
+    return DeviceLink(rx.ws_url, Secret(rx.api_key), "pod-07", CommandCenter(),
+                      wait=lambda seconds: False, **kwargs)
