@@ -216,3 +216,46 @@ def test_a_legacy_run_past_its_expiry_is_answered_once_and_its_late_outcome_disc
     assert all(m in caplog.messages for m in late)
     assert [f.get("event") for f in link.sent] == ["ack", "ack", "error", "error"]
     assert center.counts["failed"] == 2 and center.counts["succeeded"] == 0
+
+
+def test_progress_once_a_second_on_the_centers_clock_messages_only_as_text(monkeypatch):
+    clock = FakeClock()
+    center = CommandCenter(clock=clock)
+    step, done = threading.Event(), threading.Event()
+    reports: list[tuple] = [(10, "start"), (20, None), (30, 42), (100, "done")]
+
+    def work(run):
+        for percent, message in reports:
+            step.wait(5)
+            step.clear()
+            run.progress(percent, message)
+            done.set()
+
+    center.add(declare("work", work))
+    link = Attached(center)
+    center.handle(run_frame("r1", "work"))
+    for advance in (0.0, 0.999, 0.001, 0.0):  # 10 sent; 20 too soon; 30 at 1 s; 100 always
+        clock.now += advance
+        step.set()
+        assert done.wait(5)
+        done.clear()
+    final = link.final("r1")
+    progress = [f for f in link.sent if f.get("state") == "progress"]
+    assert [(f["progress"], f.get("message")) for f in progress] == [
+        (10.0, "start"), (30.0, None), (100.0, "done")]
+    assert "message" not in progress[1]  # no text, no field
+    assert final[0]["seq"] == progress[-1]["seq"] + 1
+
+
+def test_a_legacy_run_and_a_finished_one_send_no_progress():
+    center = CommandCenter()
+    runs = []
+    center.add(declare("act", lambda run: runs.append(run)))
+    link = Attached(center)
+    center.handle(run_frame("r1", "act"))
+    link.final("r1")
+    runs[0].progress(50)  # after the final status: nothing
+    center.handle({"type": "typed_command", "id": "c1", "command": "act", "params": {}})
+    legacy_answer(link, "c1")
+    runs[1].progress(50)  # the legacy protocol has no progress frames
+    assert not [f for f in link.sent if f.get("state") == "progress"]
