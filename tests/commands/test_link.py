@@ -579,7 +579,7 @@ def test_a_send_that_fails_ends_the_writer_and_is_noted(caplog):
 
 def test_each_new_attempt_shows_as_connecting(rx):
     rx.device.ignore_auth_next(2)
-    link = make_link_to(rx, auth_timeout=0.5)
+    link = make_link_to(rx, auth_timeout=1.5)  # the second attempt waits 1.5 s for a reply
     link.start()
     try:
         assert wait_until(lambda: link.connections == 2, 10)
