@@ -259,3 +259,57 @@ def test_a_legacy_run_and_a_finished_one_send_no_progress():
     legacy_answer(link, "c1")
     runs[1].progress(50)  # the legacy protocol has no progress frames
     assert not [f for f in link.sent if f.get("state") == "progress"]
+
+
+def test_a_rejected_run_is_audited_with_the_params_it_came_with():
+    center = CommandCenter()
+    center.add(declare("set", lambda run, level: level, params={"level": {"type": "integer"}}))
+    records: list[dict] = []
+    center.on_outcome = records.append
+    link = Attached(center)
+    center.handle({**run_frame("r1", "set"), "params": {"level": "high", "token": "t"}})
+    center.handle({**run_frame("r2", "set"), "params": ["not", "an", "object"]})
+    link.final("r1"), link.final("r2")
+    assert [(r["run_id"], r["error_code"], r["params"]) for r in records] == [
+        ("r1", "bad_params", {"level": "high", "token": "***"}),
+        ("r2", "bad_params", {})]
+
+
+def test_a_legacy_result_that_cannot_be_encoded_or_is_too_large():
+    center = CommandCenter()
+    center.add(declare("odd", lambda run: {"when": object()}))
+    center.add(declare("huge", lambda run: "x" * (1024 * 1024)))
+    link = Attached(center)
+    center.handle({"type": "typed_command", "id": "c1", "command": "odd", "params": {}})
+    answer = legacy_answer(link, "c1")
+    assert answer["event"] == "result" and answer["result"]["value"].startswith("{'when': <object")
+    center.handle({"type": "typed_command", "id": "c2", "command": "huge", "params": {}})
+    answer = legacy_answer(link, "c2")
+    assert answer["event"] == "error"
+    assert answer["error"].startswith("result too large (") and answer["error"].endswith(
+        " bytes; the link carries at most 1 MiB)")
+    assert center.counts == {"runs": 2, "succeeded": 1, "failed": 1, "duplicates": 0}
+
+
+def test_a_legacy_result_up_to_the_limit_is_sent_and_one_byte_more_is_not():
+    import orjson
+
+    from plexus.commands import LEGACY_FRAME_LIMIT
+
+    frame = {"type": "command_result", "id": "c1", "command": "fill", "event": "result",
+             "result": {"value": ""}}
+    room = LEGACY_FRAME_LIMIT - len(orjson.dumps(frame))
+    sizes = {"c1": room, "c2": room + 1}
+    center = CommandCenter()
+    center.add(declare("fill", lambda run, n: "x" * n, params={"n": {"type": "integer"}}))
+    center.add(declare("odd", lambda run: {"long": "y" * 1000, "when": object()}))
+    records: list[dict] = []
+    center.on_outcome = records.append
+    link = Attached(center)
+    for cid, n in sizes.items():
+        center.handle({"type": "typed_command", "id": cid, "command": "fill", "params": {"n": n}})
+    assert legacy_answer(link, "c1")["event"] == "result"
+    assert legacy_answer(link, "c2")["event"] == "error"
+    assert {r["run_id"]: r["error_code"] for r in records} == {"c1": None, "c2": "too_large"}
+    center.handle({"type": "typed_command", "id": "c3", "command": "odd", "params": {}})
+    assert len(legacy_answer(link, "c3")["result"]["value"]) == 512  # its repr, cut
