@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -101,3 +102,31 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, step: float 
         if value or time.monotonic() > deadline:
             return value
         time.sleep(step)
+
+
+class Refusing:
+    """A buffer's SQLite connection that refuses the statements starting with
+    ``refused`` (a failing or full disk); everything else goes to ``conn``."""
+
+    def __init__(self, conn: sqlite3.Connection, refused: str,
+                 error: str = "disk I/O error") -> None:
+        self._conn, self._refused, self._error = conn, refused, error
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql.startswith(self._refused):
+            raise sqlite3.OperationalError(self._error)
+        return self._conn.execute(sql, *args)
+
+    def executemany(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql.startswith(self._refused):
+            raise sqlite3.OperationalError(self._error)
+        return self._conn.executemany(sql, *args)
+
+
+def refuse_moves(buf: Any) -> None:
+    """SQLite takes nothing more (a full disk): every move of a persistent buffer's
+    inbox fails at its first statement."""
+    buf._conn = Refusing(buf._conn, "BEGIN IMMEDIATE", "database or disk is full")

@@ -17,6 +17,7 @@ import pytest
 from plexus import inbox
 from plexus.codec import decompress
 from plexus.sqlite_buffer import SqliteBuffer, buffer_stats, recorded_owner
+from tests.support import Refusing
 
 T0 = 1700000000000
 
@@ -566,7 +567,7 @@ def test_a_damaged_block_that_cannot_be_set_aside_is_skipped(tmp_path, caplog):
     buf = SqliteBuffer(path, sync_interval=3600)
     real = buf._conn
     try:
-        buf._conn = _Refusing(real, "INSERT OR REPLACE INTO set_aside",  # type: ignore[assignment]
+        buf._conn = Refusing(real, "INSERT OR REPLACE INTO set_aside",  # type: ignore[assignment]
                               "database or disk is full")
         first = buf.take(2)
         assert first is not None and [p[1] for p in first.points] == [2, 3]
@@ -899,30 +900,6 @@ def test_a_failed_move_takes_blocks_first_then_records_from_memory(tmp_path, mon
         buf.close()
 
 
-class _Refusing:
-    """A connection that refuses statements starting with ``refused`` (a failing
-    disk; by default the deletes of blocks) with ``error``, as a stand-in."""
-
-    def __init__(self, conn: sqlite3.Connection, refused: str = "DELETE FROM blocks",
-                 error: str = "disk I/O error") -> None:
-        self._conn = conn
-        self._refused = refused
-        self._error = error
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._conn, name)
-
-    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
-        if sql.startswith(self._refused):
-            raise sqlite3.OperationalError(self._error)
-        return self._conn.execute(sql, *args)
-
-    def executemany(self, sql: str, *args: object) -> sqlite3.Cursor:
-        if sql.startswith(self._refused):
-            raise sqlite3.OperationalError(self._error)
-        return self._conn.executemany(sql, *args)
-
-
 def test_delivered_blocks_that_cannot_be_deleted_are_skipped_then_deleted(tmp_path,
                                                                          monkeypatch, caplog):
     import logging
@@ -934,7 +911,7 @@ def test_delivered_blocks_that_cannot_be_deleted_are_skipped_then_deleted(tmp_pa
         buf.put_many(pts(0, 4))
         buf.sync()
         ids = [i for i, _ in blocks(path)]
-        monkeypatch.setattr(buf, "_conn", _Refusing(buf._conn))
+        monkeypatch.setattr(buf, "_conn", Refusing(buf._conn, "DELETE FROM blocks"))
         got = []
         with caplog.at_level(logging.WARNING):
             for _ in range(3):
@@ -1054,7 +1031,7 @@ def test_a_batch_whose_record_in_flight_fails_is_still_sent(tmp_path, monkeypatc
     try:
         buf.put_many(pts(0, 3))
         buf.sync()
-        monkeypatch.setattr(buf, "_conn", _Refusing(
+        monkeypatch.setattr(buf, "_conn", Refusing(
             buf._conn, "INSERT OR REPLACE INTO meta VALUES ('in_flight'"))
         with caplog.at_level(logging.DEBUG, logger="plexus.buffer"):
             batch = buf.take(100)

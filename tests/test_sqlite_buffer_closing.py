@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from plexus import inbox, sqlite_buffer
+from plexus import inbox
 from plexus.sqlite_buffer import SqliteBuffer
+from tests.support import Refusing, refuse_moves
+from tests.test_sqlite_buffer import _disk_full
 
 T0 = 1700000000000
 LOGGER = "plexus.buffer"
@@ -38,21 +40,6 @@ def drain(path: Path) -> list[int]:
         return [] if batch is None else [p[1] for p in batch.points]
     finally:
         buf.close()
-
-
-class Refusing:
-    """The buffer's connection, refusing the statements that start with ``refused``."""
-
-    def __init__(self, conn: sqlite3.Connection, refused: str, error: str) -> None:
-        self._conn, self._refused, self._error = conn, refused, error
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._conn, name)
-
-    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
-        if sql.startswith(self._refused):
-            raise sqlite3.OperationalError(self._error)
-        return self._conn.execute(sql, *args)
 
 
 def test_a_clean_close_leaves_no_inbox_file_and_an_empty_wal(tmp_path):
@@ -104,17 +91,11 @@ def test_points_kept_in_memory_on_a_full_disk_are_reported_lost_at_close(
         tmp_path, monkeypatch, caplog):
     path = tmp_path / "b.db"
     buf = SqliteBuffer(path, sync_interval=3600)
-
-    def no_room(*args: object, **kwargs: object) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(inbox, "Segment", no_room)
-    monkeypatch.setattr(sqlite_buffer, "_MOVE_AT_RECORDS", 1 << 40)
+    _disk_full(monkeypatch)  # no inbox segment can be made: points stay in memory
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         buf.put_many(pts(0, 4))
         assert buf.spilled == 4
-        buf._conn = Refusing(buf._conn, "BEGIN IMMEDIATE",  # type: ignore[assignment]
-                             "database or disk is full")
+        refuse_moves(buf)
         buf.close()
     assert warnings(caplog) == [
         f"cannot make a buffer file beside {path} ([Errno 28] No space left on device): "
@@ -127,12 +108,7 @@ def test_points_kept_in_memory_that_reach_sqlite_at_close_are_not_reported_lost(
         tmp_path, monkeypatch, caplog):
     path = tmp_path / "b.db"
     buf = SqliteBuffer(path, sync_interval=3600)
-
-    def no_room(*args: object, **kwargs: object) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(inbox, "Segment", no_room)
-    monkeypatch.setattr(sqlite_buffer, "_MOVE_AT_RECORDS", 1 << 40)
+    _disk_full(monkeypatch)  # no inbox segment can be made: points stay in memory
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         buf.put_many(pts(0, 4))
         buf.close()

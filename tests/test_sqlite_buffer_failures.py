@@ -16,6 +16,7 @@ import pytest
 
 from plexus.errors import BufferingError
 from plexus.sqlite_buffer import SqliteBuffer
+from tests.support import Refusing
 
 T0 = 1700000000000
 LOGGER = "plexus.buffer"
@@ -35,28 +36,6 @@ def block_ids(path: Path) -> list[int]:
         return [i for (i,) in conn.execute("SELECT id FROM blocks ORDER BY id")]
     finally:
         conn.close()
-
-
-class Refusing:
-    """A connection that refuses the statements starting with ``refused`` (a failing
-    disk), as a stand-in for the buffer's own connection."""
-
-    def __init__(self, conn: sqlite3.Connection, refused: str,
-                 error: str = "disk I/O error") -> None:
-        self._conn, self._refused, self._error = conn, refused, error
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._conn, name)
-
-    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
-        if sql.startswith(self._refused):
-            raise sqlite3.OperationalError(self._error)
-        return self._conn.execute(sql, *args)
-
-    def executemany(self, sql: str, *args: object) -> sqlite3.Cursor:
-        if sql.startswith(self._refused):
-            raise sqlite3.OperationalError(self._error)
-        return self._conn.executemany(sql, *args)
 
 
 def test_a_file_another_client_holds_is_refused_by_name(tmp_path):

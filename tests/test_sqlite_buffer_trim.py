@@ -10,6 +10,7 @@ import sqlite3
 from pathlib import Path
 
 from plexus.sqlite_buffer import SqliteBuffer
+from tests.support import Refusing, refuse_moves
 
 T0 = 1700000000000
 
@@ -35,26 +36,6 @@ def one_block_per_put(buf: SqliteBuffer, puts: int, points: int = 5) -> list[int
     sizes = [size for _, size in blocks(buf.path)]
     assert len(sizes) == puts and buf.stored_bytes == sum(sizes)
     return sizes
-
-
-class Refusing:
-    """The buffer's connection, refusing the statements that start with ``refused``."""
-
-    def __init__(self, conn: sqlite3.Connection, refused: str, error: str) -> None:
-        self._conn, self._refused, self._error = conn, refused, error
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._conn, name)
-
-    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
-        if sql.startswith(self._refused):
-            raise sqlite3.OperationalError(self._error)
-        return self._conn.execute(sql, *args)
-
-    def executemany(self, sql: str, *args: object) -> sqlite3.Cursor:
-        if sql.startswith(self._refused):
-            raise sqlite3.OperationalError(self._error)
-        return self._conn.executemany(sql, *args)
 
 
 def test_one_byte_over_the_cap_drops_the_oldest_block_and_no_more(tmp_path):
@@ -135,8 +116,7 @@ def test_the_cap_holds_in_memory_while_sqlite_refuses_the_move(tmp_path, caplog)
     path = tmp_path / "b.db"
     buf = SqliteBuffer(path, max_points=10, sync_interval=3600)
     try:
-        buf._conn = Refusing(buf._conn, "BEGIN IMMEDIATE",  # type: ignore[assignment]
-                             "database or disk is full")
+        refuse_moves(buf)
         with caplog.at_level(logging.WARNING, logger="plexus.buffer"):
             buf.put_many(pts(0, 15))
             batch = buf.take(100)  # the move fails; the 5 oldest records go
@@ -166,8 +146,7 @@ def test_the_byte_cap_holds_in_memory_while_sqlite_refuses_the_move(tmp_path):
 
     buf = SqliteBuffer(tmp_path / "b.db", sync_interval=3600)
     try:
-        buf._conn = Refusing(buf._conn, "BEGIN IMMEDIATE",  # type: ignore[assignment]
-                             "database or disk is full")
+        refuse_moves(buf)
         points = pts(0, 5)
         sizes = {len(buf.codec.record(p)) + inbox.HEADER_SIZE for p in points}
         assert len(sizes) == 1
@@ -186,8 +165,7 @@ def test_exactly_at_the_byte_cap_in_memory_nothing_more_goes(tmp_path):
 
     buf = SqliteBuffer(tmp_path / "b.db", sync_interval=3600)
     try:
-        buf._conn = Refusing(buf._conn, "BEGIN IMMEDIATE",  # type: ignore[assignment]
-                             "database or disk is full")
+        refuse_moves(buf)
         points = pts(0, 5)
         record = len(buf.codec.record(points[0])) + inbox.HEADER_SIZE
         buf.max_bytes = 2 * record  # room for exactly two
@@ -211,8 +189,7 @@ def test_when_the_batch_in_flight_alone_passes_the_byte_cap_memory_is_emptied(tm
         buf.sync()
         batch = buf.take(100)
         assert batch is not None and batch.count == 5
-        buf._conn = Refusing(buf._conn, "BEGIN IMMEDIATE",  # type: ignore[assignment]
-                             "database or disk is full")
+        refuse_moves(buf)
         buf.put_many(pts(5, 8))
         buf.max_bytes = 1
         with pytest.raises(sqlite3.OperationalError, match="database or disk is full"):
@@ -245,8 +222,7 @@ def test_a_refused_move_keeps_the_bytes_of_points_put_meanwhile(tmp_path):
         except sqlite3.OperationalError:
             pass
         record = len(buf.codec.record(pts(0, 1)[0])) + inbox.HEADER_SIZE
-        buf._conn = Refusing(buf._conn, "BEGIN IMMEDIATE",  # type: ignore[assignment]
-                             "database or disk is full")
+        refuse_moves(buf)
         buf.max_bytes = 5 * record  # six are held: one too many
         batch = buf.take(100)
         assert buf.dropped == 1
@@ -269,8 +245,7 @@ def test_a_refused_move_keeps_the_count_of_points_spilled_meanwhile(tmp_path, mo
             buf.sync()
         except sqlite3.OperationalError:
             pass
-        buf._conn = Refusing(buf._conn, "BEGIN IMMEDIATE",  # type: ignore[assignment]
-                             "database or disk is full")
+        refuse_moves(buf)
         with caplog.at_level(logging.WARNING, logger="plexus.buffer"):
             buf.close()
         assert f"6 points could not be written to {path} (disk full) and are lost" in \

@@ -15,6 +15,7 @@ import pytest
 
 from plexus import inbox, sqlite_buffer
 from plexus.sqlite_buffer import SqliteBuffer
+from tests.support import refuse_moves
 
 T0 = 1700000000000
 
@@ -154,14 +155,11 @@ def test_a_waiting_producer_goes_on_as_soon_as_the_buffer_is_back_at_its_cap(tmp
 def test_points_in_flight_from_memory_count_towards_the_uploaders_wake_up(tmp_path):
     """SQLite refuses the move (a full disk): a take sends the records from memory, and
     they still count when the buffer decides it holds enough to wake the uploader."""
-    from tests.test_sqlite_buffer_trim import Refusing
-
     buf = SqliteBuffer(tmp_path / "b.db", sync_interval=3600)
     calls: list[int] = []
     buf.set_ready_callback(lambda: calls.append(len(buf)), at_points=10)
     try:
-        buf._conn = Refusing(buf._conn, "BEGIN IMMEDIATE",  # type: ignore[assignment]
-                             "database or disk is full")
+        refuse_moves(buf)
         buf.put_many(pts(0, 6))
         batch = buf.take(100)
         assert batch is not None and batch.count == 6 and calls == []
@@ -204,13 +202,10 @@ def test_a_failing_round_of_the_sync_thread_is_logged_with_the_file_and_the_erro
         tmp_path, caplog):
     import logging
 
-    from tests.test_sqlite_buffer_trim import Refusing
-
     path = tmp_path / "b.db"
     buf = SqliteBuffer(path, sync_interval=0.05)
     try:
-        buf._conn = Refusing(buf._conn, "BEGIN IMMEDIATE",  # type: ignore[assignment]
-                             "database or disk is full")
+        refuse_moves(buf)
         with caplog.at_level(logging.WARNING, logger="plexus.buffer"):
             buf.put(pts(0, 1)[0])
             expected = f"buffer sync of {path} failed: database or disk is full"
