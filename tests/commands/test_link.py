@@ -36,6 +36,7 @@ from plexus.link import (
 )
 from plexus.secret import Secret
 from tests.commands.conftest import wait_until
+from tests.commands.test_checklist import make_link
 
 
 class FixedDraw:
@@ -48,6 +49,11 @@ class FixedDraw:
     def uniform(self, a: float, b: float) -> float:
         self.bounds.append((a, b))
         return a + self.share * (b - a)
+
+
+def no_wait(seconds: float) -> bool:
+    """A reconnect wait that returns at once (never asks to stop)."""
+    return False
 
 
 def offline_link(center: CommandCenter | None = None, **kwargs) -> DeviceLink:
@@ -141,7 +147,7 @@ def test_the_pace_lets_a_burst_through_then_one_frame_per_token(monkeypatch):
 def test_the_pace_follows_the_generation_announced(plexus_receiver_factory):
     for generation, burst, rate in (("hosted", 500, 500.0), ("oss", 50, 18.0)):
         rx = plexus_receiver_factory(ws_generation=generation)
-        link = DeviceLink(rx.ws_url, Secret(rx.api_key), "pod-07", CommandCenter())
+        link = make_link(rx)
         link.start()
         try:
             assert link.wait_up(10)
@@ -326,8 +332,7 @@ def test_the_link_says_which_protocol_came_up_and_when_it_recovered(plexus_recei
                                                                    caplog):
     rx = plexus_receiver_factory(ws_generation="oss")
     rx.device.refuse_auth_next(1)
-    link = DeviceLink(rx.ws_url, Secret(rx.api_key), "pod-07", CommandCenter(),
-                      wait=lambda seconds: False)
+    link = make_link(rx, wait=no_wait)
     caplog.set_level(logging.INFO, logger="plexus.link")
     link.start()
     try:
@@ -338,7 +343,7 @@ def test_the_link_says_which_protocol_came_up_and_when_it_recovered(plexus_recei
         link.stop()
     assert f"device link to {link.url} is up again" in caplog.messages
     rx2 = plexus_receiver_factory()
-    link = DeviceLink(rx2.ws_url, Secret(rx2.api_key), "pod-07", CommandCenter())
+    link = make_link(rx2)
     caplog.clear()
     link.start()
     try:
@@ -352,7 +357,7 @@ def test_the_link_says_which_protocol_came_up_and_when_it_recovered(plexus_recei
 @pytest.mark.parametrize("skew_ms,words", [(7_500, "7.5 s behind"), (-7_500, "7.5 s ahead of")])
 def test_a_clock_off_the_platforms_is_named_with_its_direction(rx, caplog, skew_ms, words):
     rx.device.clock_skew_ms = skew_ms
-    link = DeviceLink(rx.ws_url, Secret(rx.api_key), "pod-07", CommandCenter())
+    link = make_link(rx)
     caplog.set_level(logging.WARNING, logger="plexus.link")
     link.start()
     try:
@@ -367,8 +372,7 @@ def test_a_clock_off_the_platforms_is_named_with_its_direction(rx, caplog, skew_
 def test_heartbeats_carry_the_source_version_and_uptime(rx):
     from plexus import __version__
 
-    link = DeviceLink(rx.ws_url, Secret(rx.api_key), "pod-07", CommandCenter(),
-                      heartbeat_interval=0.2)
+    link = make_link(rx, heartbeat_interval=0.2)
     link.start()
     try:
         assert link.wait_up(10)
@@ -390,8 +394,7 @@ def test_a_command_declared_while_up_is_announced_by_reconnecting_at_once(rx):
     center = CommandCenter()
     center.add(declare("first", lambda run: None))
     asked: list[float] = []
-    link = DeviceLink(rx.ws_url, Secret(rx.api_key), "pod-07", center,
-                      wait=lambda seconds: asked.append(seconds) or False)
+    link = make_link(rx, center, wait=lambda seconds: asked.append(seconds) or False)
     link.start()
     try:
         assert link.wait_up(10)
@@ -522,7 +525,7 @@ def test_the_clock_warning_starts_past_three_seconds_and_says_what_to_do(monkeyp
 
 
 def test_a_legacy_platform_is_named_when_the_link_comes_up(oss_rx, caplog):
-    link = DeviceLink(oss_rx.ws_url, Secret(oss_rx.api_key), "pod-07", CommandCenter())
+    link = make_link(oss_rx)
     caplog.set_level(logging.INFO, logger="plexus.link")
     link.start()
     try:
@@ -536,8 +539,7 @@ def test_a_legacy_platform_is_named_when_the_link_comes_up(oss_rx, caplog):
 
 
 def test_a_goodbye_and_a_drop_are_told_apart_in_the_log(rx, caplog):
-    link = DeviceLink(rx.ws_url, Secret(rx.api_key), "pod-07", CommandCenter(),
-                      wait=lambda seconds: False)
+    link = make_link(rx, wait=no_wait)
     caplog.set_level(logging.INFO, logger="plexus.link")
     link.start()
     try:
@@ -579,7 +581,7 @@ def test_a_send_that_fails_ends_the_writer_and_is_noted(caplog):
 
 def test_each_new_attempt_shows_as_connecting(rx):
     rx.device.ignore_auth_next(2)
-    link = make_link_to(rx, auth_timeout=1.5)  # the second attempt waits 1.5 s for a reply
+    link = make_link(rx, wait=no_wait, auth_timeout=1.5)  # the 2nd attempt waits 1.5 s
     link.start()
     try:
         assert wait_until(lambda: link.connections == 2, 10)
@@ -590,7 +592,7 @@ def test_each_new_attempt_shows_as_connecting(rx):
 
 
 def test_three_connections_closed_soon_after_auth_bring_the_eviction_hint(rx, caplog):
-    link = make_link_to(rx)
+    link = make_link(rx, wait=no_wait)
     caplog.set_level(logging.WARNING, logger="plexus.link")
     link.start()
     try:
@@ -605,7 +607,3 @@ def test_three_connections_closed_soon_after_auth_bring_the_eviction_hint(rx, ca
         "process is probably connected with source_id 'pod-07' (the platform keeps one link "
         "per source id, so each evicts the other); give each process its own source_id"]
 
-
-def make_link_to(rx, **kwargs) -> DeviceLink:
-    return DeviceLink(rx.ws_url, Secret(rx.api_key), "pod-07", CommandCenter(),
-                      wait=lambda seconds: False, **kwargs)
