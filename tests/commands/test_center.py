@@ -8,6 +8,8 @@ import logging
 import threading
 import time
 
+import pytest
+
 from plexus import commands
 from plexus.commands import CommandCenter, declare
 
@@ -75,6 +77,46 @@ def test_a_run_delivered_again_after_it_was_forgotten_fails_as_a_duplicate(monke
     assert (ghost["state"], ghost["error_code"], ghost["error_message"]) == (
         "failed", "duplicate", "this run was already received and is no longer remembered")
     assert ghost["seq"] == 1 and center.counts["duplicates"] == 1
+
+
+def test_a_run_whose_first_delivery_broke_midway_is_answered_when_delivered_again(
+        monkeypatch):
+    center = CommandCenter()
+    center.add(declare("inc", lambda run: None))
+    link = Attached(center)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug while checking params")
+
+    monkeypatch.setattr(commands, "coerce_params", broken)
+    with pytest.raises(RuntimeError):  # the link logs it
+        center.handle(run_frame("r1"))  # the run is known but has said nothing yet
+    assert link.sent == []
+    center.handle(run_frame("r1"))
+    answer = link.final("r1")
+    assert [(f["seq"], f["state"], f["error_code"], f["error_message"]) for f in answer] == [
+        (1, "failed", "duplicate", "this run was already received")]
+
+
+def test_a_forgotten_run_is_audited_as_a_duplicate_once_and_then_replayed(monkeypatch):
+    monkeypatch.setattr(commands, "REMEMBERED_RUNS", 1)
+    center = CommandCenter()
+    center.add(declare("inc", lambda run: None))
+    records: list[dict] = []
+    center.on_outcome = records.append
+    link = Attached(center)
+    for run_id in ("r1", "r2"):
+        center.handle({**run_frame(run_id), "attempt": 3})
+        link.final(run_id)
+    center.handle({**run_frame("r1"), "attempt": 4})  # forgotten: a ghost answers
+    center.handle(run_frame("r1"))  # the ghost is remembered: its answer is replayed
+    ghost, again = link.final("r1", count=3)[1:]
+    assert again == {**ghost, "seq": 2}
+    duplicate = records[-1]
+    assert len(records) == 3 and {k: duplicate[k] for k in (
+        "run_id", "command", "params", "via", "attempt", "outcome", "error_code")} == {
+        "run_id": "r1", "command": "inc", "params": {}, "via": "command_run", "attempt": 1,
+        "outcome": "failed", "error_code": "duplicate"}
 
 
 
@@ -313,3 +355,78 @@ def test_a_legacy_result_up_to_the_limit_is_sent_and_one_byte_more_is_not():
     assert {r["run_id"]: r["error_code"] for r in records} == {"c1": None, "c2": "too_large"}
     center.handle({"type": "typed_command", "id": "c3", "command": "odd", "params": {}})
     assert len(legacy_answer(link, "c3")["result"]["value"]) == 512  # its repr, cut
+
+
+def test_a_legacy_handler_is_answered_with_its_value_or_the_error_it_raised():
+    center = CommandCenter()
+    center.add_legacy("echo", lambda command, params: {"cmd": command, **params})
+    center.add_legacy("quiet", lambda command, params: None)
+
+    def fail(command, params):
+        raise (RuntimeError() if params.get("bare") else KeyError("missing"))
+
+    center.add_legacy("fail", fail)
+    records: list[dict] = []
+    center.on_outcome = records.append
+    link = Attached(center)
+    frames = {"c1": ("echo", {"a": 1}), "c2": ("quiet", {}), "c3": ("fail", {}),
+              "c4": ("fail", {"bare": True})}
+    for cid, (name, params) in frames.items():
+        center.handle({"type": "typed_command", "id": cid, "command": name, "params": params})
+    answers = {cid: legacy_answer(link, cid) for cid in frames}
+    assert answers["c1"]["result"] == {"cmd": "echo", "a": 1}
+    assert answers["c2"]["result"] == {}
+    assert answers["c3"]["error"] == "'missing'"
+    assert answers["c4"]["error"] == "RuntimeError"
+    assert {r["run_id"]: (r["outcome"], r["error_code"], r["via"]) for r in records} == {
+        "c1": ("succeeded", None, "typed_command"), "c2": ("succeeded", None, "typed_command"),
+        "c3": ("failed", "handler_error", "typed_command"),
+        "c4": ("failed", "handler_error", "typed_command")}
+
+
+def test_a_declared_command_run_through_the_legacy_frame_gets_its_run_and_its_code():
+    from plexus.commands import CommandFailed
+
+    def missing(run, path: str):
+        raise CommandFailed("not_found", f"{run.command} {run.id}: no file {path}")
+
+    center = CommandCenter()
+    center.add(declare("fetch", missing, params={"path": {"type": "string"}}))
+    records: list[dict] = []
+    center.on_outcome = records.append
+    link = Attached(center)
+    center.handle({"type": "typed_command", "id": "c1", "command": "fetch",
+                   "params": {"path": "/y"}})
+    assert legacy_answer(link, "c1")["error"] == "not_found: fetch c1: no file /y"
+    assert (records[0]["error_code"], records[0]["message"]) == (
+        "not_found", "not_found: fetch c1: no file /y")
+
+
+def test_command_failed_reads_as_its_message():
+    from plexus.commands import CommandFailed
+
+    failure = CommandFailed("refused", "the arm is moving")
+    assert (str(failure), failure.code, failure.message) == (
+        "the arm is moving", "refused", "the arm is moving")
+
+
+def test_run_wait_sleeps_the_time_asked_and_wakes_at_once_on_cancel():
+    center = CommandCenter()
+    started, woke = threading.Event(), threading.Event()
+    waited: dict[str, object] = {}
+
+    def nap(run):
+        t0 = time.monotonic()
+        waited["short"] = run.wait(0.05)
+        waited["took"] = time.monotonic() - t0
+        started.set()
+        waited["long"] = run.wait(30)  # until the center closes
+        woke.set()
+
+    center.add(declare("nap", nap))
+    Attached(center)
+    center.handle({**run_frame("r1", "nap"), "ttl_ms": 60000})
+    assert started.wait(5)
+    assert waited["short"] is False and 0.04 <= waited["took"] < 5
+    center.close()
+    assert woke.wait(5) and waited["long"] is True
