@@ -430,3 +430,42 @@ def test_run_wait_sleeps_the_time_asked_and_wakes_at_once_on_cancel():
     assert waited["short"] is False and 0.04 <= waited["took"] < 5
     center.close()
     assert woke.wait(5) and waited["long"] is True
+
+
+def test_legacy_frames_refused_unknown_or_with_bad_params_are_answered_and_audited():
+    center = CommandCenter()
+    center.add(declare("set", lambda run, level: level, params={"level": {"type": "integer"}}))
+    center.add(declare("drive", lambda run: None))
+    center.refuse("drive", "moves the vehicle")
+    records: list[dict] = []
+    center.on_outcome = records.append
+    link = Attached(center)
+    given = {"level": "high", "source_id": "pod-07"}
+    frames = {"c1": ("drive", {}), "c2": ("nope", {}), "c3": ("set", given),
+              "c4": ("set", ["not", "an", "object"])}
+    for cid, (name, params) in frames.items():
+        center.handle({"type": "typed_command", "id": cid, "command": name, "params": params})
+    assert {cid: legacy_answer(link, cid)["error"] for cid in frames} == {
+        "c1": "moves the vehicle", "c2": "unknown command: nope",
+        "c3": "bad_params: level must be an integer, got 'high'",
+        "c4": "bad_params: params must be an object, got an array"}
+    assert given == {"level": "high", "source_id": "pod-07"}  # the frame is left as it came
+    assert [(r["run_id"], r["error_code"], r["params"], r["attempt"], r["via"])
+            for r in records] == [
+        ("c1", "not_allowed", {}, 1, "typed_command"),
+        ("c2", "unknown_command", {}, 1, "typed_command"),
+        ("c3", "bad_params", given, 1, "typed_command"),
+        ("c4", "bad_params", {}, 1, "typed_command")]
+
+
+def test_a_legacy_frame_may_give_an_object_for_a_string_parameter_a_run_may_not():
+    center = CommandCenter()
+    center.add(declare("note", lambda run, text: text, params={"text": {"type": "string"}}))
+    link = Attached(center)
+    center.handle({"type": "typed_command", "id": "c1", "command": "note",
+                   "params": {"text": {"a": [1, 2]}}})
+    assert legacy_answer(link, "c1")["result"] == {"value": '{"a":[1,2]}'}
+    center.handle({**run_frame("r1", "note"), "params": {"text": {"a": [1, 2]}}})
+    final = link.final("r1")[0]
+    assert (final["error_code"], final["error_message"]) == (
+        "bad_params", "text must be a string, got an object")
