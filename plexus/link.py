@@ -49,6 +49,8 @@ MAX_FRAME_BYTES = 1024 * 1024
 CONNECT_TIMEOUT_S = 10.0
 AUTH_TIMEOUT_S = 10.0
 HEARTBEAT_INTERVAL_S = 30.0
+#: How long a connection's end waits for its writer, which may be stuck in a send.
+WRITER_JOIN_S = 2.0
 #: A clock further off the platform's than this draws a warning.
 CLOCK_WARN_S = 3.0
 #: A connection ending this soon after auth, three times running, suggests an evictor.
@@ -456,7 +458,7 @@ class DeviceLink:
             with self._out_cond:
                 self._up = False
                 self._out_cond.notify_all()
-            writer.join(2.0)
+            writer.join(WRITER_JOIN_S)
         return False
 
     def _on_frame(self, raw: Any) -> None:

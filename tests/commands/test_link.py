@@ -15,6 +15,7 @@ import threading
 import time
 import types
 
+import orjson
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close
@@ -607,3 +608,193 @@ def test_three_connections_closed_soon_after_auth_bring_the_eviction_hint(rx, ca
         "process is probably connected with source_id 'pod-07' (the platform keeps one link "
         "per source id, so each evicts the other); give each process its own source_id"]
 
+
+
+# The connection and writer threads, driven without a socket ----------------------------------
+def test_start_says_connecting_at_once_and_stop_waits_no_longer_than_asked():
+    link = offline_link()
+    release = threading.Event()
+    link._main = lambda: release.wait(5)  # a connection thread that ignores stop()
+    link.start()
+    try:
+        assert link.status()["state"] == "connecting"  # before the thread has said anything
+        assert (link._thread.name, link._thread.daemon) == ("plexus-link", True)
+        link.stop(timeout=0.1)
+        assert link._thread.is_alive() and link.state == "stopped"
+    finally:
+        release.set()
+
+
+class RecordingSocket:
+    """A socket that records what is sent and takes the link down after ``count`` frames."""
+
+    def __init__(self, link: DeviceLink, count: int) -> None:
+        self.link, self.count = link, count
+        self.sent: list[str] = []
+
+    def send(self, text: str) -> None:
+        self.sent.append(text)
+        if len(self.sent) >= self.count:
+            self.link._up = False
+
+
+def test_the_writer_sends_queued_frames_in_order_and_counts_each_once():
+    link = offline_link()
+    link._up = True
+    link._out.extend([b'{"type":"a"}', b'{"type":"b"}'])
+    ws = RecordingSocket(link, count=2)
+    link._write(ws)
+    assert ws.sent == ['{"type":"a"}', '{"type":"b"}'] and link.frames_out == 2
+
+
+class DownWhilePacing:
+    """A pace that asks the writer to wait three times; the link goes down at the first."""
+
+    def __init__(self, link: DeviceLink) -> None:
+        self.link, self.calls = link, 0
+
+    def delay(self) -> float:
+        self.calls += 1
+        if self.calls == 1:
+            self.link._up = False
+        return 0.01 if self.calls <= 3 else 0.0
+
+
+def test_a_frame_waiting_for_its_turn_is_not_sent_once_the_link_is_down():
+    link = offline_link()
+    link._up = True
+    link._out.append(b'{"type":"a"}')
+    link._pace = DownWhilePacing(link)
+    ws = RecordingSocket(link, count=1)
+    link._write(ws)
+    assert ws.sent == [] and link.frames_out == 0 and link._pace.calls == 1
+
+
+class RecordingCondition(threading.Condition):
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        return super().wait(timeout)
+
+
+def test_the_writer_waits_no_longer_than_the_time_to_the_next_heartbeat():
+    link = offline_link(heartbeat_interval=0.2)
+    link._up = True
+    link._out_cond = RecordingCondition()
+    ws = RecordingSocket(link, count=2)
+    link._write(ws)
+    assert [orjson.loads(text)["type"] for text in ws.sent] == ["heartbeat", "heartbeat"]
+    waits = link._out_cond.waits
+    assert waits and all(0.0 <= w <= 0.2 for w in waits)
+
+
+def test_kept_statuses_with_number_keys_are_replayed_when_the_link_comes_up():
+    from plexus.commands import declare
+
+    center = CommandCenter()
+    center.add(declare("table", lambda run: {1: "one"}))
+    center.handle({"type": "command_run", "run_id": "r1", "command": "table", "params": {}})
+    assert wait_until(lambda: center.kept == 3, 5)  # acknowledged, running, succeeded
+    link = offline_link(center)
+    link._on_authenticated({"type": "authenticated"})
+    replay = [orjson.loads(data) for data in link._out]
+    assert replay[0]["type"] == "command_sync"
+    assert replay[-1]["result"] == {"1": "one"} and len(replay) == 4
+
+
+def test_a_command_declared_while_device_auth_was_on_its_way_is_announced_at_once():
+    from plexus.commands import declare
+
+    center = CommandCenter()
+    link = offline_link(center)
+    link._announced = center.version  # what device_auth carried
+    center.add(declare("late", lambda run: None))
+    link._on_authenticated({"type": "authenticated"})
+    assert link._reannounce is True
+
+
+class EndingSocket:
+    """A connection the server ends: recv() raises ConnectionClosed (with the server's
+    close frame, or none: a drop) once the writer is running; send() may hang."""
+
+    def __init__(self, close: Close | None, hang_send: threading.Event | None = None) -> None:
+        self.close_frame, self.hang_send = close, hang_send
+        self.writer: threading.Thread | None = None
+        self.sending = threading.Event()
+
+    def recv(self) -> str:
+        self.writer = next(t for t in threading.enumerate() if t.name == "plexus-link-writer")
+        if self.hang_send is not None:
+            assert self.sending.wait(5)
+        raise ConnectionClosed(self.close_frame, None)
+
+    def send(self, text: str) -> None:
+        self.sending.set()
+        if self.hang_send is not None:
+            self.hang_send.wait(5)
+
+
+class LinkStateAtLog(logging.Handler):
+    """Notes, at each log record, whether the link would still take a frame."""
+
+    def __init__(self, link: DeviceLink) -> None:
+        super().__init__()
+        self.link = link
+        self.taken: list[tuple[str, bool]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.taken.append((record.getMessage(), self.link.send({"type": "late"})))
+
+
+@pytest.mark.parametrize("close,goodbye,error,said", [
+    (Close(1001, "restarting"), True, "server closed the link (close 1001: restarting)",
+     "device link: server closed the link (close 1001: restarting); reconnecting"),
+    (None, False, "device link to ws://127.0.0.1:9/ws/device dropped (no close frame)",
+     "device link to ws://127.0.0.1:9/ws/device dropped (no close frame); "
+     "retrying with backoff")])
+def test_a_closed_connection_stops_the_writer_before_it_is_reported(close, goodbye, error,
+                                                                     said):
+    link = offline_link()
+    link._up = True
+    ws = EndingSocket(close)
+    watcher = LinkStateAtLog(link)
+    logger = logging.getLogger("plexus.link")
+    logger.addHandler(watcher)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        assert link._serve(ws) is goodbye
+    finally:
+        logger.removeHandler(watcher)
+        logger.setLevel(old_level)
+    assert watcher.taken == [(said, False)]  # told only once no frame is taken any more
+    assert link.last_error == error
+    assert ws.writer is not None and ws.writer.daemon and not ws.writer.is_alive()
+
+
+def test_a_writer_stuck_in_a_send_does_not_hold_the_connection_end(monkeypatch):
+    monkeypatch.setattr(link_module, "WRITER_JOIN_S", 0.05)
+    link = offline_link()
+    link._up = True
+    link._out.append(b'{"type":"a"}')
+    release = threading.Event()
+    ws = EndingSocket(None, hang_send=release)
+    try:
+        assert link._serve(ws) is False
+        assert ws.writer is not None and ws.writer.is_alive()  # still in its send
+    finally:
+        release.set()
+
+
+def test_only_the_first_connection_after_a_problem_says_up_again(caplog):
+    link = offline_link()
+    caplog.set_level(logging.INFO, logger="plexus.link")
+    link._problem("device link to ws://127.0.0.1:9/ws/device failed: refused")
+    for _ in range(2):
+        link._on_authenticated({"type": "authenticated"})
+    assert caplog.messages[-2:] == [
+        "device link to ws://127.0.0.1:9/ws/device is up again",
+        "device link to ws://127.0.0.1:9/ws/device is up (legacy protocol)"]
