@@ -77,6 +77,10 @@ SEEN_RUN_IDS = 4096
 PROGRESS_INTERVAL_S = 1.0
 #: Handler threads running at once; a run beyond this is refused as ``busy``.
 MAX_RUNNING = 64
+#: The expiry watchdog thread ends after this long with no run to watch.
+WATCHDOG_IDLE_S = 5.0
+#: The watchdog reads the clock again at least this often: an injected clock may jump.
+WATCHDOG_SLICE_S = 0.5
 FINAL_STATES = frozenset({"succeeded", "failed"})
 
 _COMMON_KEYWORDS = frozenset({"type", "title", "description", "default", "required"})
@@ -502,9 +506,7 @@ class Run:
         self._cancel = threading.Event()
         self._last_progress: float | None = None
         self.seq = 0
-        self.state: str | None = None
         self.started = time.time()
-        self.timed_out = False
         self.released = False
         self.final_frame: dict[str, Any] | None = None
         self.last_frame: dict[str, Any] | None = None
@@ -967,7 +969,6 @@ class CommandCenter:
             if run.final_frame is not None:
                 return
             run.seq += 1
-            run.state = state
             frame = {"type": "command_status", "run_id": run.id, "seq": run.seq,
                      "state": state}
             run.last_frame = frame
@@ -994,7 +995,6 @@ class CommandCenter:
                 self._late(run, state)
                 return
             run.seq += 1
-            run.state = state
             frame: dict[str, Any] = {"type": "command_status", "run_id": run.id,
                                      "seq": run.seq, "state": state}
             if result is not None:
@@ -1093,7 +1093,6 @@ class CommandCenter:
             for run in due:
                 if run.final_frame is not None:
                     continue
-                run.timed_out = True
                 run._cancel.set()
                 message = ("no result before the run expired; the handler was asked to stop "
                            "and a late result will be discarded")
@@ -1110,11 +1109,11 @@ class CommandCenter:
                            if r._deadline is not None and r.final_frame is None]
                 self._deadlines = [r for r in self._deadlines if r.final_frame is None]
                 if not pending:
-                    if not self._wake.wait(5.0) and not self._deadlines:
+                    if not self._wake.wait(WATCHDOG_IDLE_S) and not self._deadlines:
                         self._watchdog = None
                         return
                     continue
                 wait = min(pending) - self.clock()
                 if wait > 0:
-                    self._wake.wait(min(wait, 0.5))
+                    self._wake.wait(min(wait, WATCHDOG_SLICE_S))
                 self.check_deadlines()

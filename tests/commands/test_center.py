@@ -469,3 +469,140 @@ def test_a_legacy_frame_may_give_an_object_for_a_string_parameter_a_run_may_not(
     final = link.final("r1")[0]
     assert (final["error_code"], final["error_message"]) == (
         "bad_params", "text must be a string, got an object")
+
+
+def test_legacy_handlers_are_checked_when_added():
+    from plexus.commands import CommandDeclarationError
+
+    def handler(command, params):
+        return None
+
+    center = CommandCenter()
+    center.add(declare("declared", lambda run: None))
+    refused = [
+        (("", handler), {}, "a command name must be a non-empty string, got ''"),
+        ((5, handler), {}, "a command name must be a non-empty string, got 5"),
+        (("x", "not callable"), {}, "command 'x': the handler must be callable"),
+        (("x", handler), {"concurrency": "queue"},
+         "command 'x': concurrency must be accept or reject, got 'queue'"),
+        (("declared", handler), {}, "command 'declared' is already declared")]
+    for args, kwargs, message in refused:
+        with pytest.raises(CommandDeclarationError) as caught:
+            center.add_legacy(*args, **kwargs)
+        assert str(caught.value) == message
+    before = center.version
+    center.add_legacy("x", handler)
+    assert center.version == before + 1 and center.legacy["x"].concurrency == "accept"
+    with pytest.raises(CommandDeclarationError, match="^command 'x' is already declared$"):
+        center.add_legacy("x", handler)
+
+
+def test_a_handler_that_raises_is_logged_with_its_traceback_at_debug(caplog):
+    def boom(run):
+        raise ValueError("boom")
+
+    center = CommandCenter()
+    center.add(declare("boom", boom))
+    link = Attached(center)
+    caplog.set_level(logging.DEBUG, logger="plexus.commands")
+    center.handle(run_frame("r1", "boom"))
+    link.final("r1")
+    raised = [r for r in caplog.records if r.getMessage() == "command boom raised"]
+    assert len(raised) == 1 and raised[0].levelno == logging.DEBUG
+    assert raised[0].exc_info is not None and raised[0].exc_info[0] is ValueError
+
+
+def test_a_legacy_answer_the_link_cannot_take_is_logged_as_dropped(caplog):
+    center = CommandCenter()
+    center.add_legacy("echo", lambda command, params: params)
+    accepted: list[dict] = []
+    center.attach(lambda frame: accepted.append(frame) or frame.get("event") == "ack", {},
+                  lambda: None)
+    caplog.set_level(logging.INFO, logger="plexus.commands")
+    center.handle({"type": "typed_command", "id": "c1", "command": "echo", "params": {}})
+    assert wait_for(lambda: len(accepted) == 2)
+    center.detach()
+    center.handle({"type": "typed_command", "id": "c2", "command": "echo", "params": {}})
+    dropped = "command result echo/{} dropped: the link is down"
+    assert wait_for(lambda: dropped.format("result") in caplog.messages[-1:])
+    assert [m for m in caplog.messages if "dropped" in m] == [
+        dropped.format("result"), dropped.format("ack"), dropped.format("result")]
+
+
+def wait_for(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_one_expiry_watchdog_runs_and_ends_once_there_is_nothing_to_watch(monkeypatch):
+    monkeypatch.setattr(commands, "WATCHDOG_IDLE_S", 0.05)
+    center = CommandCenter()
+    release = threading.Event()
+    center.add(declare("hold", lambda run: release.wait(5)))
+    link = Attached(center)
+
+    others = {t for t in threading.enumerate() if t.name == "plexus-command-expiry"}
+
+    def watchdogs() -> list[threading.Thread]:  # this center's, not earlier tests' lingering
+        return [t for t in threading.enumerate()
+                if t.name == "plexus-command-expiry" and t not in others]
+
+    for run_id in ("r1", "r2"):
+        center.handle(run_frame(run_id, "hold"))
+    assert len(watchdogs()) == 1 and watchdogs()[0].daemon
+    release.set()
+    link.final("r1"), link.final("r2")
+    assert wait_for(lambda: center._watchdog is None and not watchdogs())
+    center.handle(run_frame("r3", "hold"))  # a new run with an expiry starts it again
+    assert len(watchdogs()) == 1
+    link.final("r3")
+
+
+def test_the_last_free_slot_is_taken_and_the_next_run_is_refused_as_busy():
+    release = threading.Event()
+    center = CommandCenter(max_running=2)
+    center.add(declare("hold", lambda run: release.wait(5)))
+    link = Attached(center)
+    try:
+        for run_id in ("r1", "r2", "r3"):
+            center.handle(run_frame(run_id, "hold"))
+        final = link.final("r3")[0]
+        assert (final["error_code"], final["error_message"]) == (
+            "busy", "too many commands running at once (2)")
+        center.handle({"type": "typed_command", "id": "c1", "command": "hold", "params": {}})
+        assert legacy_answer(link, "c1")["error"] == "too many commands running at once (2)"
+        assert not link.final("r1", timeout=0.05) and not link.final("r2", timeout=0.05)
+    finally:
+        release.set()
+    assert link.final("r1") and link.final("r2")
+
+
+def test_the_watchdog_answers_a_run_at_its_expiry_not_at_its_next_look(monkeypatch):
+    monkeypatch.setattr(commands, "WATCHDOG_SLICE_S", 30.0)  # only the expiry can wake it
+    center = CommandCenter()
+    release = threading.Event()
+    center.add(declare("hold", lambda run: release.wait(10)))
+    link = Attached(center)
+    try:
+        center.handle({**run_frame("r1", "hold"), "ttl_ms": 200})
+        final = link.final("r1", timeout=5)
+        assert [(f["state"], f["error_code"]) for f in final] == [("failed", "timeout")]
+    finally:
+        release.set()
+
+
+def test_the_watchdog_notices_an_injected_clock_that_jumps():
+    clock = FakeClock()
+    center = CommandCenter(clock=clock)
+    release = threading.Event()
+    center.add(declare("hold", lambda run: release.wait(10)))
+    link = Attached(center)
+    try:
+        center.handle({**run_frame("r1", "hold"), "ttl_ms": 60_000})
+        clock.now += 61  # no check_deadlines(): the watchdog's next look finds it
+        final = link.final("r1", timeout=5)
+        assert [(f["state"], f["error_code"]) for f in final] == [("failed", "timeout")]
+    finally:
+        release.set()
