@@ -606,3 +606,101 @@ def test_the_watchdog_notices_an_injected_clock_that_jumps():
         assert [(f["state"], f["error_code"]) for f in final] == [("failed", "timeout")]
     finally:
         release.set()
+
+
+def test_a_run_without_a_usable_run_id_is_ignored_with_a_debug_line(caplog):
+    center = CommandCenter()
+    center.add(declare("inc", lambda run: None))
+    link = Attached(center)
+    caplog.set_level(logging.DEBUG, logger="plexus.commands")
+    for run_id in (None, "", 7):
+        frame = run_frame("x")
+        frame["run_id"] = run_id
+        center.handle(frame)
+    assert link.sent == [] and center.counts["runs"] == 0
+    assert caplog.messages == ["command_run without a run_id ignored"] * 3
+
+
+def test_a_runs_attempt_and_name_are_taken_only_when_well_formed():
+    center = CommandCenter()
+    center.add(declare("inc", lambda run: None))
+    records: list[dict] = []
+    center.on_outcome = records.append
+    link = Attached(center)
+    attempts = {"r1": 4, "r2": True, "r3": "3", "r4": None}
+    for run_id, attempt in attempts.items():
+        frame = run_frame(run_id)
+        if attempt is not None:
+            frame["attempt"] = attempt
+        center.handle(frame)
+        link.final(run_id)
+    center.handle({**run_frame("r5"), "command": 5})
+    assert link.final("r5")[0]["error_message"] == "unknown command: "
+    assert [(r["run_id"], r["attempt"]) for r in records] == [
+        ("r1", 4), ("r2", 1), ("r3", 1), ("r4", 1), ("r5", 1)]
+
+
+def test_runs_refused_before_they_start_are_audited_with_the_params_they_came_with():
+    release = threading.Event()
+    center = CommandCenter(max_running=1)
+    center.add(declare("hold", lambda run, n: release.wait(5), params={"n": {"type": "integer"}}))
+    center.add(declare("drive", lambda run: None))
+    center.refuse("drive", "moves the vehicle")
+    records: list[dict] = []
+    center.on_outcome = records.append
+    link = Attached(center)
+    try:
+        center.handle({**run_frame("r1", "hold"), "params": {"n": "1"}})
+        center.handle({**run_frame("r2", "hold"), "params": {"n": "2"}})  # busy
+        center.handle({**run_frame("r3", "drive"), "params": {"speed": 3}})
+        center.handle({**run_frame("r4", "nope"), "params": {"token": "t"}})
+        center.handle({**run_frame("r5", "hold"), "params": {"n": 5}, "ttl_ms": 0})
+        for run_id in ("r2", "r3", "r4", "r5"):
+            link.final(run_id)
+    finally:
+        release.set()
+    link.final("r1")
+    assert [(r["run_id"], r["error_code"], r["params"]) for r in records] == [
+        ("r2", "busy", {"n": 2}), ("r3", "not_allowed", {"speed": 3}),
+        ("r4", "unknown_command", {"token": "***"}), ("r5", "expired_on_arrival", {"n": 5}),
+        ("r1", None, {"n": 1})]
+    assert link.final("r5")[0]["error_message"] == "the run expired before it arrived (ttl_ms 0)"
+
+
+def test_a_run_expires_exactly_ttl_ms_after_it_arrived():
+    clock = FakeClock()
+    center = CommandCenter(clock=clock)
+    release = threading.Event()
+    center.add(declare("hold", lambda run: release.wait(5)))
+    link = Attached(center)
+    try:
+        center.handle({**run_frame("r1", "hold"), "ttl_ms": 10_000})
+        center.handle({**run_frame("r2", "hold"), "ttl_ms": 1})  # short, but not expired
+        clock.now += 9.995
+        center.check_deadlines()
+        assert [(f["run_id"], f["error_code"]) for f in link.sent
+                if f.get("state") == "failed"] == [("r2", "timeout")]
+        clock.now += 0.005
+        center.check_deadlines()
+        assert link.final("r1")[0]["error_code"] == "timeout"
+    finally:
+        release.set()
+
+
+def test_run_ids_and_statuses_are_remembered_up_to_their_limits(monkeypatch):
+    monkeypatch.setattr(commands, "SEEN_RUN_IDS", 3)
+    monkeypatch.setattr(commands, "REMEMBERED_RUNS", 2)
+    center = CommandCenter()
+    calls: list[str] = []
+    center.add(declare("inc", lambda run: calls.append(run.id)))
+    link = Attached(center)
+    for run_id in ("r1", "r2", "r3", "r4"):  # r1's id is forgotten, r2's status is
+        center.handle(run_frame(run_id))
+        link.final(run_id)
+    center.handle(run_frame("r3"))  # remembered: its answer again
+    assert link.final("r3", count=2)[1]["state"] == "succeeded"
+    center.handle(run_frame("r2"))  # its id is remembered, its status is not
+    assert link.final("r2", count=2)[1]["error_code"] == "duplicate"
+    center.handle(run_frame("r1"))  # forgotten altogether: it runs again
+    link.final("r1", count=2)
+    assert calls == ["r1", "r2", "r3", "r4", "r1"]
