@@ -981,9 +981,9 @@ class CommandCenter:
             run.seq += 1
             frame: dict[str, Any] = {"type": "command_status", "run_id": run.id,
                                      "seq": run.seq, "state": "progress", "progress": percent}
-            if message is not None and self.store_results:
+            if message is not None:
                 frame["message"] = message
-            frame = self._fit(frame)
+            frame = self._fit(frame)  # drops the message when results are not stored
             send = self._send
             if send is not None:
                 send(frame)  # never kept: a stale progress frame means nothing later

@@ -17,11 +17,11 @@ from plexus.commands import CommandCenter, declare
 class Attached:
     """A center attached to a collecting ``send``, as the link attaches it."""
 
-    def __init__(self, center: CommandCenter) -> None:
+    def __init__(self, center: CommandCenter, info: dict | None = None) -> None:
         self.center = center
         self.sent: list[dict] = []
         self._cond = threading.Condition()
-        center.attach(self._send, {}, lambda: None)
+        center.attach(self._send, info or {}, lambda: None)
 
     def _send(self, frame: dict) -> bool:
         with self._cond:
@@ -704,3 +704,83 @@ def test_run_ids_and_statuses_are_remembered_up_to_their_limits(monkeypatch):
     center.handle(run_frame("r1"))  # forgotten altogether: it runs again
     link.final("r1", count=2)
     assert calls == ["r1", "r2", "r3", "r4", "r1"]
+
+
+def test_a_declared_run_past_its_expiry_discards_its_late_outcome(caplog):
+    clock = FakeClock()
+    center = CommandCenter(clock=clock)
+    release = threading.Event()
+    center.add(declare("act", lambda run: release.wait(5) and "done"))
+    link = Attached(center)
+    caplog.set_level(logging.WARNING, logger="plexus.commands")
+    center.handle({**run_frame("r1", "act"), "ttl_ms": 5000})
+    clock.now += 5.0
+    center.check_deadlines()
+    assert link.final("r1")[0]["error_code"] == "timeout"
+    release.set()
+    late = ("command act (run r1) finished (succeeded) after it had already been answered "
+            "(expired); the late outcome is discarded")
+    assert wait_for(lambda: late in caplog.messages)
+    assert len(link.final("r1")) == 1 and center.counts["succeeded"] == 0
+
+
+def test_declared_runs_are_audited_with_their_outcome_and_message():
+    from plexus.commands import CommandFailed
+
+    def act(run, fail: bool):
+        if fail:
+            raise CommandFailed("refused", "the arm is moving")
+        return "ok"
+
+    center = CommandCenter()
+    center.add(declare("act", act, params={"fail": {"type": "boolean"}}))
+    records: list[dict] = []
+    center.on_outcome = records.append
+    link = Attached(center)
+    for run_id, fail in (("r1", False), ("r2", True)):
+        center.handle({**run_frame(run_id, "act"), "params": {"fail": fail}})
+        link.final(run_id)
+    assert [(r["outcome"], r["error_code"], r["message"], r["via"]) for r in records] == [
+        ("succeeded", None, None, "command_run"),
+        ("failed", "refused", "the arm is moving", "command_run")]
+    assert center.counts["succeeded"] == 1 and center.counts["failed"] == 1
+    assert center.last["outcome"] == "failed (refused)"
+
+
+def test_a_declared_result_that_cannot_be_encoded_is_sent_as_its_repr_cut_to_512():
+    center = CommandCenter()
+    center.add(declare("odd", lambda run: {"long": "y" * 1000, "when": object()}))
+    link = Attached(center)
+    center.handle(run_frame("r1", "odd"))
+    value = link.final("r1")[0]["result"]["value"]
+    assert len(value) == 512 and value.startswith("{'long': 'yyy")
+
+
+def test_a_progress_message_too_large_for_a_frame_is_left_out():
+    center = CommandCenter()
+    center.add(declare("work", lambda run: run.progress(100, "m" * (70 * 1024))))
+    link = Attached(center)
+    center.handle(run_frame("r1", "work"))
+    link.final("r1")
+    progress = [f for f in link.sent if f.get("state") == "progress"]
+    assert progress == [{"type": "command_status", "run_id": "r1", "seq": 3,
+                         "state": "progress", "progress": 100.0}]
+
+
+def test_a_status_over_a_tiny_server_limit_is_sent_with_what_it_must_carry():
+    from plexus.commands import CommandFailed
+
+    def act(run, fail: bool):
+        if fail:
+            raise CommandFailed("refused", "the arm is moving")
+        return {"big": "x" * 100}
+
+    center = CommandCenter()
+    center.add(declare("act", act, params={"fail": {"type": "boolean"}}))
+    link = Attached(center, {"max_frame_bytes": 40})  # smaller than any status
+    for run_id, fail in (("r1", False), ("r2", True)):
+        center.handle({**run_frame(run_id, "act"), "params": {"fail": fail}})
+    assert link.final("r1")[0] == {"type": "command_status", "run_id": "r1", "seq": 3,
+                                   "state": "succeeded"}
+    assert link.final("r2")[0] == {"type": "command_status", "run_id": "r2", "seq": 3,
+                                   "state": "failed", "error_code": "refused"}
