@@ -784,3 +784,152 @@ def test_a_status_over_a_tiny_server_limit_is_sent_with_what_it_must_carry():
                                    "state": "succeeded"}
     assert link.final("r2")[0] == {"type": "command_status", "run_id": "r2", "seq": 3,
                                    "state": "failed", "error_code": "refused"}
+
+
+# The audit record, the replay on attach, acknowledgements --------------------------------------
+def test_an_outcome_is_recorded_logged_and_kept_as_the_last(caplog):
+    import datetime
+    import re
+
+    def setter(run, level, token=""):
+        time.sleep(0.05)
+        return level
+
+    center = CommandCenter()
+    center.add(declare("set", setter, params={"level": {"type": "integer"},
+                                              "token": {"type": "string", "required": False}}))
+    records: list[dict] = []
+    center.on_outcome = records.append
+    link = Attached(center)
+    caplog.set_level(logging.INFO, logger="plexus.commands")
+    center.handle({**run_frame("r1", "set"), "params": {"level": 3, "token": "abc"}})
+    link.final("r1")
+    record = records[0]
+    assert set(record) == {"time", "run_id", "command", "params", "via", "attempt", "outcome",
+                           "error_code", "message", "duration_s"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", record["time"])
+    stamped = datetime.datetime.strptime(record["time"], "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=datetime.timezone.utc)
+    assert abs(stamped.timestamp() - time.time()) < 5  # UTC, not local time
+    assert 0.05 <= record["duration_s"] < 5 and round(record["duration_s"], 3) == record[
+        "duration_s"]
+    assert record["params"] == {"level": 3, "token": "***"}
+    logged = [r for r in caplog.records if r.getMessage().startswith("command set ")]
+    assert [(r.levelno, r.getMessage()) for r in logged] == [
+        (logging.INFO, 'command set {"level":3,"token":"***"}: succeeded')]
+    assert center.last is not None and center.last["command"] == "set"
+    assert center.last["outcome"] == "succeeded" and abs(center.last["at"] - time.time()) < 5
+    center.handle({**run_frame("r2", "set"), "params": {"level": "high"}})
+    link.final("r2")
+    logged = [r for r in caplog.records if r.getMessage().startswith("command set ")]
+    assert (logged[-1].levelno, logged[-1].getMessage()) == (
+        logging.WARNING,
+        'command set {"level":"high"}: failed (bad_params: level must be an integer, '
+        "got 'high')")
+
+
+def test_an_audit_that_fails_is_logged_and_the_answer_still_goes_out(caplog):
+    def full(record: dict) -> None:
+        raise OSError("disk full")
+
+    center = CommandCenter(on_outcome=full)
+    center.add(declare("inc", lambda run: 1))
+    link = Attached(center)
+    caplog.set_level(logging.ERROR, logger="plexus.commands")
+    center.handle(run_frame("r1"))
+    assert link.final("r1")[0]["result"] == {"value": 1}
+    assert caplog.messages == ["recording the outcome of command inc failed: disk full"]
+
+
+def finished_while_detached(center: CommandCenter, *run_ids: str) -> None:
+    """Run each to its end with no link attached: every status is kept."""
+    for n, run_id in enumerate(run_ids, 1):  # one after the other: the order is known
+        center.handle(run_frame(run_id))
+        assert wait_for(lambda n=n: center.kept == 3 * n)
+
+
+def test_attaching_replays_a_sync_of_each_runs_last_state_then_the_kept_statuses():
+    center = CommandCenter()
+    center.add(declare("inc", lambda run: 1))
+    assert center.attach(lambda frame: True, {}, lambda: None) == []  # nothing kept
+    center.detach()
+    finished_while_detached(center, "r1", "r2")
+    enabled: list[bool] = []
+    frames = center.attach(lambda frame: True, {}, lambda: enabled.append(True))
+    assert enabled == [True]
+    assert frames[0] == {"type": "command_sync", "runs": [
+        {"run_id": "r1", "state": "succeeded", "seq": 3},
+        {"run_id": "r2", "state": "succeeded", "seq": 3}]}
+    assert [(f["run_id"], f["seq"], f["state"]) for f in frames[1:]] == [
+        ("r1", 1, "acknowledged"), ("r1", 2, "running"), ("r1", 3, "succeeded"),
+        ("r2", 1, "acknowledged"), ("r2", 2, "running"), ("r2", 3, "succeeded")]
+
+
+@pytest.mark.parametrize("info,limit,store", [
+    ({}, 64 * 1024, True),
+    ({"max_frame_bytes": 1000, "store_results": False}, 1000, False),
+    ({"max_frame_bytes": 10**9, "store_results": None}, 64 * 1024, True),
+    ({"max_frame_bytes": 0, "store_results": 0}, 64 * 1024, True),
+    ({"max_frame_bytes": -5}, 64 * 1024, True),
+    ({"max_frame_bytes": "1000"}, 64 * 1024, True),
+    ({"max_frame_bytes": 1}, 1, True)])
+def test_attaching_takes_the_servers_frame_limit_and_result_storage(info, limit, store):
+    center = CommandCenter()
+    center.max_frame_bytes, center.store_results = 5, not store  # what a previous link said
+    center.attach(lambda frame: True, info, lambda: None)
+    assert (center.max_frame_bytes, center.store_results) == (limit, store)
+
+
+def test_acknowledged_statuses_are_no_longer_kept():
+    center = CommandCenter()
+    center.add(declare("inc", lambda run: 1))
+    finished_while_detached(center, "r1", "r2")
+    for bad in ({"run_id": 5, "seq": 3}, {"run_id": "r1", "seq": "3"}, {"run_id": "r1"}):
+        center.handle({"type": "command_status_ack", **bad})
+    assert center.kept == 6
+    center.handle({"type": "command_status_ack", "run_id": "r1", "seq": 2})
+    assert center.kept == 4
+    center.handle({"type": "command_status_ack", "run_id": "r1", "seq": 3})
+    assert center.kept == 3  # r2's are still waiting
+    frames = center.attach(lambda frame: True, {}, lambda: None)
+    assert [(f["run_id"], f["seq"]) for f in frames[1:]] == [("r2", 1), ("r2", 2), ("r2", 3)]
+
+
+def test_statuses_past_the_kept_limit_are_forgotten_oldest_first_with_a_warning(monkeypatch,
+                                                                              caplog):
+    monkeypatch.setattr(commands, "KEPT_STATUSES", 2)
+    center = CommandCenter()
+    center.add(declare("inc", lambda run: 1))
+    caplog.set_level(logging.WARNING, logger="plexus.commands")
+    center.handle(run_frame("r1"))
+    assert wait_for(lambda: len(caplog.messages) == 1)
+    assert center.kept == 2
+    assert caplog.messages == ["more than 2 command statuses await the platform's "
+                               "acknowledgement; status 1 of run r1 is forgotten"]
+    frames = center.attach(lambda frame: True, {}, lambda: None)
+    assert [f["seq"] for f in frames[1:]] == [2, 3]
+
+
+def test_a_handler_thread_that_cannot_start_is_answered_busy_and_frees_its_slot(monkeypatch):
+    started = threading.Thread.start
+
+    def refuse_handlers(thread: threading.Thread) -> None:
+        if thread.name.startswith("plexus-command:"):
+            raise RuntimeError("can't start new thread")
+        started(thread)
+
+    center = CommandCenter()
+    center.add(declare("inc", lambda run: 1))
+    link = Attached(center)
+    monkeypatch.setattr(threading.Thread, "start", refuse_handlers)
+    center.handle(run_frame("r1"))
+    center.handle({"type": "typed_command", "id": "c1", "command": "inc", "params": {}})
+    monkeypatch.undo()
+    final = link.final("r1")[0]
+    assert (final["error_code"], final["error_message"]) == (
+        "busy", "failed to start command handler: can't start new thread")
+    assert legacy_answer(link, "c1")["error"] == (
+        "failed to start command handler: can't start new thread")
+    assert center._running == 0 and center._active == {"inc": 0}
+    center.handle(run_frame("r2"))
+    assert link.final("r2")[0]["result"] == {"value": 1}
