@@ -475,7 +475,7 @@ def redact(value: Any) -> Any:
             parsed = orjson.loads(value)
         except orjson.JSONDecodeError:
             return value
-        return orjson.dumps(redact(parsed)).decode() if isinstance(parsed, dict) else value
+        return orjson.dumps(redact(parsed)).decode()  # text opening with "{" parses to a dict
     return value
 
 

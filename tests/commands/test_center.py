@@ -933,3 +933,39 @@ def test_a_handler_thread_that_cannot_start_is_answered_busy_and_frees_its_slot(
     assert center._running == 0 and center._active == {"inc": 0}
     center.handle(run_frame("r2"))
     assert link.final("r2")[0]["result"] == {"value": 1}
+
+
+def test_a_center_starts_with_the_documented_defaults():
+    center = CommandCenter()
+    assert (center.max_running, center.max_frame_bytes, center.store_results, center.last,
+            center.version, center.kept, center.wants_link) == (64, 64 * 1024, True, None, 0,
+                                                                0, False)
+    assert center.counts == {"runs": 0, "succeeded": 0, "failed": 0, "duplicates": 0}
+
+
+def test_only_command_frames_are_handled():
+    center = CommandCenter()
+    for kind in ("command_run", "typed_command", "command_status_ack"):
+        assert center.handle({"type": kind}) is True
+    for frame in ({"type": "heartbeat"}, {"type": None}, {}):
+        assert center.handle(frame) is False
+
+
+def test_closing_asks_running_handlers_to_stop_and_sends_nothing_more():
+    center = CommandCenter()
+    asked = threading.Event()
+
+    def patient(run):
+        while not run.cancel_requested:
+            time.sleep(0.01)
+        asked.set()
+        return "stopped"
+
+    center.add(declare("patient", patient))
+    link = Attached(center)
+    center.handle(run_frame("r1", "patient"))
+    assert wait_for(lambda: [f for f in link.sent if f.get("state") == "running"])
+    center.close()
+    assert asked.wait(5)
+    assert wait_for(lambda: center.kept == 3)  # the final status is kept, not sent
+    assert link.final("r1", timeout=0.1) == []

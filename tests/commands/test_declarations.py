@@ -104,3 +104,14 @@ def test_redact_hides_secret_looking_keys_also_inside_json_text():
                    "config": '{"password": "hunter2", "port": 1}'}) == {
         "api_key": "***", "password": "***", "nested": {"token": "***", "x": 1},
         "config": '{"password":"***","port":1}'}
+
+
+def test_redact_reads_key_names_in_any_case_and_leaves_the_rest_as_it_came():
+    assert redact({"token": None, "Secret": "s", "AUTHORIZATION": "a", "credentials": "c",
+                   "passwd": "p", 5: "five", "list": [{"key": 1}, 2], "port": 8080}) == {
+        "token": None, "Secret": "***", "AUTHORIZATION": "***", "credentials": "***",
+        "passwd": "***", 5: "five", "list": [{"key": "***"}, 2], "port": 8080}
+    assert redact(' {"auth": 1, "x": [1]}') == '{"auth":"***","x":[1]}'
+    assert redact("{not json") == "{not json"
+    assert redact('[{"token": 1}]') == '[{"token": 1}]'  # only object text is read
+    assert redact("plain") == "plain" and redact(3) == 3
