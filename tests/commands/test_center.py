@@ -787,9 +787,19 @@ def test_a_status_over_a_tiny_server_limit_is_sent_with_what_it_must_carry():
 
 
 # The audit record, the replay on attach, acknowledgements --------------------------------------
-def test_an_outcome_is_recorded_logged_and_kept_as_the_last(caplog):
+@pytest.fixture
+def local_time_not_utc(monkeypatch):
+    monkeypatch.setenv("TZ", "UTC-05:30")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_an_outcome_is_recorded_logged_and_kept_as_the_last(caplog, local_time_not_utc):
     import datetime
     import re
+
 
     def setter(run, level, token=""):
         time.sleep(0.05)
@@ -826,6 +836,14 @@ def test_an_outcome_is_recorded_logged_and_kept_as_the_last(caplog):
         logging.WARNING,
         'command set {"level":"high"}: failed (bad_params: level must be an integer, '
         "got 'high')")
+
+
+def test_a_value_json_cannot_carry_is_logged_as_its_repr(caplog):
+    center = CommandCenter()
+    caplog.set_level(logging.WARNING, logger="plexus.commands")
+    center.handle({**run_frame("r1", "nope"), "params": {"when": 1j}})  # handed in directly
+    assert caplog.messages == ['command nope {"when":"1j"}: failed (unknown_command: '
+                               "unknown command: nope)"]
 
 
 def test_an_audit_that_fails_is_logged_and_the_answer_still_goes_out(caplog):
