@@ -494,15 +494,14 @@ class Run:
     """
 
     def __init__(self, center: CommandCenter, run_id: str, command: str,
-                 params: dict[str, Any], attempt: int, deadline: float | None,
-                 legacy: bool) -> None:
+                 params: dict[str, Any], attempt: int, legacy: bool) -> None:
         self.id = run_id
         self.command = command
         self.params = params
         self.attempt = attempt
         self.legacy = legacy
         self._center = center
-        self._deadline = deadline
+        self._deadline: float | None = None  # set once the run is accepted
         self._cancel = threading.Event()
         self._last_progress: float | None = None
         self.seq = 0
@@ -718,7 +717,7 @@ class CommandCenter:
                 self._redeliver(run_id, name)
                 return
             self._remember(run_id)
-            run = Run(self, run_id, name, {}, attempt, None, legacy=False)
+            run = Run(self, run_id, name, {}, attempt, legacy=False)
             self._track(run)
             cmd = self.commands.get(name)
             if name in self.refusals:
@@ -752,7 +751,7 @@ class CommandCenter:
         run = self._runs.get(run_id)
         log.info("command run %s (%s) delivered again; not run twice", run_id, name or "?")
         if run is None:
-            ghost = Run(self, run_id, name, {}, 1, None, legacy=False)
+            ghost = Run(self, run_id, name, {}, 1, legacy=False)
             self._track(ghost)
             self._final(ghost, "failed", error_code="duplicate",
                         error_message="this run was already received and is no longer "
@@ -808,8 +807,7 @@ class CommandCenter:
         raw = frame.get("params")
         with self._lock:
             self._send_legacy({**base, "event": "ack"})
-            run = Run(self, cid, name, raw if isinstance(raw, dict) else {}, 1, None,
-                      legacy=True)
+            run = Run(self, cid, name, raw if isinstance(raw, dict) else {}, 1, legacy=True)
             if name in self.refusals:
                 self._legacy_error(run, base, self.refusals[name], "not_allowed")
                 return

@@ -987,3 +987,51 @@ def test_closing_asks_running_handlers_to_stop_and_sends_nothing_more():
     assert asked.wait(5)
     assert wait_for(lambda: center.kept == 3)  # the final status is kept, not sent
     assert link.final("r1", timeout=0.1) == []
+
+
+def test_handlers_run_on_named_daemon_threads_and_number_keys_reach_the_status():
+    seen: list[tuple[str, bool]] = []
+
+    def table(run):
+        thread = threading.current_thread()
+        seen.append((thread.name, thread.daemon))
+        return {1: "one"}
+
+    center = CommandCenter()
+    center.add(declare("table", table))
+    link = Attached(center)
+    center.handle(run_frame("r1", "table"))
+    assert link.final("r1")[0]["result"] == {1: "one"}  # not replaced by its repr
+    assert seen == [("plexus-command:table", True)]
+
+
+def test_slots_are_freed_once_per_run_so_limits_hold_run_after_run():
+    release = threading.Event()
+    center = CommandCenter(max_running=1)
+    center.add(declare("once", lambda run: release.wait(5), concurrency="reject"))
+    link = Attached(center)
+    for run_id in ("r1", "r2", "r3"):  # one at a time: each finds the slot free
+        release.set()
+        center.handle(run_frame(run_id, "once"))
+        assert link.final(run_id)[0]["state"] == "succeeded"
+    assert (center._running, center._active) == (0, {"once": 0})
+    release.clear()
+    center.handle(run_frame("r4", "once"))
+    center.handle(run_frame("r5", "once"))  # r4 still holds the command
+    assert link.final("r5")[0]["error_message"] == "command already in progress: once"
+    release.set()
+    assert link.final("r4")[0]["state"] == "succeeded"
+
+
+def test_a_run_without_an_expiry_starts_no_watchdog():
+    others = {t for t in threading.enumerate() if t.name == "plexus-command-expiry"}
+    center = CommandCenter()
+    center.add(declare("inc", lambda run: 1))
+    link = Attached(center)
+    frame = run_frame("r1")
+    del frame["ttl_ms"]
+    center.handle(frame)
+    link.final("r1")
+    assert center._watchdog is None
+    assert not [t for t in threading.enumerate()
+                if t.name == "plexus-command-expiry" and t not in others]

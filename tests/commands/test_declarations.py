@@ -115,3 +115,10 @@ def test_redact_reads_key_names_in_any_case_and_leaves_the_rest_as_it_came():
     assert redact("{not json") == "{not json"
     assert redact('[{"token": 1}]') == '[{"token": 1}]'  # only object text is read
     assert redact("plain") == "plain" and redact(3) == 3
+
+
+def test_coerce_params_reads_a_spec_without_required_as_required():
+    specs = {"x": {"type": "integer"}, "y": {"type": "integer", "default": 2}}
+    with pytest.raises(ValueError, match="^missing required parameter: x$"):
+        coerce_params(specs, {})
+    assert coerce_params(specs, {"x": "1"}) == {"x": 1, "y": 2}
