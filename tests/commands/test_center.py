@@ -671,18 +671,32 @@ def test_a_run_expires_exactly_ttl_ms_after_it_arrived():
     clock = FakeClock()
     center = CommandCenter(clock=clock)
     release = threading.Event()
-    center.add(declare("hold", lambda run: release.wait(5)))
+    runs: dict[str, object] = {}
+
+    def hold(run):
+        runs[run.id] = run
+        release.wait(5)
+
+    center.add(declare("hold", hold))
     link = Attached(center)
     try:
         center.handle({**run_frame("r1", "hold"), "ttl_ms": 10_000})
         center.handle({**run_frame("r2", "hold"), "ttl_ms": 1})  # short, but not expired
+        assert wait_for(lambda: len(runs) == 2)
         clock.now += 9.995
         center.check_deadlines()
         assert [(f["run_id"], f["error_code"]) for f in link.sent
                 if f.get("state") == "failed"] == [("r2", "timeout")]
+        assert (runs["r1"].cancel_requested, runs["r2"].cancel_requested) == (False, True)
         clock.now += 0.005
         center.check_deadlines()
-        assert link.final("r1")[0]["error_code"] == "timeout"
+        final = link.final("r1")[0]
+        assert (final["error_code"], final["error_message"]) == (
+            "timeout", "no result before the run expired; the handler was asked to stop and "
+                       "a late result will be discarded")
+        assert runs["r1"].cancel_requested and runs["r1"].time_remaining == 0.0
+        center.check_deadlines()  # answered once
+        assert len(link.final("r1")) == 1
     finally:
         release.set()
 
