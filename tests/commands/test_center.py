@@ -952,6 +952,8 @@ def test_a_handler_thread_that_cannot_start_is_answered_busy_and_frees_its_slot(
 
     center = CommandCenter()
     center.add(declare("inc", lambda run: 1))
+    records: list[dict] = []
+    center.on_outcome = records.append
     link = Attached(center)
     monkeypatch.setattr(threading.Thread, "start", refuse_handlers)
     center.handle(run_frame("r1"))
@@ -962,6 +964,7 @@ def test_a_handler_thread_that_cannot_start_is_answered_busy_and_frees_its_slot(
         "busy", "failed to start command handler: can't start new thread")
     assert legacy_answer(link, "c1")["error"] == (
         "failed to start command handler: can't start new thread")
+    assert [(r["run_id"], r["error_code"]) for r in records] == [("r1", "busy"), ("c1", "busy")]
     assert center._running == 0 and center._active == {"inc": 0}
     center.handle(run_frame("r2"))
     assert link.final("r2")[0]["result"] == {"value": 1}
@@ -1049,3 +1052,18 @@ def test_a_run_without_an_expiry_starts_no_watchdog():
     assert center._watchdog is None
     assert not [t for t in threading.enumerate()
                 if t.name == "plexus-command-expiry" and t not in others]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_handler_that_exits_the_interpreter_still_frees_its_slot():
+    def leave(run):
+        raise SystemExit(3)  # not an Exception: the handler's own answer never comes
+
+    center = CommandCenter(max_running=1)
+    center.add(declare("leave", leave))
+    center.add(declare("inc", lambda run: 1))
+    link = Attached(center)
+    center.handle(run_frame("r1", "leave"))
+    assert wait_for(lambda: center._running == 0)
+    center.handle(run_frame("r2", "inc"))
+    assert link.final("r2")[0]["result"] == {"value": 1}
