@@ -1067,3 +1067,21 @@ def test_a_handler_that_exits_the_interpreter_still_frees_its_slot():
     assert wait_for(lambda: center._running == 0)
     center.handle(run_frame("r2", "inc"))
     assert link.final("r2")[0]["result"] == {"value": 1}
+
+
+def test_adding_takes_only_declarations_and_each_name_once():
+    from plexus.commands import CommandDeclarationError
+
+    center = CommandCenter()
+    with pytest.raises(CommandDeclarationError) as caught:
+        center.add("reboot")
+    assert str(caught.value) == ("expected a Command (see plexus.commands.declare), "
+                                 "got 'reboot'")
+    center.add(declare("reboot", lambda run: None))
+    assert center.version == 1 and center.wants_link
+    center.add_legacy("old", lambda command, params: None)
+    for name in ("reboot", "old"):
+        with pytest.raises(CommandDeclarationError) as caught:
+            center.add(declare(name, lambda run: None))
+        assert str(caught.value) == f"command {name!r} is already declared"
+    assert center.version == 2 and sorted(center.commands) == ["reboot"]
