@@ -798,3 +798,121 @@ def test_only_the_first_connection_after_a_problem_says_up_again(caplog):
     assert caplog.messages[-2:] == [
         "device link to ws://127.0.0.1:9/ws/device is up again",
         "device link to ws://127.0.0.1:9/ws/device is up (legacy protocol)"]
+
+
+# Opening and authenticating, driven without a server -----------------------------------------
+def test_a_new_link_starts_off_with_the_documented_defaults():
+    link = DeviceLink("ws://127.0.0.1:9", None, "pod-07", CommandCenter())
+    assert link.status() == {"state": "off", "url": "ws://127.0.0.1:9/ws/device",
+                             "since": None, "reconnects": 0, "clock_offset": None,
+                             "last_error": None}
+    assert (link.agent_version, link.platform, link.verify_tls, link.heartbeat_interval,
+            link.auth_timeout, link.connect_timeout) == ("0", "plexus-gateway", True, 30.0,
+                                                         10.0, 10.0)
+    assert (link.connections, link.frames_in, link.frames_out, link.ignored,
+            link.server_errors, link.hosted, link.up) == (0, 0, 0, 0, 0, False, False)
+    assert link.delays.maxlen == 64 and list(link.delays) == []
+    assert (link._pace.burst, link._pace.rate, link._pace.tokens) == (50, 18.0, 50.0)
+    assert link._announced == -1 and link._wait == link._stopping.wait
+
+
+class ScriptedSocket:
+    """A socket for _authenticate: records what is sent and answers recv() from a script
+    (a text, or an exception to raise)."""
+
+    def __init__(self, reply) -> None:
+        self.reply = reply
+        self.sent: list[dict] = []
+        self.recv_timeouts: list[float] = []
+
+    def send(self, text: str) -> None:
+        self.sent.append(orjson.loads(text))
+
+    def recv(self, timeout: float) -> str:
+        self.recv_timeouts.append(timeout)
+        if isinstance(self.reply, BaseException):
+            raise self.reply
+        return self.reply
+
+
+def test_device_auth_says_who_we_are_and_what_we_offer():
+    from plexus.commands import declare
+
+    center = CommandCenter()
+    link = offline_link(center, agent_version="1.2.3", platform="rig", auth_timeout=0.7)
+    ws = ScriptedSocket('{"type": "authenticated"}')
+    link._authenticate(ws)
+    assert ws.sent == [{"type": "device_auth", "api_key": "plx_offline_secret",
+                        "source_id": "pod-07", "platform": "rig", "agent_version": "1.2.3",
+                        "protocol": 1, "hears_goodbye": True, "acks": True}]
+    assert ws.recv_timeouts == [0.7] and link.up and link._announced == 0
+    center.add(declare("ping", lambda run: "pong"))
+    keyless = DeviceLink("ws://127.0.0.1:9", None, "pod-07", center)
+    ws = ScriptedSocket('{"type": "authenticated"}')
+    keyless._authenticate(ws)
+    assert ws.sent[0]["api_key"] == "" and [c["name"] for c in ws.sent[0]["commands"]] == [
+        "ping"]
+    assert keyless._announced == 1
+
+
+class StampingClock:
+    platform_time = False
+
+    def mono_ns(self) -> int:
+        return 42
+
+
+def test_device_auth_notes_when_it_went_out_on_the_clock():
+    link = offline_link(clock=StampingClock())
+    link._authenticate(ScriptedSocket('{"type": "authenticated"}'))
+    assert link._auth_sent == 42
+
+
+@pytest.mark.parametrize("reply,reason", [
+    (TimeoutError(), "no answer to device_auth within 0.5 s"),
+    (ConnectionClosed(Close(1008, "bad key"), None),
+     "closed during authentication (close 1008: bad key)"),
+    (ConnectionClosed(None, None), "closed during authentication (no close frame)"),
+    ('{"type": "error", "message": "Invalid API key", "detail": "d", "code": "c"}',
+     "Invalid API key"),
+    ('{"type": "error", "detail": "the detail", "code": "c"}', "the detail"),
+    ('{"type": "error", "code": "AUTH_FAILED"}', "AUTH_FAILED"),
+    ('{"type": "error"}', "None"),
+    ('{"type": "error", "message": "' + "m" * 300 + '"}', "m" * 200),
+    ('{"type": "pong"}', "unexpected first reply '{\"type\": \"pong\"}'"),
+    ("x" * 100, "unexpected first reply '" + "x" * 80 + "'"),
+    ("[1]", "unexpected first reply '[1]'"),
+])
+def test_a_refused_or_strange_answer_to_device_auth_is_named(reply, reason):
+    link = offline_link(auth_timeout=0.5)
+    with pytest.raises(link_module._AuthRefused) as refused:
+        link._authenticate(ScriptedSocket(reply))
+    assert str(refused.value) == reason and not link.up
+
+
+def test_connecting_asks_websockets_for_exactly_what_the_link_needs(monkeypatch):
+    import ssl
+
+    import websockets.sync.client
+
+    from plexus import __version__
+
+    calls: list[tuple[str, dict]] = []
+    monkeypatch.setattr(websockets.sync.client, "connect",
+                        lambda url, **kwargs: calls.append((url, kwargs)) or "socket")
+    plain = offline_link(connect_timeout=3.5)
+    assert plain._connect() == "socket" and plain.connections == 1
+    url, kwargs = calls[0]
+    assert url == "ws://127.0.0.1:9/ws/device"
+    assert kwargs == {"open_timeout": 3.5, "close_timeout": 2.0, "max_size": MAX_FRAME_BYTES,
+                      "ping_interval": None,
+                      "user_agent_header": f"plexus-gateway/{__version__}", "ssl": None}
+    for verify, checked in ((True, None), (False, ssl.CERT_NONE)):
+        link = DeviceLink("WSS://example.test", None, "pod-07", CommandCenter(),
+                          verify_tls=verify)
+        link._connect()
+        context = calls[-1][1]["ssl"]
+        if checked is None:
+            assert context is None  # websockets' own default: verified
+        else:
+            assert (context.check_hostname, context.verify_mode) == (False, checked)
