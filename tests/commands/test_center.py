@@ -236,6 +236,8 @@ def test_a_legacy_run_past_its_expiry_is_answered_once_and_its_late_outcome_disc
 
     center.add(declare("act", slow, expires_in=5,
                        params={"fail": {"type": "boolean", "default": False}}))
+    records: list[dict] = []
+    center.on_outcome = records.append
     link = Attached(center)
     caplog.set_level(logging.WARNING, logger="plexus.commands")
     for cid, fail in (("c1", False), ("c2", True)):
@@ -244,9 +246,12 @@ def test_a_legacy_run_past_its_expiry_is_answered_once_and_its_late_outcome_disc
     clock.now += 5.0  # exactly at the expiry
     center.check_deadlines()
     for cid in ("c1", "c2"):
-        assert legacy_answer(link, cid)["error"] == (
-            "timeout: no result before the run expired; the handler was asked to stop and a "
-            "late result will be discarded")
+        assert legacy_answer(link, cid) == {
+            "type": "command_result", "id": cid, "command": "act", "event": "error",
+            "error": "timeout: no result before the run expired; the handler was asked to "
+                     "stop and a late result will be discarded"}
+    assert [(r["run_id"], r["error_code"]) for r in records] == [("c1", "timeout"),
+                                                                 ("c2", "timeout")]
     release.set()
     late = ["command act (run c1) finished (succeeded) after it had already been answered "
             "(expired); the late outcome is discarded",
@@ -1085,3 +1090,22 @@ def test_adding_takes_only_declarations_and_each_name_once():
             center.add(declare(name, lambda run: None))
         assert str(caught.value) == f"command {name!r} is already declared"
     assert center.version == 2 and sorted(center.commands) == ["reboot"]
+
+
+def test_a_run_that_finished_before_its_expiry_does_not_hide_the_next_one(monkeypatch):
+    monkeypatch.setattr(commands, "WATCHDOG_SLICE_S", 30.0)  # the watchdog stays out of it
+    clock = FakeClock()
+    center = CommandCenter(clock=clock)
+    gates = {"r1": threading.Event(), "r2": threading.Event()}
+    center.add(declare("hold", lambda run: gates[run.id].wait(5)))
+    link = Attached(center)
+    try:
+        for run_id in ("r1", "r2"):
+            center.handle({**run_frame(run_id, "hold"), "ttl_ms": 5000})
+        gates["r1"].set()
+        assert link.final("r1")[0]["state"] == "succeeded"
+        clock.now += 5.0
+        center.check_deadlines()  # r1 (finished) comes first in the list: r2 is still seen
+        assert link.final("r2")[0]["error_code"] == "timeout"
+    finally:
+        gates["r2"].set()

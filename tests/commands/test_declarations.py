@@ -122,3 +122,21 @@ def test_coerce_params_reads_a_spec_without_required_as_required():
     with pytest.raises(ValueError, match="^missing required parameter: x$"):
         coerce_params(specs, {})
     assert coerce_params(specs, {"x": "1"}) == {"x": 1, "y": 2}
+
+
+def test_a_declaration_defaults_to_an_ordinary_command():
+    cmd = declare("noop", lambda run: None)
+    assert (cmd.idempotent, cmd.moves_vehicle, cmd.danger, cmd.concurrency, cmd.expires_in) == (
+        False, False, "normal", "accept", 30.0)
+    assert cmd.manifest() == {"name": "noop", "params": {}, "danger": "normal",
+                              "idempotent": False, "expires_in_s": 30.0,
+                              "concurrency": "accept"}
+
+
+def test_a_handler_missing_a_parameter_is_named_with_every_declared_one():
+    with pytest.raises(CommandDeclarationError) as refused:
+        declare("move", lambda run, x: None,
+                params={"x": {"type": "integer"}, "y": {"type": "integer"}})
+    assert str(refused.value) == (
+        "command 'move': the handler cannot be called as handler(run, x=..., y=...): got an "
+        "unexpected keyword argument 'y'")
