@@ -907,6 +907,8 @@ def test_connecting_asks_websockets_for_exactly_what_the_link_needs(monkeypatch)
     assert kwargs == {"open_timeout": 3.5, "close_timeout": 2.0, "max_size": MAX_FRAME_BYTES,
                       "ping_interval": None,
                       "user_agent_header": f"plexus-gateway/{__version__}", "ssl": None}
+    plain._connect()
+    assert plain.connections == 2  # counted per connection
     for verify, checked in ((True, None), (False, ssl.CERT_NONE)):
         link = DeviceLink("WSS://example.test", None, "pod-07", CommandCenter(),
                           verify_tls=verify)
