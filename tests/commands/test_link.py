@@ -918,3 +918,10 @@ def test_connecting_asks_websockets_for_exactly_what_the_link_needs(monkeypatch)
             assert context is None  # websockets' own default: verified
         else:
             assert (context.check_hostname, context.verify_mode) == (False, checked)
+
+
+def test_stopping_a_link_that_never_started_closes_nothing_and_says_nothing(caplog):
+    link = offline_link()
+    caplog.set_level(logging.DEBUG, logger="plexus.link")
+    link.stop()
+    assert link.state == "stopped" and caplog.messages == []
