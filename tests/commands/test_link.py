@@ -235,6 +235,8 @@ def test_only_json_objects_are_frames():
 
 def test_urls_and_source_ids_are_checked_exactly():
     assert device_url("  WSS://h/  ") == "WSS://h/ws/device"
+    assert device_url("ws://BOX//") == "ws://BOX/ws/device"  # only slashes are trimmed
+    assert device_url("ws://h/ws/device/") == "ws://h/ws/device"  # the path is not doubled
     with pytest.raises(ConfigError) as refused:
         device_url("http://h")
     assert str(refused.value) == \
@@ -243,9 +245,15 @@ def test_urls_and_source_ids_are_checked_exactly():
     assert check_link_source_id("a" * 256) == "a" * 256
     with pytest.raises(ConfigError) as refused:
         check_link_source_id("123e4567-e89b-12d3-a456-426614174000")
-    assert str(refused.value).startswith(
+    assert str(refused.value) == (
         "source_id '123e4567-e89b-12d3-a456-426614174000' looks like a UUID, which the "
-        "device link refuses")
+        "device link refuses (the platform uses UUIDs for its own ids): choose a name such "
+        "as 'pod-07'")
+    with pytest.raises(ConfigError) as refused:
+        check_link_source_id("Pod 07")
+    assert str(refused.value) == (
+        "source_id 'Pod 07' is invalid: use lower-case letters, digits, '.', '_' and '-', "
+        "starting with a letter or digit (pattern ^[a-z0-9][a-z0-9._-]*$)")
     assert check_link_source_id("123e4567-e89b-12d3-a456-42661417400") is not None  # one short
 
 
