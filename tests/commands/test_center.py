@@ -576,8 +576,11 @@ def test_the_last_free_slot_is_taken_and_the_next_run_is_refused_as_busy():
         final = link.final("r3")[0]
         assert (final["error_code"], final["error_message"]) == (
             "busy", "too many commands running at once (2)")
+        records: list[dict] = []
+        center.on_outcome = records.append
         center.handle({"type": "typed_command", "id": "c1", "command": "hold", "params": {}})
         assert legacy_answer(link, "c1")["error"] == "too many commands running at once (2)"
+        assert [(r["run_id"], r["error_code"]) for r in records] == [("c1", "busy")]
         assert not link.final("r1", timeout=0.05) and not link.final("r2", timeout=0.05)
     finally:
         release.set()
@@ -840,8 +843,8 @@ def test_an_outcome_is_recorded_logged_and_kept_as_the_last(caplog, local_time_n
     stamped = datetime.datetime.strptime(record["time"], "%Y-%m-%dT%H:%M:%SZ").replace(
         tzinfo=datetime.timezone.utc)
     assert abs(stamped.timestamp() - time.time()) < 5  # UTC, not local time
-    assert 0.05 <= record["duration_s"] < 5 and round(record["duration_s"], 3) == record[
-        "duration_s"]
+    assert 0.05 <= record["duration_s"] < 2 and round(record["duration_s"], 3) == record[
+        "duration_s"]  # a 50 ms handler
     assert record["params"] == {"level": 3, "token": "***"}
     logged = [r for r in caplog.records if r.getMessage().startswith("command set ")]
     assert [(r.levelno, r.getMessage()) for r in logged] == [
@@ -1009,6 +1012,9 @@ def test_closing_asks_running_handlers_to_stop_and_sends_nothing_more():
     assert asked.wait(5)
     assert wait_for(lambda: center.kept == 3)  # the final status is kept, not sent
     assert link.final("r1", timeout=0.1) == []
+    sent = len(link.sent)
+    center.handle({"type": "typed_command", "id": "c1", "command": "nope", "params": {}})
+    assert len(link.sent) == sent  # answered into the void: the link is gone
 
 
 def test_handlers_run_on_named_daemon_threads_and_number_keys_reach_the_status():
@@ -1038,11 +1044,17 @@ def test_slots_are_freed_once_per_run_so_limits_hold_run_after_run():
         assert link.final(run_id)[0]["state"] == "succeeded"
     assert (center._running, center._active) == (0, {"once": 0})
     release.clear()
+    records: list[dict] = []
+    center.on_outcome = records.append
     center.handle(run_frame("r4", "once"))
     center.handle(run_frame("r5", "once"))  # r4 still holds the command
     assert link.final("r5")[0]["error_message"] == "command already in progress: once"
+    center.handle({"type": "typed_command", "id": "c1", "command": "once", "params": {}})
+    assert legacy_answer(link, "c1")["error"] == "command already in progress: once"
     release.set()
     assert link.final("r4")[0]["state"] == "succeeded"
+    assert [(r["run_id"], r["error_code"]) for r in records] == [
+        ("r5", "busy"), ("c1", "busy"), ("r4", None)]
 
 
 def test_a_run_without_an_expiry_starts_no_watchdog():
@@ -1084,12 +1096,13 @@ def test_adding_takes_only_declarations_and_each_name_once():
                                  "got 'reboot'")
     center.add(declare("reboot", lambda run: None))
     assert center.version == 1 and center.wants_link
+    center.add(declare("halt", lambda run: None))
     center.add_legacy("old", lambda command, params: None)
     for name in ("reboot", "old"):
         with pytest.raises(CommandDeclarationError) as caught:
             center.add(declare(name, lambda run: None))
         assert str(caught.value) == f"command {name!r} is already declared"
-    assert center.version == 2 and sorted(center.commands) == ["reboot"]
+    assert center.version == 3 and sorted(center.commands) == ["halt", "reboot"]
 
 
 def test_a_run_that_finished_before_its_expiry_does_not_hide_the_next_one(monkeypatch):
@@ -1109,3 +1122,63 @@ def test_a_run_that_finished_before_its_expiry_does_not_hide_the_next_one(monkey
         assert link.final("r2")[0]["error_code"] == "timeout"
     finally:
         gates["r2"].set()
+
+
+def test_closing_ends_the_watchdog_at_once(monkeypatch):
+    monkeypatch.setattr(commands, "WATCHDOG_IDLE_S", 30.0)  # it would not end on its own
+    center = CommandCenter()
+    center.add(declare("inc", lambda run: 1))
+    link = Attached(center)
+    center.handle(run_frame("r1"))
+    link.final("r1")
+    watchdog = center._watchdog
+    assert watchdog is not None and watchdog.is_alive()
+    center.close()
+    watchdog.join(5)
+    assert not watchdog.is_alive()
+
+
+def test_a_legacy_result_once_sent_is_not_answered_again_at_expiry():
+    clock = FakeClock()
+    center = CommandCenter(clock=clock)
+    center.add(declare("inc", lambda run: 1))
+    link = Attached(center)
+    center.handle({"type": "typed_command", "id": "c1", "command": "inc", "params": {}})
+    assert legacy_answer(link, "c1")["event"] == "result"
+    clock.now += 30.0
+    center.check_deadlines()
+    assert [f["event"] for f in link.sent] == ["ack", "result"]
+
+
+def test_an_unencodable_result_over_a_small_server_limit_is_left_out():
+    center = CommandCenter()
+    center.add(declare("odd", lambda run: {"long": "y" * 1000, "when": object()}))
+    link = Attached(center, {"max_frame_bytes": 300})  # the 512-character repr does not fit
+    center.handle(run_frame("r1", "odd"))
+    assert link.final("r1")[0] == {"type": "command_status", "run_id": "r1", "seq": 3,
+                                   "state": "succeeded"}
+
+
+def test_a_status_exactly_at_the_servers_limit_is_sent_whole():
+    import orjson
+
+    from plexus.commands import CommandFailed
+
+    def act(run, fail: bool):
+        if fail:
+            raise CommandFailed("refused", "m" * 100)
+        return "x" * 100
+
+    whole = {"ok": {"type": "command_status", "run_id": "r1", "seq": 3, "state": "succeeded",
+                    "result": {"value": "x" * 100}},
+             "failed": {"type": "command_status", "run_id": "r1", "seq": 3, "state": "failed",
+                        "error_code": "refused", "error_message": "m" * 100}}
+    for fail, key in ((False, "ok"), (True, "failed")):
+        size = len(orjson.dumps(whole[key]))
+        for limit, kept in ((size, True), (size - 1, False)):
+            center = CommandCenter()
+            center.add(declare("act", act, params={"fail": {"type": "boolean"}}))
+            link = Attached(center, {"max_frame_bytes": limit})
+            center.handle({**run_frame("r1", "act"), "params": {"fail": fail}})
+            final = link.final("r1")[0]
+            assert (final == whole[key]) is kept, (key, limit)

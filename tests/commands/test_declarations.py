@@ -140,3 +140,29 @@ def test_a_handler_missing_a_parameter_is_named_with_every_declared_one():
     assert str(refused.value) == (
         "command 'move': the handler cannot be called as handler(run, x=..., y=...): got an "
         "unexpected keyword argument 'y'")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"handler": "reboot"}, "command 'power_off': the handler must be callable, got 'reboot'"),
+    ({"title": 5}, "command 'power_off': title must be a string, got 5"),
+    ({"description": b"x"}, "command 'power_off': description must be a string, got b'x'"),
+    ({"idempotent": "yes"}, "command 'power_off': idempotent must be true or false"),
+    ({"expires_in": True}, "command 'power_off': expires_in must be 5 to 3600 seconds, got True"),
+    ({"expires_in": "30"},
+     "command 'power_off': expires_in must be 5 to 3600 seconds, got '30'"),
+    ({"params": ["x"]}, "command 'power_off': params must be a mapping of name to spec"),
+    ({"params": {f"p{i}": {"type": "boolean"} for i in range(17)}},
+     "command 'power_off': at most 16 parameters, got 17"),
+])
+def test_each_declaration_refusal_is_worded_exactly(kwargs, message):
+    with pytest.raises(CommandDeclarationError) as info:
+        declare(**{"name": "power_off", "handler": handler, **kwargs})
+    assert str(info.value) == message
+
+
+def test_the_edges_of_a_declaration_are_accepted():
+    sixteen = {f"p{i}": {"type": "boolean", "default": False} for i in range(16)}
+    assert len(declare("most", handler, params=sixteen).params) == 16
+    assert declare("longest", handler, expires_in=3600).expires_in == 3600.0
+    assert declare("shortest", handler, expires_in=5).expires_in == 5.0
+    assert declare("drive", handler, moves_vehicle=True).moves_vehicle is True
