@@ -22,7 +22,8 @@ does not re-test a survivor, and a function added to the module after the
 test map was made gets "no tests". ``--retest`` rebuilds the map of which tests
 reach which function and re-tests every mutant not yet killed (survived, no
 tests, or not run), and every one listed as equivalent, keeping the other
-killed ones.
+killed ones; then it runs the mutants of functions changed since the last run
+(mutmut resets their verdicts as it starts).
 
 Runs are CPU-heavy: they run under ``nice -n 19`` with one test process at a
 time (``--max-children`` to change it). The focused test selections below
@@ -137,8 +138,13 @@ def run(module: str, max_children: int, tests_from: Path | None = None,
         (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
         if not names:
             return score(module if tests_from is None else f"{module}@baseline")
-    subprocess.run(["nice", "-n", "19", str(mutmut), "run", "--max-children", str(max_children),
-                    *names], cwd=work, env=env, check=False)
+    command = ["nice", "-n", "19", str(mutmut), "run", "--max-children", str(max_children)]
+    subprocess.run([*command, *names], cwd=work, env=env, check=False)
+    if retest:
+        # mutmut regenerated the mutants of every function changed since the last run
+        # as the named run started, resetting their verdicts: those were not among the
+        # names, and a plain run (which runs only mutants without a verdict) takes them.
+        subprocess.run(command, cwd=work, env=env, check=False)
     return score(module if tests_from is None else f"{module}@baseline")
 
 
