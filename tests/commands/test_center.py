@@ -960,20 +960,24 @@ def test_a_handler_thread_that_cannot_start_is_answered_busy_and_frees_its_slot(
 
     center = CommandCenter()
     center.add(declare("inc", lambda run: 1))
+    center.add_legacy("old", lambda command, params: 1)
     records: list[dict] = []
     center.on_outcome = records.append
     link = Attached(center)
     monkeypatch.setattr(threading.Thread, "start", refuse_handlers)
     center.handle(run_frame("r1"))
     center.handle({"type": "typed_command", "id": "c1", "command": "inc", "params": {}})
+    center.handle({"type": "typed_command", "id": "c2", "command": "old", "params": {}})
     monkeypatch.undo()
     final = link.final("r1")[0]
     assert (final["error_code"], final["error_message"]) == (
         "busy", "failed to start command handler: can't start new thread")
-    assert legacy_answer(link, "c1")["error"] == (
-        "failed to start command handler: can't start new thread")
-    assert [(r["run_id"], r["error_code"]) for r in records] == [("r1", "busy"), ("c1", "busy")]
-    assert center._running == 0 and center._active == {"inc": 0}
+    for cid in ("c1", "c2"):
+        assert legacy_answer(link, cid)["error"] == (
+            "failed to start command handler: can't start new thread")
+    assert [(r["run_id"], r["error_code"]) for r in records] == [
+        ("r1", "busy"), ("c1", "busy"), ("c2", "busy")]
+    assert center._running == 0 and center._active == {"inc": 0, "old": 0}
     center.handle(run_frame("r2"))
     assert link.final("r2")[0]["result"] == {"value": 1}
 
