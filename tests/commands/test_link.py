@@ -933,3 +933,78 @@ def test_stopping_a_link_that_never_started_closes_nothing_and_says_nothing(capl
     caplog.set_level(logging.DEBUG, logger="plexus.link")
     link.stop()
     assert link.state == "stopped" and caplog.messages == []
+
+
+# The connection loop, driven without a server ------------------------------------------------
+class OpenedSocket:
+    """What _connect returns: a context manager the loop enters and closes."""
+
+    def __enter__(self) -> OpenedSocket:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def one_attempt_link(**kwargs) -> DeviceLink:
+    """A link whose first wait to reconnect asks it to stop, drawing the middle of each
+    backoff range."""
+    return offline_link(wait=lambda seconds: True, rng=FixedDraw(0.5), **kwargs)
+
+
+def test_a_failed_connection_is_named_counted_and_backed_off():
+    link = one_attempt_link()
+
+    def refuse():
+        raise ConnectionRefusedError("Connection refused")
+
+    link._connect = refuse
+    link._main()
+    assert link.last_error == ("device link to ws://127.0.0.1:9/ws/device failed: "
+                               "ConnectionRefusedError: Connection refused")
+    assert (link.state, link.reconnects, list(link.delays)) == ("stopped", 1, [1.0])
+
+
+def test_a_refused_device_auth_is_named_as_the_platforms_refusal():
+    link = one_attempt_link()
+    link._connect = OpenedSocket
+
+    def refused(ws):
+        raise link_module._AuthRefused("Invalid API key")
+
+    link._authenticate = refused
+    link._main()
+    assert link.last_error == "the platform refused the device link: Invalid API key"
+    assert link.state == "stopped"
+
+
+def test_stopping_during_an_attempt_ends_the_loop_without_a_problem():
+    link = one_attempt_link()
+
+    def stopped_meanwhile():
+        link._stopping.set()
+        raise ConnectionResetError("closed by stop()")
+
+    link._connect = stopped_meanwhile
+    link._main()
+    assert (link.state, link.last_error, link.reconnects) == ("stopped", None, 0)
+
+
+def test_a_reannounce_reconnects_at_once_only_the_first_time():
+    link = one_attempt_link()
+    link._reannounce = True
+    attempts: list[int] = []
+
+    def refuse():
+        attempts.append(1)
+        if len(attempts) >= 3:
+            link._stopping.set()  # a guard: the loop must not spin
+        raise ConnectionRefusedError("Connection refused")
+
+    link._connect = refuse
+    link._main()
+    assert list(link.delays) == [0.0, 1.0] and len(attempts) == 2
+    assert link._reannounce is False
