@@ -1008,3 +1008,24 @@ def test_a_reannounce_reconnects_at_once_only_the_first_time():
     link._main()
     assert list(link.delays) == [0.0, 1.0] and len(attempts) == 2
     assert link._reannounce is False
+
+
+def test_a_goodbye_waits_its_own_short_delay_and_the_link_says_waiting_meanwhile():
+    states: list[str] = []
+    link = offline_link(wait=lambda seconds: states.append(link.state) or True,
+                        rng=FixedDraw(0.5))
+    link._connect = OpenedSocket
+    link._authenticate = lambda ws: None
+    link._serve = lambda ws: True  # the server said goodbye
+    link._main()
+    assert list(link.delays) == [pytest.approx(0.3)]  # the middle of 0.1 to 0.5 s
+    assert states == ["waiting"] and link.state == "stopped"
+
+
+def test_a_heartbeats_uptime_is_in_tenths_of_a_second():
+    link = offline_link(heartbeat_interval=0.01)
+    link._up = True
+    link._started = time.monotonic() - 12.345
+    ws = RecordingSocket(link, count=1)
+    link._write(ws)
+    assert orjson.loads(ws.sent[0])["uptime_s"] in (12.3, 12.4)
