@@ -1007,7 +1007,7 @@ def test_a_reannounce_reconnects_at_once_only_the_first_time():
     link._connect = refuse
     link._main()
     assert list(link.delays) == [0.0, 1.0] and len(attempts) == 2
-    assert link._reannounce is False
+    assert not link._reannounce  # only its truth is read
 
 
 def test_a_goodbye_waits_its_own_short_delay_and_the_link_says_waiting_meanwhile():
