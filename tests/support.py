@@ -21,6 +21,20 @@ def readings(receiver: Any) -> list[dict[str, Any]]:
     return [p for p in receiver.points if not p["metric"].startswith("plexus.agent.")]
 
 
+class FakeClock:
+    """A clock that stands still until a test moves ``now``: call it where code takes a
+    clock function, or read ``monotonic()`` where it reads the time module."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
 class CollectingContext:
     """An AdapterContext that validates and stamps points like the pipeline and keeps them.
 

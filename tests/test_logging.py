@@ -12,14 +12,7 @@ from plexus.logging import PlexusHandler
 from plexus.point import MAX_JSON_VALUE_BYTES, go_json_size
 from tests.reliability.support import make_client
 from tests.service.support import FUNCS, GatewayProcess, wait_until
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support import FakeClock
 
 
 def events(receiver: Any) -> list[dict[str, Any]]:
@@ -60,7 +53,7 @@ def test_records_at_or_above_the_level_become_events(plexus_receiver, logger):
 
 def test_rate_limited_with_the_count_held_back_on_the_next_event(logger):
     sent: list[tuple[str, Any, dict[str, str]]] = []
-    clock = Clock()
+    clock = FakeClock(1000.0)
     handler = PlexusHandler(lambda *event: sent.append(event), per_minute=6, clock=clock)
     logger.addHandler(handler)
     for i in range(50):

@@ -37,7 +37,7 @@ from plexus.sinks.file import FileSink, FileSinkOptions
 from plexus.sinks.stdout import StdoutSink
 from plexus.testing import Receiver
 from plexus.upload_rules import ByteBudget, ConditionSpec, MetricRouter, UploadRules
-from tests.support import wait_until
+from tests.support import FakeClock, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 FUNCS = Path(__file__).resolve().parent / "gateway_funcs.py"
@@ -188,16 +188,8 @@ def test_the_route_cache_is_bounded() -> None:
 
 # --- the budget ----------------------------------------------------------------------------------
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_the_budget_lets_a_burst_go_then_paces_to_the_rate() -> None:
-    clock = FakeClock()
+    clock = FakeClock(100.0)
     budget = ByteBudget(1000, 4000, clock=clock)
     assert budget.delay(4000) == 0.0  # a full bucket: one burst at once
     budget.charge(4000)

@@ -12,6 +12,7 @@ import pytest
 
 from plexus import commands
 from plexus.commands import CommandCenter, declare
+from tests.support import FakeClock
 
 
 class Attached:
@@ -215,16 +216,8 @@ def test_the_command_decorator_returns_a_callable_declaration():
     assert reboot(None, delay=3) == ("rebooting", 3)
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_legacy_run_past_its_expiry_is_answered_once_and_its_late_outcome_discarded(caplog):
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     center = CommandCenter(clock=clock)
     release = threading.Event()
 
@@ -266,7 +259,7 @@ def test_a_legacy_run_past_its_expiry_is_answered_once_and_its_late_outcome_disc
 
 
 def test_progress_once_a_second_on_the_centers_clock_messages_only_as_text(monkeypatch):
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     center = CommandCenter(clock=clock)
     step, done = threading.Event(), threading.Event()
     reports: list[tuple] = [(10, "start"), (20, None), (30, 42), (100, "done")]
@@ -602,7 +595,7 @@ def test_the_watchdog_answers_a_run_at_its_expiry_not_at_its_next_look(monkeypat
 
 
 def test_the_watchdog_notices_an_injected_clock_that_jumps():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     center = CommandCenter(clock=clock)
     release = threading.Event()
     center.add(declare("hold", lambda run: release.wait(10)))
@@ -676,7 +669,7 @@ def test_runs_refused_before_they_start_are_audited_with_the_params_they_came_wi
 
 
 def test_a_run_expires_exactly_ttl_ms_after_it_arrived():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     center = CommandCenter(clock=clock)
     release = threading.Event()
     runs: dict[str, object] = {}
@@ -729,7 +722,7 @@ def test_run_ids_and_statuses_are_remembered_up_to_their_limits(monkeypatch):
 
 
 def test_a_declared_run_past_its_expiry_discards_its_late_outcome(caplog):
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     center = CommandCenter(clock=clock)
     release = threading.Event()
     center.add(declare("act", lambda run: release.wait(5) and "done"))
@@ -1111,7 +1104,7 @@ def test_adding_takes_only_declarations_and_each_name_once():
 
 def test_a_run_that_finished_before_its_expiry_does_not_hide_the_next_one(monkeypatch):
     monkeypatch.setattr(commands, "WATCHDOG_SLICE_S", 30.0)  # the watchdog stays out of it
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     center = CommandCenter(clock=clock)
     gates = {"r1": threading.Event(), "r2": threading.Event()}
     center.add(declare("hold", lambda run: gates[run.id].wait(5)))
@@ -1143,7 +1136,7 @@ def test_closing_ends_the_watchdog_at_once(monkeypatch):
 
 
 def test_a_legacy_result_once_sent_is_not_answered_again_at_expiry():
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     center = CommandCenter(clock=clock)
     center.add(declare("inc", lambda run: 1))
     link = Attached(center)

@@ -38,6 +38,7 @@ from plexus.link import (
 from plexus.secret import Secret
 from tests.commands.conftest import wait_until
 from tests.commands.test_checklist import make_link
+from tests.support import FakeClock
 
 
 class FixedDraw:
@@ -122,16 +123,8 @@ def test_the_link_backs_off_with_its_seeded_random_source_and_caps_the_exponent(
 
 
 # Pacing -------------------------------------------------------------------------------
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-
 def test_the_pace_lets_a_burst_through_then_one_frame_per_token(monkeypatch):
-    clock = FakeTime()
+    clock = FakeClock(100.0)
     monkeypatch.setattr(link_module, "time", types.SimpleNamespace(monotonic=clock.monotonic))
     pace = _Pace(2, 4.0)
     assert [pace.delay(), pace.delay()] == [0.0, 0.0]  # the burst

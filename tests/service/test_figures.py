@@ -11,18 +11,11 @@ from plexus.service.figures import LagTracker
 from plexus.service.notify import Notifier
 from plexus.service.runner import Service
 from tests.service.support import FUNCS, wait_until
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support import FakeClock
 
 
 def test_upload_lag_is_the_wait_of_the_oldest_point_from_counts_alone():
-    clock = Clock()
+    clock = FakeClock()
     lag = LagTracker(clock)
     # 10 points a second enter; nothing leaves for 5 s (an outage)
     for second in range(6):
@@ -38,7 +31,7 @@ def test_upload_lag_is_the_wait_of_the_oldest_point_from_counts_alone():
 
 
 def test_lag_memory_stays_bounded_through_a_long_outage():
-    clock = Clock()
+    clock = FakeClock()
     lag = LagTracker(clock, max_samples=64)
     for second in range(10_000):
         clock.now = float(second)
