@@ -129,12 +129,12 @@ class Refusing:
     def __getattr__(self, name: str) -> object:
         return getattr(self._conn, name)
 
-    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
         if sql.startswith(self._refused):
             raise sqlite3.OperationalError(self._error)
         return self._conn.execute(sql, *args)
 
-    def executemany(self, sql: str, *args: object) -> sqlite3.Cursor:
+    def executemany(self, sql: str, *args: Any) -> sqlite3.Cursor:
         if sql.startswith(self._refused):
             raise sqlite3.OperationalError(self._error)
         return self._conn.executemany(sql, *args)
