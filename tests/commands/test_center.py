@@ -12,7 +12,7 @@ import pytest
 
 from plexus import commands
 from plexus.commands import CommandCenter, declare
-from tests.support import FakeClock
+from tests.support import FakeClock, wait_until
 
 
 class Attached:
@@ -518,20 +518,18 @@ def test_a_legacy_answer_the_link_cannot_take_is_logged_as_dropped(caplog):
                   lambda: None)
     caplog.set_level(logging.INFO, logger="plexus.commands")
     center.handle({"type": "typed_command", "id": "c1", "command": "echo", "params": {}})
-    assert wait_for(lambda: len(accepted) == 2)
+    assert wait_until(lambda: len(accepted) == 2, 5)
     center.detach()
     center.handle({"type": "typed_command", "id": "c2", "command": "echo", "params": {}})
     dropped = "command result echo/{} dropped: the link is down"
-    assert wait_for(lambda: dropped.format("result") in caplog.messages[-1:])
+    assert wait_until(lambda: dropped.format("result") in caplog.messages[-1:], 5)
     assert [m for m in caplog.messages if "dropped" in m] == [
         dropped.format("result"), dropped.format("ack"), dropped.format("result")]
 
 
-def wait_for(condition, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return condition()
+def expiry_watchdogs() -> list[threading.Thread]:
+    """The expiry watchdog threads alive now, of any center (earlier tests' linger)."""
+    return [t for t in threading.enumerate() if t.name == "plexus-command-expiry"]
 
 
 def test_one_expiry_watchdog_runs_and_ends_once_there_is_nothing_to_watch(monkeypatch):
@@ -541,18 +539,17 @@ def test_one_expiry_watchdog_runs_and_ends_once_there_is_nothing_to_watch(monkey
     center.add(declare("hold", lambda run: release.wait(5)))
     link = Attached(center)
 
-    others = {t for t in threading.enumerate() if t.name == "plexus-command-expiry"}
+    others = set(expiry_watchdogs())
 
     def watchdogs() -> list[threading.Thread]:  # this center's, not earlier tests' lingering
-        return [t for t in threading.enumerate()
-                if t.name == "plexus-command-expiry" and t not in others]
+        return [t for t in expiry_watchdogs() if t not in others]
 
     for run_id in ("r1", "r2"):
         center.handle(run_frame(run_id, "hold"))
     assert len(watchdogs()) == 1 and watchdogs()[0].daemon
     release.set()
     link.final("r1"), link.final("r2")
-    assert wait_for(lambda: center._watchdog is None and not watchdogs())
+    assert wait_until(lambda: center._watchdog is None and not watchdogs(), 5)
     center.handle(run_frame("r3", "hold"))  # a new run with an expiry starts it again
     assert len(watchdogs()) == 1
     link.final("r3")
@@ -683,7 +680,7 @@ def test_a_run_expires_exactly_ttl_ms_after_it_arrived():
     try:
         center.handle({**run_frame("r1", "hold"), "ttl_ms": 10_000})
         center.handle({**run_frame("r2", "hold"), "ttl_ms": 1})  # short, but not expired
-        assert wait_for(lambda: len(runs) == 2)
+        assert wait_until(lambda: len(runs) == 2, 5)
         clock.now += 9.995
         center.check_deadlines()
         assert [(f["run_id"], f["error_code"]) for f in link.sent
@@ -735,7 +732,7 @@ def test_a_declared_run_past_its_expiry_discards_its_late_outcome(caplog):
     release.set()
     late = ("command act (run r1) finished (succeeded) after it had already been answered "
             "(expired); the late outcome is discarded")
-    assert wait_for(lambda: late in caplog.messages)
+    assert wait_until(lambda: late in caplog.messages, 5)
     assert len(link.final("r1")) == 1 and center.counts["succeeded"] == 0
 
 
@@ -878,7 +875,7 @@ def finished_while_detached(center: CommandCenter, *run_ids: str) -> None:
     """Run each to its end with no link attached: every status is kept."""
     for n, run_id in enumerate(run_ids, 1):  # one after the other: the order is known
         center.handle(run_frame(run_id))
-        assert wait_for(lambda n=n: center.kept == 3 * n)
+        assert wait_until(lambda n=n: center.kept == 3 * n, 5)
 
 
 def test_attaching_replays_a_sync_of_each_runs_last_state_then_the_kept_statuses():
@@ -935,7 +932,7 @@ def test_statuses_past_the_kept_limit_are_forgotten_oldest_first_with_a_warning(
     center.add(declare("inc", lambda run: 1))
     caplog.set_level(logging.WARNING, logger="plexus.commands")
     center.handle(run_frame("r1"))
-    assert wait_for(lambda: len(caplog.messages) == 1)
+    assert wait_until(lambda: len(caplog.messages) == 1, 5)
     assert center.kept == 2
     assert caplog.messages == ["more than 2 command statuses await the platform's "
                                "acknowledgement; status 1 of run r1 is forgotten"]
@@ -1004,10 +1001,10 @@ def test_closing_asks_running_handlers_to_stop_and_sends_nothing_more():
     center.add(declare("patient", patient))
     link = Attached(center)
     center.handle(run_frame("r1", "patient"))
-    assert wait_for(lambda: [f for f in link.sent if f.get("state") == "running"])
+    assert wait_until(lambda: [f for f in link.sent if f.get("state") == "running"], 5)
     center.close()
     assert asked.wait(5)
-    assert wait_for(lambda: center.kept == 3)  # the final status is kept, not sent
+    assert wait_until(lambda: center.kept == 3, 5)  # the final status is kept, not sent
     assert link.final("r1", timeout=0.1) == []
     sent = len(link.sent)
     center.handle({"type": "typed_command", "id": "c1", "command": "nope", "params": {}})
@@ -1055,7 +1052,7 @@ def test_slots_are_freed_once_per_run_so_limits_hold_run_after_run():
 
 
 def test_a_run_without_an_expiry_starts_no_watchdog():
-    others = {t for t in threading.enumerate() if t.name == "plexus-command-expiry"}
+    others = set(expiry_watchdogs())
     center = CommandCenter()
     center.add(declare("inc", lambda run: 1))
     link = Attached(center)
@@ -1064,8 +1061,7 @@ def test_a_run_without_an_expiry_starts_no_watchdog():
     center.handle(frame)
     link.final("r1")
     assert center._watchdog is None
-    assert not [t for t in threading.enumerate()
-                if t.name == "plexus-command-expiry" and t not in others]
+    assert not [t for t in expiry_watchdogs() if t not in others]
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
@@ -1078,7 +1074,7 @@ def test_a_handler_that_exits_the_interpreter_still_frees_its_slot():
     center.add(declare("inc", lambda run: 1))
     link = Attached(center)
     center.handle(run_frame("r1", "leave"))
-    assert wait_for(lambda: center._running == 0)
+    assert wait_until(lambda: center._running == 0, 5)
     center.handle(run_frame("r2", "inc"))
     assert link.final("r2")[0]["result"] == {"value": 1}
 
